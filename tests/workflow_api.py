@@ -26,7 +26,7 @@ class WorkflowError(ValueError):
 def _is_widget(spec: list) -> bool:
     t = spec[0]
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if opts.get("forceInput") or opts.get("hidden"):  # hidden: legacy inputs the frontend does not show
+    if opts.get("forceInput") or opts.get("rawLink") or opts.get("hidden"):  # hidden: legacy inputs the frontend does not show
         return False
     return isinstance(t, list) or t in WIDGET_TYPES or t == DYNAMIC_COMBO
 
@@ -84,66 +84,118 @@ def map_widgets(node_type: str, info: dict, values: list, node_id: Any = "?") ->
     return out
 
 
-def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
-    """Convert a UI-format workflow into an API prompt, checking node types, widget counts and link types."""
-    nodes = {n["id"]: n for n in workflow.get("nodes", [])}
-    links = {lk[0]: lk for lk in workflow.get("links", [])}
-    problems = []
+MODE_MUTED, MODE_BYPASS = 2, 4
 
-    def source(link_id: int) -> tuple[Any, int, str]:
-        lk = links[link_id]
-        src = nodes[lk[1]]
-        if src["type"] == "Reroute":
-            upstream = (src.get("inputs") or [{}])[0].get("link")
-            if upstream is None:
-                raise WorkflowError(f"reroute {src['id']} is not connected")
-            return source(upstream)
-        return lk[1], lk[2], lk[5]
+
+def _links(workflow: dict) -> dict[int, tuple[int, int, int, int, Any]]:
+    out = {}
+    for link in workflow.get("links", []):
+        if isinstance(link, dict):
+            lid, src, slot, dst, dslot, typ = (link["id"], link["origin_id"], link["origin_slot"],
+                                                link["target_id"], link["target_slot"], link.get("type"))
+        else:
+            lid, src, slot, dst, dslot, typ = link[:6]
+        out[int(lid)] = (int(src), int(slot), int(dst), int(dslot), typ)
+    return out
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
+    """Convert a UI-format workflow (what the frontend saves) into an API prompt (what POST /prompt takes).
+
+    Checks as it goes, and raises one WorkflowError listing every problem: unknown node types, widget counts
+    that do not match the node's inputs, links to outputs that do not exist or of the wrong type, required
+    inputs left unconnected. Links become `[source_id, slot]`; reroutes are resolved through; a PrimitiveNode
+    feeding a converted widget leaves the target's own widget value; muted nodes (mode 2) are dropped; bypassed
+    nodes (mode 4) are rewired input-to-output by type, as the frontend does. Subgraphs are not supported.
+    """
+    nodes = {int(n["id"]): n for n in workflow.get("nodes", [])}
+    links = _links(workflow)
+    subgraphs = {sg.get("id") for sg in (workflow.get("definitions") or {}).get("subgraphs", [])}
+    problems: list[str] = []
+
+    def resolve(link_id, seen=()):
+        """Follow a link back through reroutes and bypassed nodes: (node_id, slot), "primitive" or None."""
+        if link_id is None or int(link_id) not in links:
+            return None
+        src, slot, _, _, _ = links[int(link_id)]
+        node = nodes.get(src)
+        if node is None or (src, slot) in seen:
+            return None
+        seen = seen + ((src, slot),)
+        if node["type"] == "Reroute":
+            ins = node.get("inputs") or []
+            return resolve(ins[0].get("link") if ins else None, seen)
+        if node["type"] == "PrimitiveNode":
+            return "primitive"
+        mode = node.get("mode", 0)
+        if mode == MODE_MUTED:
+            return None
+        if mode == MODE_BYPASS:
+            outs = node.get("outputs") or []
+            out_type = outs[slot].get("type") if slot < len(outs) else None
+            linked = [i for i in (node.get("inputs") or []) if i.get("link") is not None]
+            match = [i for i in linked if out_type is not None and i.get("type") == out_type]
+            if match:
+                return resolve(match[0]["link"], seen)
+            return None
+        return src, slot
 
     prompt: dict[str, dict] = {}
-    for nid, node in nodes.items():
+    for nid, node in sorted(nodes.items()):
         t = node["type"]
-        if t in FRONTEND_ONLY or node.get("mode", 0) == 2:
+        if t in FRONTEND_ONLY or node.get("mode", 0) in (MODE_MUTED, MODE_BYPASS):
             continue
-        if node.get("mode", 0) == 4:
-            raise WorkflowError(f"node {nid} ({t}) is bypassed; bypass is not supported by this converter")
+        if t in subgraphs:
+            raise WorkflowError(f"node {nid} is a subgraph ({t}); subgraphs are not supported by ui_to_api")
         info = object_info.get(t)
         if info is None:
             problems.append(f"node {nid}: unknown node type {t!r} (not installed, or renamed)")
             continue
+        values = node.get("widgets_values") or []
         try:
-            inputs = map_widgets(t, info, node.get("widgets_values") or [], nid)
+            if isinstance(values, dict):
+                names = {n for n, s in _ordered_inputs(info) if _is_widget(s)}
+                inputs = {k: v for k, v in values.items() if k in names}
+            else:
+                inputs = map_widgets(t, info, values, nid)
         except WorkflowError as e:
             problems.append(str(e))
             continue
         sockets = socket_inputs(info)
         widget_names = {n for n, s in _ordered_inputs(info) if _is_widget(s)}
-        for inp in node.get("inputs", []):
-            name, link = inp["name"], inp.get("link")
+        for inp in node.get("inputs") or []:
+            name = inp["name"]
+            if isinstance(inp.get("widget"), dict):
+                name = inp["widget"].get("name", name)
             if name not in sockets and name not in widget_names:
                 problems.append(f"node {nid} ({t}): input {name!r} does not exist on the node")
                 continue
+            link = inp.get("link")
             if link is None:
-                if name in sockets and name in info.get("input", {}).get("required", {}):
-                    problems.append(f"node {nid} ({t}): required input {name!r} is not connected")
                 continue
-            src_id, slot, link_type = source(link)
-            src_info = object_info.get(nodes[src_id]["type"], {})
-            outputs = src_info.get("output", [])
+            src = resolve(link)
+            if src == "primitive":
+                continue
+            if src is None:
+                if name in sockets:
+                    inputs.pop(name, None)
+                continue
+            src_id, slot = src
+            outputs = object_info.get(nodes[src_id]["type"], {}).get("output", [])
             if slot >= len(outputs):
                 problems.append(f"node {nid} ({t}): input {name!r} links to output {slot} of node {src_id} "
-                                f"which has only {len(outputs)} outputs")
+                                f"({nodes[src_id]['type']}), which has {len(outputs)} outputs")
                 continue
-            want = sockets.get(name)
-            got = outputs[slot]
-            if want is not None and want != "*" and got != "*" and not set(str(want).split(",")) & {got}:
+            want, got = sockets.get(name), outputs[slot]
+            if want is not None and "*" not in (want, got) and got not in str(want).split(","):
                 problems.append(f"node {nid} ({t}): input {name!r} wants {want} but gets {got} from node "
                                 f"{src_id} ({nodes[src_id]['type']})")
             inputs[name] = [str(src_id), slot]
         for name in sockets:
             if name in info.get("input", {}).get("required", {}) and name not in inputs:
                 problems.append(f"node {nid} ({t}): required input {name!r} is not connected")
-        prompt[str(nid)] = {"class_type": t, "inputs": inputs}
+        prompt[str(nid)] = {"class_type": t, "inputs": inputs,
+                            "_meta": {"title": node.get("title") or info.get("display_name") or t}}
     if problems:
         raise WorkflowError("; ".join(problems))
     return prompt
