@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import paths
+from . import paths, routes
 from .encoder_nodes import (
     PhysMasterApply,
     PhysMasterEncode,
@@ -10,6 +10,8 @@ from .encoder_nodes import (
     PhysMasterEncoderNew,
     PhysMasterEncoderSave,
 )
+from .physics_nodes import PhysMasterDropScene, PhysMasterPhysicsScore
+from .preference_nodes import PhysMasterPreferenceDataset, PhysMasterPreferencePicker
 
 NODES: list[type[io.ComfyNode]] = [
     PhysMasterEncoderLoader,
@@ -17,15 +19,21 @@ NODES: list[type[io.ComfyNode]] = [
     PhysMasterEncoderSave,
     PhysMasterEncode,
     PhysMasterApply,
+    PhysMasterDropScene,
+    PhysMasterPhysicsScore,
+    PhysMasterPreferencePicker,
+    PhysMasterPreferenceDataset,
 ]
 
 
 class PhysMasterExtension(ComfyExtension):
     async def on_load(self) -> None:
         paths.register()
+        routes.register()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)
 
 
 paths.register()
+routes.register()

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..physmaster.physics import judge, render_scene, trajectory_overlay
-from ..physmaster.errors import PhysMasterError
+from ..physmaster.physics import judge, mask_centroids, render_scene, trajectory_overlay
 from .types import CATEGORY
 
 SPLITS = ["seen", "unseen"]
@@ -83,16 +82,14 @@ class PhysMasterPhysicsScore(io.ComfyNode):
         gt = None if ground_truth_masks is None else ground_truth_masks.detach().float().cpu().numpy() > 0.5
         result = judge(video, gt_masks=gt, fps=fps, gt_fps=ground_truth_fps if gt is not None else None)
         gt_track = None
-        if gt is not None:
-            from ..physmaster.physics import mask_centroids
-
-            gt_track = mask_centroids(gt)
+        if gt is not None:  # ground truth at its own rate -> the video's frames (PISA's int(i * gt_fps / fps))
+            index = [min(int(i * ground_truth_fps / fps), len(gt) - 1) for i in range(len(video))]
+            gt_track = mask_centroids(gt)[index]
         overlay = trajectory_overlay(video, result.track, gt_track=gt_track)
         report = {"score": result.score, "found": result.found, "reason": result.reason,
                   "components": result.components, "metrics": result.metrics}
         text = json.dumps(report, sort_keys=True, default=float)
         overlay_t = torch.from_numpy(np.ascontiguousarray(overlay, dtype=np.float32))
-        if not np.isfinite(result.score):
-            raise PhysMasterError(f"the judge returned a non-finite score ({result.reason})")
-        return io.NodeOutput(float(result.score), text, overlay_t,
-                             ui=ui.PreviewImage(overlay_t, animated=True, cls=cls))
+        preview = ui.PreviewImage(overlay_t, animated=True, cls=cls).as_dict()
+        preview["text"] = [text]
+        return io.NodeOutput(float(result.score), text, overlay_t, ui=preview)

@@ -84,6 +84,38 @@ class RandomImage:
         return (torch.rand((batch, height, width, 3), generator=_generator(seed), dtype=torch.float32),)
 
 
+class RandomClipVisionOutput:
+    """A CLIP_VISION_OUTPUT shaped like core CLIPVisionEncode's (CLIP-H: 257 tokens x 1280), without the 17 s
+    CPU encode of the random CLIP-H checkpoint. The real encoder path is covered once by the workflow test."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "tokens": ("INT", {"default": 257, "min": 1, "max": 4096}),
+                "width": ("INT", {"default": 1280, "min": 1, "max": 16384}),
+                "batch": ("INT", {"default": 1, "min": 1, "max": 64}),
+            }
+        }
+
+    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
+    FUNCTION = "execute"
+    CATEGORY = _CATEGORY
+
+    def execute(self, seed, tokens, width, batch):
+        import comfy.clip_vision
+
+        g = _generator(seed)
+        out = comfy.clip_vision.Output()
+        out["penultimate_hidden_states"] = torch.randn((batch, tokens, width), generator=g)
+        out["last_hidden_state"] = torch.randn((batch, tokens, width), generator=g)
+        out["image_embeds"] = torch.randn((batch, width), generator=g)
+        out["image_sizes"] = [(3, 224, 224)] * batch
+        out["mm_projected"] = None
+        return (out,)
+
+
 class SaveTensors:
     """Writes what it is given to ``<output>/<prefix>_NNNNN_.safetensors`` so tests can compare bit for bit."""
 
@@ -163,6 +195,7 @@ NODE_CLASS_MAPPINGS = {
     "PhysMasterTest_RandomConditioning": RandomConditioning,
     "PhysMasterTest_RandomImage": RandomImage,
     "PhysMasterTest_SaveTensors": SaveTensors,
+    "PhysMasterTest_RandomClipVisionOutput": RandomClipVisionOutput,
     "PhysMasterTest_Barrier": Barrier,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {k: k.replace("PhysMasterTest_", "PhysMaster Test: ") for k in NODE_CLASS_MAPPINGS}

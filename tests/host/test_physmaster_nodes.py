@@ -1,0 +1,251 @@
+"""The PhysMaster nodes inside a real ComfyUI: schema, the shipped workflow, tokens on three model families,
+the strength-0 bypass, save/load, clear errors, and the proxy-task nodes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import harness
+import tiny_models as tm
+from test_host_smoke import FAMILIES, SIZE, _run_and_load
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import schema_snapshot  # noqa: E402
+from physmaster.encoder import HeadConfig, PhysEncoder  # noqa: E402
+from workflow_api import SCHEMA_PATH, load_schema, ui_to_api  # noqa: E402
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+OUR_NODES = ["PhysMasterEncoderLoader", "PhysMasterEncoderNew", "PhysMasterEncoderSave", "PhysMasterEncode",
+             "PhysMasterApply", "PhysMasterDropScene", "PhysMasterPhysicsScore", "PhysMasterPreferencePicker",
+             "PhysMasterPreferenceDataset"]
+TOKENS = 8
+
+
+def _encoder_nodes(context_dim=4096, in_dim=1280, cvo_width=1280, seed=0) -> dict:
+    return {
+        "cvo": {"class_type": "PhysMasterTest_RandomClipVisionOutput",
+                "inputs": {"seed": 5, "tokens": 257, "width": cvo_width, "batch": 1}},
+        "enc": {"class_type": "PhysMasterEncoderNew", "inputs": {
+            "in_dim": in_dim, "context_dim": context_dim, "num_tokens": TOKENS, "hidden_dim": 64, "depth": 1,
+            "heads": 4, "feature": "penultimate", "init_seed": seed}},
+        "tok": {"class_type": "PhysMasterEncode", "inputs": {"encoder": ["enc", 0], "clip_vision_output": ["cvo", 0]}},
+    }
+
+
+def with_physmaster(prompt: dict, strength: float, apply_to: str = "positive and negative", **enc) -> dict:
+    """`prompt` with PhysMasterApply between the sampler and whatever fed its positive/negative."""
+    p = copy.deepcopy(prompt)
+    p.update(_encoder_nodes(**enc))
+    s = p["sampler"]["inputs"]
+    p["apply"] = {"class_type": "PhysMasterApply", "inputs": {
+        "positive": s["positive"], "negative": s["negative"], "physical_tokens": ["tok", 0],
+        "strength": strength, "apply_to": apply_to}}
+    s["positive"], s["negative"] = ["apply", 0], ["apply", 1]
+    return p
+
+
+def test_object_info_lists_every_physmaster_node(host):
+    info = host.object_info(refresh=True)
+    missing = [n for n in OUR_NODES if n not in info]
+    assert not missing, f"missing from /object_info: {missing}"
+    for node in OUR_NODES:
+        assert info[node]["category"].startswith("PhysMaster"), node
+    assert host.import_failures() == [], "\n".join(host.import_failures())
+
+
+def test_live_schema_matches_snapshot(host):
+    live = schema_snapshot.build(host.object_info(refresh=True))
+    if os.environ.get("PHYSMASTER_UPDATE_SCHEMA"):
+        schema_snapshot.write(host.object_info())
+    snap = load_schema(SCHEMA_PATH)
+    assert set(live["nodes"]) == set(snap["nodes"]), "node set differs from tests/node_schema.json " \
+        "(PHYSMASTER_UPDATE_SCHEMA=1 rewrites it: only append to landed nodes)"
+    diffs = [n for n in live["nodes"] if live["nodes"][n] != snap["nodes"][n]]
+    assert not diffs, f"schema of {diffs} differs from tests/node_schema.json"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tokens_change_sampling_and_strength_zero_bypasses(host, family):
+    build, shape = FAMILIES[family]
+    base, _ = _run_and_load(host, build(f"pm/{family}_base"))
+    applied_prompt = with_physmaster(build(f"pm/{family}_on"), 1.0)
+    applied_prompt["save_cond"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+        "filename_prefix": f"pm/{family}_cond", "conditioning": ["apply", 0]}}
+    entry = host.run(applied_prompt, timeout=600)
+    files = host.output_files(entry)
+    applied = harness.load_latent(next(p for p in files if p.suffix == ".latent"))
+    cond = harness.load_tensors(next(p for p in files if p.suffix == ".safetensors"))
+    bypass, _ = _run_and_load(host, with_physmaster(build(f"pm/{family}_zero"), 0.0))
+
+    assert tuple(applied.shape) == shape and applied.isfinite().all()
+    assert not torch.equal(applied, base), f"{family}: physical tokens did not change the sampled latent"
+    assert (applied - base).abs().max() > 1e-4
+    assert torch.equal(bypass, base), f"{family}: strength 0 is not a bit-identical bypass " \
+                                      f"(max |diff| {(bypass - base).abs().max().item()})"
+    # the conditioning the sampler got: N tokens appended; LTX's int64 attention_mask extended with ones
+    base_len = 128 if family == "ltxv_i2v" else 32
+    assert tuple(cond["conditioning.0.cond"].shape) == (1, base_len + TOKENS, 4096)
+    if family == "ltxv_i2v":
+        mask = cond["conditioning.0.attention_mask"]
+        assert mask.dtype == torch.int64 and tuple(mask.shape) == (1, base_len + TOKENS)
+        assert mask[0, :20].eq(1).all() and mask[0, 20:base_len].eq(0).all() and mask[0, base_len:].eq(1).all()
+
+
+def test_positive_only_leaves_negative_alone(host):
+    build, _ = FAMILIES["wan21_i2v"]
+    p = with_physmaster(build("pm/posonly"), 1.0, apply_to="positive only")
+    p["save_neg"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+        "filename_prefix": "pm/posonly_neg", "conditioning": ["apply", 1]}}
+    p["save_pos"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+        "filename_prefix": "pm/posonly_pos", "conditioning": ["apply", 0]}}
+    entry = host.run(p, timeout=600)
+    tensors = {f.name.split("_")[1]: harness.load_tensors(f) for f in host.output_files(entry)
+               if f.suffix == ".safetensors"}
+    assert tensors["pos"]["conditioning.0.cond"].shape[1] == 32 + TOKENS
+    assert tensors["neg"]["conditioning.0.cond"].shape[1] == 32
+
+
+def _encoder_file(tmp_path: Path, **kw) -> Path:
+    cfg = HeadConfig(in_dim=1280, context_dim=4096, num_tokens=TOKENS, hidden_dim=64, depth=1, heads=4,
+                     backbone="clip_vision_h", **kw)
+    return PhysEncoder.new(cfg, seed=11, name="hosttest").save(tmp_path / "PhysEncoder_00001_.safetensors")
+
+
+def test_shipped_workflow_runs_with_tiny_models(host, tmp_path):
+    """workflows/physmaster_wan_i2v.json, converted by the harness, tiny models swapped in, end to end."""
+    workflow = json.loads((ROOT / "workflows" / "physmaster_wan_i2v.json").read_text())
+    prompt = ui_to_api(workflow, host.object_info())
+    host.add_model_file("physmaster", _encoder_file(tmp_path))
+    image = tmp_path / "start.png"
+    from PIL import Image
+    Image.new("RGB", (SIZE, SIZE), (90, 140, 200)).save(image)
+    image_name = host.upload_image(image, "physmaster_start.png")
+    by_type = {}
+    for nid, node in prompt.items():
+        by_type.setdefault(node["class_type"], []).append(nid)
+    swaps = {"UNETLoader": {"unet_name": tm.MODELS["wan21_i2v"][1]},
+             "VAELoader": {"vae_name": tm.MODELS["wan21_vae"][1]},
+             "CLIPVisionLoader": {"clip_name": tm.MODELS["clip_vision_h"][1]},
+             "PhysMasterEncoderLoader": {"encoder_name": "PhysEncoder_00001_.safetensors"},
+             "LoadImage": {"image": image_name},
+             "WanImageToVideo": {"width": SIZE, "height": SIZE, "length": 5},
+             "KSampler": {"steps": 2, "seed": 1},
+             "SaveVideo": {"filename_prefix": "pm/workflow"}}
+    for t, values in swaps.items():
+        for nid in by_type[t]:
+            prompt[nid]["inputs"].update(values)
+    # no text encoder fits here: the harness's random conditioning stands in for CLIPLoader + CLIPTextEncode
+    for nid in by_type.pop("CLIPLoader"):
+        del prompt[nid]
+    for i, nid in enumerate(by_type["CLIPTextEncode"]):
+        prompt[nid] = {"class_type": "PhysMasterTest_RandomConditioning",
+                       "inputs": {"seed": i, "length": 32, "width": 4096, "batch": 1, "scale": 1.0}}
+    entry = host.run(prompt, timeout=900)
+    videos = [p for p in host.output_files(entry) if p.suffix in (".mp4", ".webm", ".mkv")]
+    assert len(videos) == 1 and videos[0].stat().st_size > 0, host.output_files(entry)
+    import av
+    with av.open(str(videos[0])) as container:
+        frames = [f for f in container.decode(video=0)]
+    assert len(frames) == 5 and frames[0].width == SIZE
+
+
+def test_save_then_load_gives_the_same_tokens(host):
+    enc_prompt = _encoder_nodes(seed=3)
+    enc_prompt["save"] = {"class_type": "PhysMasterEncoderSave", "inputs": {
+        "encoder": ["enc", 0], "filename_prefix": "hosttest/roundtrip"}}
+    entry = host.run(enc_prompt, timeout=300)
+    saved = json.loads(entry["outputs"]["save"]["text"][0])["saved"]
+    # PhysMasterEncoderSave writes to the first physmaster folder: ComfyUI's own models/physmaster
+    path = host.base_dir / "models" / "physmaster" / saved
+    assert path.is_file(), f"{path} not written"
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+    def tokens_of(encoder_node: dict, prefix: str) -> torch.Tensor:
+        p = _encoder_nodes(seed=3)
+        p["enc"] = encoder_node
+        p["cond"] = {"class_type": "PhysMasterTest_RandomConditioning",
+                     "inputs": {"seed": 1, "length": 4, "width": 4096, "batch": 1, "scale": 1.0}}
+        p["apply"] = {"class_type": "PhysMasterApply", "inputs": {
+            "positive": ["cond", 0], "negative": ["cond", 0], "physical_tokens": ["tok", 0], "strength": 1.0,
+            "apply_to": "positive only"}}
+        p["save"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+            "filename_prefix": prefix, "conditioning": ["apply", 0]}}
+        e = host.run(p, timeout=300)
+        return harness.load_tensors(next(f for f in host.output_files(e) if f.suffix == ".safetensors"))[
+            "conditioning.0.cond"][:, 4:]
+
+    fresh = tokens_of(_encoder_nodes(seed=3)["enc"], "pm/tok_new")
+    loaded = tokens_of({"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": saved}}, "pm/tok_loaded")
+    assert fresh.shape == (1, TOKENS, 4096)
+    assert torch.equal(fresh, loaded)
+
+
+def _expect_failure(host, prompt, node: str, *needles: str):
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(prompt, timeout=300)
+    msg = err.value.exception_message
+    assert err.value.node_id == node, str(err.value)
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in: {msg}"
+    return msg
+
+
+def test_token_width_mismatch_is_a_clear_error(host):
+    build, _ = FAMILIES["wan21_i2v"]
+    prompt = with_physmaster(build("pm/badwidth"), 1.0, context_dim=2048)
+    _expect_failure(host, prompt, "apply", "2048", "4096", "positive", "PhysMasterEncoderNew")
+
+
+def test_clip_width_mismatch_names_the_backbone(host):
+    p = _encoder_nodes(in_dim=1024, cvo_width=1280)
+    p["save"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {"filename_prefix": "pm/x"}}
+    p["cond"] = {"class_type": "PhysMasterTest_RandomConditioning",
+                 "inputs": {"seed": 1, "length": 4, "width": 4096, "batch": 1, "scale": 1.0}}
+    p["apply"] = {"class_type": "PhysMasterApply", "inputs": {
+        "positive": ["cond", 0], "negative": ["cond", 0], "physical_tokens": ["tok", 0], "strength": 1.0,
+        "apply_to": "positive only"}}
+    p["save"]["inputs"]["conditioning"] = ["apply", 0]
+    _expect_failure(host, p, "tok", "1280", "1024", "CLIPVisionLoader")
+
+
+def test_bad_checkpoints_are_named(host, tmp_path):
+    good = _encoder_file(tmp_path).read_bytes()
+    folder = host.models_dir / "physmaster"
+    (folder / "hosttest_truncated.safetensors").write_bytes(good[: len(good) // 3])
+    from safetensors.torch import save_file
+    save_file({"lora_down.weight": torch.zeros(2, 2)}, str(folder / "hosttest_lora.safetensors"))
+    for name, needle in (("hosttest_truncated.safetensors", "truncated"),
+                         ("hosttest_lora.safetensors", "not a PhysMaster encoder")):
+        p = {"enc": {"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": name}},
+             "save": {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["enc", 0],
+                                                                        "filename_prefix": "hosttest/never"}}}
+        _expect_failure(host, p, "enc", name, needle)
+    assert not list(folder.glob("hosttest/never*"))
+
+
+def test_drop_scene_and_physics_score(host):
+    p = {"scene": {"class_type": "PhysMasterDropScene", "inputs": {"seed": 3, "split": "unseen", "size": 64,
+                                                                   "frames": 24, "fps": 16.0}},
+         "score": {"class_type": "PhysMasterPhysicsScore", "inputs": {
+             "frames": ["scene", 1], "fps": 16.0, "ground_truth_masks": ["scene", 2], "ground_truth_fps": 16.0}},
+         "save": {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+             "filename_prefix": "pm/scene", "image": ["scene", 0]}}}
+    entry = host.run(p, timeout=300)
+    report = json.loads(entry["outputs"]["score"]["text"][0])
+    assert report["found"] is True and 0.0 < report["score"] <= 1.0
+    assert report["metrics"]["iou"] > 0.8 and report["metrics"]["l2"] < 0.02  # the truth against itself
+    previews = entry["outputs"]["score"]["images"]
+    assert len(previews) == 24 and all(i["type"] == "temp" for i in previews)
+    start = harness.load_tensors(next(f for f in host.output_files(entry) if f.suffix == ".safetensors"))["image"]
+    assert tuple(start.shape) == (1, 64, 64, 3)
