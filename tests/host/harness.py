@@ -376,6 +376,10 @@ class ComfyHost:
     def interrupt(self):
         self.post("/interrupt", {})
 
+    def listen(self) -> "WsListener":
+        """A websocket client on /ws with this host's client_id (the events the frontend gets); use `with`."""
+        return WsListener(self.url.replace("http://", "ws://") + f"/ws?clientId={self.client_id}")
+
     def free(self, unload_models: bool = True, free_memory: bool = True, timeout: float = 60.0):
         """Ask ComfyUI to drop cached node outputs (and unload models), and wait until it has.
 
@@ -443,6 +447,77 @@ def load_tensors(path: str | os.PathLike) -> dict:
 def load_latent(path: str | os.PathLike):
     """The latent tensor of a core SaveLatent file (key ``latent_tensor``)."""
     return load_tensors(path)["latent_tensor"]
+
+
+class WsListener:
+    """Collects ComfyUI websocket JSON events in a background thread (aiohttp; the host venv has it)."""
+
+    def __init__(self, url: str):
+        import queue
+        import threading
+
+        self.url = url
+        self.events: "queue.Queue[dict]" = queue.Queue()
+        self.seen: list[dict] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self):
+        import asyncio
+
+        import aiohttp
+
+        async def main():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(self.url, heartbeat=10) as ws:
+                    self._ready.set()
+                    while not self._stop.is_set():
+                        try:
+                            msg = await ws.receive(timeout=0.2)
+                        except asyncio.TimeoutError:
+                            continue
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            self.events.put(json.loads(msg.data))
+                        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            return
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # reported by wait_for
+            self._error = e
+            self._ready.set()
+
+    def __enter__(self) -> "WsListener":
+        self._thread.start()
+        if not self._ready.wait(30) or self._error:
+            raise HostError(f"websocket {self.url} did not connect: {self._error!r}")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def wait_for(self, event_type: str, timeout: float = 60.0, where=None) -> dict:
+        """The next event of `event_type` (whose data satisfies `where`), or HostError after `timeout`."""
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HostError(f"no {event_type!r} event within {timeout:.0f} s; saw "
+                                f"{[e.get('type') for e in self.seen][-20:]}")
+            try:
+                event = self.events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if self._error:
+                    raise HostError(f"websocket failed: {self._error!r}") from None
+                continue
+            self.seen.append(event)
+            if event.get("type") == event_type and (where is None or where(event.get("data") or {})):
+                return event["data"]
 
 
 # ---------------------------------------------------------------------------------------------- ui_to_api

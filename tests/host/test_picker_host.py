@@ -1,0 +1,179 @@
+"""The preference picker in a real ComfyUI: websocket event -> choice posted over HTTP -> pair on disk -> the graph
+continues; stale, forged and malformed answers rejected; the timeout policy; Cancel while waiting."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+import torch
+
+import harness
+from test_host_smoke import FAMILIES, SIZE
+from test_physmaster_nodes import with_physmaster
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+
+def picker_prompt(dataset: str, mode: str = "ask", timeout: int = 120, on_timeout: str = "skip", batch: int = 3,
+                  size: int = SIZE, second_picker: str | None = None) -> dict:
+    build, _ = FAMILIES["wan21_i2v"]
+    p = with_physmaster(build(f"picker/{dataset}_all"), 1.0)
+    p["i2v"]["inputs"].update({"batch_size": batch, "width": size, "height": size})
+    p["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}}
+    p["pick"] = {"class_type": "PhysMasterPreferencePicker", "inputs": {
+        "latents": ["sampler", 0], "positive": ["apply", 0], "dataset_name": dataset, "mode": mode,
+        "timeout_seconds": timeout, "on_timeout": on_timeout, "fps": 8.0, "images": ["decode", 0]}}
+    p["save_winner"] = {"class_type": "SaveLatent", "inputs": {"samples": ["pick", 0],
+                                                               "filename_prefix": f"picker/{dataset}_winner"}}
+    if second_picker:
+        p["pick2"] = dict(p["pick"], inputs=dict(p["pick"]["inputs"], dataset_name=second_picker))
+        p["save_winner2"] = {"class_type": "SaveLatent", "inputs": {"samples": ["pick2", 0],
+                                                                    "filename_prefix": f"picker/{dataset}_w2"}}
+    return p
+
+
+def post_pick(host, body) -> tuple[int, dict]:
+    req = urllib.request.Request(host.url + "/physmaster/pick", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def dataset_dir(host, name):
+    return host.output_dir / "physmaster" / "preferences" / name
+
+
+def pairs_on_disk(host, name) -> list[dict]:
+    path = dataset_dir(host, name) / "pairs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _latents(host, entry):
+    files = sorted(p for p in host.output_files(entry) if p.suffix == ".latent")
+    return {p.name.split("_")[1] if "_" in p.name else p.name: harness.load_latent(p) for p in files}
+
+
+def test_round_trip_over_websocket_and_http(host):
+    with host.listen() as ws:
+        prompt_id = host.queue(picker_prompt("roundtrip"))
+        event = ws.wait_for("physmaster.pick", timeout=300)
+        assert event["node_id"] == "pick" and len(event["candidates"]) == 3
+        for c in event["candidates"]:  # the previews the node shows are served by /view
+            with urllib.request.urlopen(host.url + "/view?" + urllib.parse.urlencode(c), timeout=30) as r:
+                assert r.status == 200 and r.read(4) == b"RIFF"  # animated WEBP
+        status, body = post_pick(host, {"request_id": event["request_id"], "choice": {"best": 2, "worst": 0}})
+        assert status == 200 and body["choice"] == {"best": 2, "worst": 0}
+        done = ws.wait_for("physmaster.pick_done", timeout=60)
+        assert done["request_id"] == event["request_id"]
+        entry = host.wait(prompt_id, timeout=300)
+    pairs = pairs_on_disk(host, "roundtrip")
+    assert [(p["winner"], p["loser"], p["source"]) for p in pairs] == [(2, 0, "human")]
+    groups = list((dataset_dir(host, "roundtrip") / "groups").glob("*.safetensors"))
+    assert len(groups) == 1 and groups[0].stem == pairs[0]["group"]
+    stored = harness.load_tensors(groups[0])
+    assert stored["latents"].shape[0] == 3
+    assert stored["context"].shape == (1, 32, 4096)  # physical tokens stripped: the group keeps the base context
+    assert stored["features"].shape == (1, 257, 1280)  # backbone features, to recompute tokens with a new head
+    assert "cond.concat_latent_image" in stored and "cond.concat_mask" in stored
+    report = json.loads(entry["outputs"]["pick"]["text"][0])
+    assert report["pairs_written"] == 1 and report["winner"] == 2
+    winner = next(harness.load_latent(p) for p in host.output_files(entry) if "roundtrip_winner" in p.name)
+    assert torch.equal(winner[0], stored["latents"][2])
+    # a late duplicate of the same answer is stale now
+    status, body = post_pick(host, {"request_id": event["request_id"], "choice": {"best": 1, "worst": 0}})
+    assert status == 404 and "unknown or expired" in body["error"]
+    assert len(pairs_on_disk(host, "roundtrip")) == 1
+
+
+def test_forged_and_malformed_answers_are_rejected(host):
+    with host.listen() as ws:
+        prompt_id = host.queue(picker_prompt("forged"))
+        event = ws.wait_for("physmaster.pick", timeout=300)
+        rid = event["request_id"]
+        for body, code, needle in [
+            ({"request_id": "0" * 32, "choice": {"best": 0, "worst": 1}}, 404, "unknown"),
+            ({"request_id": rid, "choice": {"best": 0, "worst": 7}}, 400, "0..2"),
+            ({"request_id": rid, "choice": {"best": 0, "worst": 1, "path": "../../x"}}, 400, "unexpected fields"),
+            ({"request_id": rid, "choice": {"best": 0, "worst": 1}, "dataset": "../evil"}, 400, "exactly"),
+            ({"request_id": rid, "choice": "../../etc/passwd"}, 400, "must be an object"),
+        ]:
+            status, answer = post_pick(host, body)
+            assert status == code and needle in answer["error"], (body, status, answer)
+        req = urllib.request.Request(host.url + "/physmaster/pick", data=b"not json", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 400
+        assert pairs_on_disk(host, "forged") == []  # nothing written by any of those
+        status, _ = post_pick(host, {"request_id": rid, "choice": {"ranking": [1, 2, 0]}})
+        assert status == 200
+        host.wait(prompt_id, timeout=300)
+    assert sorted((p["winner"], p["loser"]) for p in pairs_on_disk(host, "forged")) == [(1, 0), (1, 2), (2, 0)]
+    assert not (host.output_dir.parent / "evil").exists()
+
+
+def test_timeout_policies(host):
+    t0 = time.monotonic()
+    entry = host.run(picker_prompt("timeout_skip", timeout=2, on_timeout="skip"), timeout=300)
+    report = json.loads(entry["outputs"]["pick"]["text"][0])
+    assert report["pairs_written"] == 0 and "no answer within 2s: skip" in report["note"]
+    assert pairs_on_disk(host, "timeout_skip") == []
+    entry = host.run(picker_prompt("timeout_judge", timeout=2, on_timeout="judge"), timeout=300)
+    report = json.loads(entry["outputs"]["pick"]["text"][0])
+    assert report["source"] == "judge" and "no answer within 2s: judge" in report["note"]
+    assert all(p["source"] == "judge" for p in pairs_on_disk(host, "timeout_judge"))
+    assert len(pairs_on_disk(host, "timeout_judge")) == report["pairs_written"]
+    assert time.monotonic() - t0 < 200
+
+
+def test_cancel_while_waiting(host):
+    with host.listen() as ws:
+        prompt_id = host.queue(picker_prompt("cancel", timeout=600))
+        event = ws.wait_for("physmaster.pick", timeout=300)
+        t0 = time.monotonic()
+        host.interrupt()
+        with pytest.raises(harness.HostError):
+            host.wait(prompt_id, timeout=60)
+        assert time.monotonic() - t0 < 30, "Cancel did not end the wait promptly"
+    status, body = post_pick(host, {"request_id": event["request_id"], "choice": {"best": 0, "worst": 1}})
+    assert status == 404
+    assert pairs_on_disk(host, "cancel") == []
+
+
+def test_two_pickers_in_one_graph(host):
+    with host.listen() as ws:
+        prompt_id = host.queue(picker_prompt("first", second_picker="second"))
+        a = ws.wait_for("physmaster.pick", timeout=300)
+        assert post_pick(host, {"request_id": a["request_id"], "choice": {"best": 0, "worst": 1}})[0] == 200
+        b = ws.wait_for("physmaster.pick", timeout=300, where=lambda d: d["request_id"] != a["request_id"])
+        assert {a["node_id"], b["node_id"]} == {"pick", "pick2"}
+        assert post_pick(host, {"request_id": a["request_id"], "choice": {"best": 1, "worst": 2}})[0] == 404
+        assert post_pick(host, {"request_id": b["request_id"], "choice": {"best": 1, "worst": 2}})[0] == 200
+        host.wait(prompt_id, timeout=300)
+    firsts = {n: [(p["winner"], p["loser"]) for p in pairs_on_disk(host, n)] for n in ("first", "second")}
+    picked = {a["node_id"]: [(0, 1)], b["node_id"]: [(1, 2)]}
+    node_dataset = {"pick": "first", "pick2": "second"}
+    assert firsts == {node_dataset[k]: v for k, v in picked.items()}
+
+
+def test_batch_of_one_and_other_model_are_clear_errors(host):
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(picker_prompt("single", mode="judge", batch=1), timeout=300)
+    assert err.value.node_id == "pick" and "batch of 1" in err.value.exception_message
+    host.run(picker_prompt("shape", mode="ask", timeout=1), timeout=300)  # creates the dataset's info
+    before = pairs_on_disk(host, "shape")
+    from physmaster.preferences import PreferenceDataset
+
+    ds = PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "shape")
+    ds.add_group(torch.randn(2, 16, 2, SIZE // 8, SIZE // 8), torch.randn(1, 32, 4096))  # as a run at 64 px
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(picker_prompt("shape", mode="judge", size=48), timeout=300)
+    assert "another model or resolution" in err.value.exception_message and "latent shape" in err.value.exception_message
+    assert pairs_on_disk(host, "shape") == before
