@@ -1,0 +1,101 @@
+"""Training losses: flow matching (Stage I) and Flow-DPO (Stages II and III), as in DESIGN.md section 1.
+
+Flow convention (rectified flow, as Wan): `x_t = (1 - t) x_0 + t ε`, velocity target `v = ε − x_0`.
+
+Squared norms are *per-sample means over the latent elements* (as in Diffusion-DPO's and Flow-DPO's code), so
+a loss does not grow with the video's size; β absorbs the scale (β = 500 with mean errors is β ≈ 0.5 per element
+summed over a 1000-element latent). Everything is computed in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BatchMismatchError, PhysMasterError
+
+__all__ = ["flow_matching_loss", "flow_dpo_loss", "DPOOutput", "per_sample_sq_error", "LOG2"]
+
+LOG2 = math.log(2.0)
+
+
+def per_sample_sq_error(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """‖target − pred‖² per sample [B], in float32 (`mean` over elements, or `sum`)."""
+    if pred.shape != target.shape:
+        raise BatchMismatchError(f"prediction is shaped {list(pred.shape)} but its target {list(target.shape)}")
+    err = (target.float() - pred.float()).pow(2).flatten(1)
+    if reduction == "mean":
+        return err.mean(dim=1)
+    if reduction == "sum":
+        return err.sum(dim=1)
+    raise PhysMasterError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def flow_matching_loss(v_pred: torch.Tensor, v_target: torch.Tensor, reduction: str = "mean",
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage I: `E ‖v_θ(z_t, t, c) − (ε − z_0)‖²` (float32 scalar). `weight` [B] optionally weights samples."""
+    err = per_sample_sq_error(v_pred, v_target, reduction)
+    if weight is not None:
+        return (err * weight.float().to(err.device)).sum() / weight.float().sum().clamp_min(1e-12)
+    return err.mean()
+
+
+@dataclass
+class DPOOutput:
+    """Flow-DPO loss and what to log. Scalars are 0-d float32 tensors; `per_pair` tensors are [B]."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor  # fraction of pairs whose implicit reward margin is > 0
+    margin: torch.Tensor  # mean implicit reward margin (reward_winner − reward_loser)
+    reward_winner: torch.Tensor  # mean −β/2 (‖v^w − v_θ‖² − ‖v^w − v_ref‖²)
+    reward_loser: torch.Tensor  # mean −β/2 (‖v^l − v_θ‖² − ‖v^l − v_ref‖²)
+    per_pair_margin: torch.Tensor
+    per_pair_loss: torch.Tensor
+
+    def logs(self) -> dict[str, float]:
+        return {"loss": float(self.loss.detach()), "accuracy": float(self.accuracy), "margin": float(self.margin),
+                "reward_winner": float(self.reward_winner), "reward_loser": float(self.reward_loser)}
+
+
+def flow_dpo_loss(
+    v_theta_w: torch.Tensor, v_theta_l: torch.Tensor,
+    v_ref_w: torch.Tensor, v_ref_l: torch.Tensor,
+    target_w: torch.Tensor, target_l: torch.Tensor,
+    beta: float,
+    reduction: str = "mean",
+) -> DPOOutput:
+    """Flow-DPO (PhysMaster Eq. 3, constant β):
+
+        L = −log σ(−β/2 · [(‖v^w − v_θ(x^w_t)‖² − ‖v^w − v_ref(x^w_t)‖²) − (‖v^l − v_θ(x^l_t)‖² − ‖v^l − v_ref(x^l_t)‖²)])
+
+    `v_theta_*` / `v_ref_*` are the policy's / reference's velocity predictions on the noisy winner / loser (made
+    with the *same* noise and t for both), `target_*` their velocity targets `ε − x_0`. Returns the mean loss
+    over pairs and the implicit accuracy and reward margin. The reference predictions are detached.
+    """
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError):
+        raise PhysMasterError(f"Flow-DPO beta must be a number > 0, got {beta!r}") from None
+    if not math.isfinite(beta) or beta <= 0:
+        raise PhysMasterError(f"Flow-DPO beta must be > 0 (it scales how far the policy may move from the "
+                              f"reference; try 500 with mean errors), got {beta!r}")
+    if target_w.shape != target_l.shape:
+        raise BatchMismatchError(f"winner and loser latents must have the same shape to share noise and t; got "
+                                 f"{list(target_w.shape)} and {list(target_l.shape)}")
+    err_w = per_sample_sq_error(v_theta_w, target_w, reduction)
+    err_l = per_sample_sq_error(v_theta_l, target_l, reduction)
+    with torch.no_grad():
+        ref_w = per_sample_sq_error(v_ref_w.detach(), target_w, reduction)
+        ref_l = per_sample_sq_error(v_ref_l.detach(), target_l, reduction)
+    reward_w = -0.5 * beta * (err_w - ref_w)
+    reward_l = -0.5 * beta * (err_l - ref_l)
+    inside = reward_w - reward_l
+    per_pair = -F.logsigmoid(inside)
+    with torch.no_grad():
+        acc = (inside > 0).float().mean()
+    return DPOOutput(loss=per_pair.mean(), accuracy=acc, margin=inside.detach().mean(),
+                     reward_winner=reward_w.detach().mean(), reward_loser=reward_l.detach().mean(),
+                     per_pair_margin=inside.detach(), per_pair_loss=per_pair.detach())

@@ -1,0 +1,445 @@
+"""The three PhysMaster training stages over any `Denoiser`.
+
+| stage      | trains                  | loss          | reference                                            |
+|------------|-------------------------|---------------|------------------------------------------------------|
+| `sft`      | PhysHead + DiT LoRA     | flow matching | —                                                    |
+| `dpo-lora` | DiT LoRA                | Flow-DPO      | the same DiT under `denoiser.lora_disabled()`        |
+| `dpo-head` | PhysHead                | Flow-DPO      | a frozen copy of the head (small); DiT + LoRA frozen |
+
+No stage copies the DiT's weights. For `dpo-lora` the reference must be the model *before* the stage, so a
+LoRA trained in an earlier stage is folded into the base first (`denoiser.fold_lora()`, done by the caller:
+see `physmaster.demo` / `physmaster.train_cli`), or applied as merged weights by the host.
+
+Reproducible: the data order, t and ε of step k depend only on (seed, k), so a run resumed from a checkpoint
+gives bit-identical weights to an uninterrupted one. Checkpoints (every `checkpoint_every` steps, at the end,
+and when a non-finite loss stops the run) are one safetensors file (trainable weights, the optimizer's state,
+the reference head) with JSON metadata, written atomically; an interrupted run loses at most
+`checkpoint_every` steps. A non-finite loss or gradient stops the run before the optimizer step, so the
+weights stay the last good ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..encoder import PhysEncoder
+from ..errors import CheckpointError, PhysMasterError
+from ..fileio import atomic_path
+from ..losses import flow_dpo_loss, flow_matching_loss
+from .data import PreferenceSet, VideoSet
+from .denoiser import Conditioning, Denoiser
+
+STAGES = ("sft", "dpo-lora", "dpo-head")
+CHECKPOINT_NAME = "physmaster_train_state.safetensors"
+CHECKPOINT_FORMAT = 1
+
+Callback = Callable[[int, int, dict], Any]
+
+
+class TrainingError(PhysMasterError):
+    """A training run that cannot start or continue (bad setup, mismatched resume file)."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one stage. Fields in `TRAJECTORY_FIELDS` must match to resume a checkpoint."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 1
+    seed: int = 0
+    beta: float = 500.0  # Flow-DPO β (mean squared errors per element, see physmaster.losses)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    warmup_steps: int = 0
+    t_min: float = 0.001
+    t_max: float = 1.0
+    t_sampling: str = "uniform"  # or "logit_normal" (SD3/Wan training)
+    shift: float = 1.0  # timestep shift t' = s t / (1 + (s − 1) t), as Wan's schedulers (1 = none)
+    token_strength: float = 1.0
+    checkpoint_every: int = 0  # 0 = only at the end
+    gradient_checkpointing: bool = False
+
+    TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
+                         "t_min", "t_max", "t_sampling", "shift", "token_strength")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if int(self.steps) < 0:
+            problems.append(f"steps must be >= 0, got {self.steps}")
+        if int(self.batch_size) < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not (0 <= self.t_min < self.t_max <= 1):
+            problems.append(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if self.t_sampling not in ("uniform", "logit_normal"):
+            problems.append(f"t_sampling must be 'uniform' or 'logit_normal', got {self.t_sampling!r}")
+        if self.shift <= 0:
+            problems.append(f"shift must be > 0, got {self.shift}")
+        if int(self.checkpoint_every) < 0:
+            problems.append(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if problems:
+            raise TrainingError("invalid training config: " + "; ".join(problems))
+
+    def trajectory(self) -> dict:
+        return {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
+
+
+@dataclass
+class TrainResult:
+    stage: str
+    steps_done: int
+    history: list[dict] = field(default_factory=list)
+    stopped: str | None = None  # why the run stopped early (non-finite loss), None if it completed
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def loss_map(self) -> dict[str, list[float]]:
+        """{"loss": [...], ...}: per-step values for plotting (ComfyUI's LOSS_MAP)."""
+        keys = sorted({k for h in self.history for k in h if k != "step"})
+        return {k: [float(h.get(k, float("nan"))) for h in self.history] for k in keys}
+
+
+def _mix(*values: int) -> int:
+    h = hashlib.sha256(",".join(str(int(v)) for v in values).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """The CPU generator for step `step` of a run seeded `seed`: random draws depend only on (seed, step)."""
+    return torch.Generator().manual_seed(_mix(seed, step, salt))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of step `step`'s batch: epochs of seeded permutations, a function of (seed, step) only."""
+    out = []
+    perms: dict[int, torch.Tensor] = {}
+    for j in range(batch_size):
+        pos = step * batch_size + j
+        epoch, k = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 7)))
+        out.append(int(perms[epoch][k]))
+    return out
+
+
+def sample_t(config: TrainConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    if config.t_sampling == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator))
+    else:
+        u = torch.rand(n, generator=generator)
+    t = config.t_min + (config.t_max - config.t_min) * u
+    s = float(config.shift)
+    if s != 1.0:
+        t = s * t / (1 + (s - 1) * t)
+    return t.float()
+
+
+class StageTrainer:
+    """Runs one stage. Build it, then `run(callback)`; `run` can be called again after raising `steps`."""
+
+    def __init__(self, stage: str, denoiser: Denoiser, encoder: PhysEncoder | None,
+                 data: VideoSet | PreferenceSet, config: TrainConfig,
+                 checkpoint_dir: str | os.PathLike | None = None, resume: bool = True):
+        if stage not in STAGES:
+            raise TrainingError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+        self.stage = stage
+        self.denoiser = denoiser
+        self.encoder = encoder
+        self.config = config
+        self.data = data
+        self.step = 0
+        self.history: list[dict] = []
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # tests: corrupt a loss
+        if stage == "sft":
+            if not isinstance(data, VideoSet):
+                raise TrainingError("Stage I (sft) trains on videos: pass a VideoSet")
+        elif not isinstance(data, PreferenceSet):
+            raise TrainingError(f"{stage} trains on preference pairs: pass a PreferenceSet")
+        if stage == "dpo-head" and encoder is None:
+            raise TrainingError("Stage III (dpo-head) trains the physical head: pass a PhysEncoder")
+        lora = list(denoiser.lora_parameters())
+        if stage == "dpo-lora" and not lora:
+            raise TrainingError("Stage II (dpo-lora) trains the DiT's LoRA but the model has none: add one first")
+
+        # Freeze everything, then unfreeze what this stage trains.
+        for p in denoiser.module.parameters():
+            p.requires_grad_(False)
+        head_params = list(encoder.head.parameters()) if encoder is not None else []
+        train_head = stage in ("sft", "dpo-head") and encoder is not None
+        train_lora = stage in ("sft", "dpo-lora")
+        for p in head_params:
+            p.requires_grad_(train_head)
+        for p in lora:
+            p.requires_grad_(train_lora)
+        named: list[tuple[str, nn.Parameter]] = []
+        if train_head:
+            named += [(f"head.{n}", p) for n, p in encoder.head.named_parameters()]
+        if train_lora:
+            lora_named = getattr(denoiser, "named_lora_parameters", None)
+            pairs = lora_named() if lora_named else [(str(i), p) for i, p in enumerate(lora)]
+            named += [(f"lora.{n}", p) for n, p in pairs]
+        if not named:
+            raise TrainingError(f"stage {stage} has nothing to train (no head and no LoRA)")
+        self.named_params = named
+        self.params = [p for _, p in named]
+
+        # Stage III's reference: a frozen copy of the head (small); never a copy of the DiT.
+        self.ref_head: nn.Module | None = None
+        if stage == "dpo-head":
+            self.ref_head = copy.deepcopy(encoder.head)
+            for p in self.ref_head.parameters():
+                p.requires_grad_(False)
+
+        denoiser.enable_gradient_checkpointing(bool(config.gradient_checkpointing))
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
+                                           foreach=False)
+        self.fingerprint = self._fingerprint()
+        if self.checkpoint_dir is not None and resume:
+            self.load_checkpoint()
+
+    # -- identity of a run ------------------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        info = {"stage": self.stage, "config": self.config.trajectory(), "data_len": len(self.data),
+                "latent_shape": list(self.data.latent_shape),
+                "params": [(n, list(p.shape)) for n, p in self.named_params]}
+        h.update(json.dumps(info, sort_keys=True).encode())
+        for _, p in self.named_params:  # the starting weights: resuming from another start is an error
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir is not None else None
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def _tokens(self, head: nn.Module | None, cond: Conditioning) -> torch.Tensor | None:
+        if head is None or cond.features is None:
+            return None
+        return head(cond.features.to(self.denoiser.device))
+
+    def _lr(self, step: int) -> float:
+        w = int(self.config.warmup_steps)
+        return self.config.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
+
+    def compute_loss(self, step: int) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        dev = self.denoiser.device
+        gen = step_generator(cfg.seed, step)
+        idx = batch_indices(len(self.data), cfg.batch_size, cfg.seed, step)
+        head = self.encoder.head if self.encoder is not None else None
+        if self.stage == "sft":
+            x0, cond = self.data.batch(idx)
+            t = sample_t(cfg, x0.shape[0], gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            x0, noise, t, cond = x0.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
+            c = cond.with_tokens(self._tokens(head, cond), cfg.token_strength)
+            x_t = self.denoiser.add_noise(x0, noise, t)
+            v = self.denoiser.predict_velocity(x_t, t, c)
+            loss = flow_matching_loss(v, self.denoiser.velocity_target(x0, noise, t))
+            return loss, {"loss": float(loss.detach())}
+
+        xw, xl, cond = self.data.batch(idx)
+        b = xw.shape[0]
+        t = sample_t(cfg, b, gen)
+        noise = torch.randn(xw.shape, generator=gen)  # the same noise and t for winner and loser
+        xw, xl, noise, t, cond = xw.to(dev), xl.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
+        x0 = torch.cat([xw, xl])
+        eps = torch.cat([noise, noise])
+        tt = torch.cat([t, t])
+        x_t = self.denoiser.add_noise(x0, eps, tt)
+        target = self.denoiser.velocity_target(x0, eps, tt)
+        cond2 = cond.repeat(2)
+        if self.stage == "dpo-lora":
+            with torch.no_grad():
+                tokens = self._tokens(head, cond2)
+            c = cond2.with_tokens(tokens, cfg.token_strength)
+            v_pol = self.denoiser.predict_velocity(x_t, tt, c)
+            with torch.no_grad(), self.denoiser.lora_disabled():
+                v_ref = self.denoiser.predict_velocity(x_t, tt, c)
+        else:  # dpo-head: the DiT is frozen, the tokens differ
+            v_pol = self.denoiser.predict_velocity(x_t, tt, cond2.with_tokens(self._tokens(head, cond2),
+                                                                             cfg.token_strength))
+            with torch.no_grad():
+                c_ref = cond2.with_tokens(self._tokens(self.ref_head, cond2), cfg.token_strength)
+                v_ref = self.denoiser.predict_velocity(x_t, tt, c_ref)
+        out = flow_dpo_loss(v_pol[:b], v_pol[b:], v_ref[:b], v_ref[b:], target[:b], target[b:], cfg.beta)
+        return out.loss, out.logs()
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def run(self, callback: Callback | None = None) -> TrainResult:
+        cfg = self.config
+        total = int(cfg.steps)
+        start = time.perf_counter()
+        stopped = None
+        every = int(cfg.checkpoint_every)
+        saved_at = self.step
+        while self.step < total:
+            step = self.step
+            for g in self.optimizer.param_groups:
+                g["lr"] = self._lr(step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, logs = self.compute_loss(step)
+            if self._loss_hook is not None:
+                loss = self._loss_hook(step, loss)
+            if not torch.isfinite(loss.detach()):
+                stopped = (f"stopped at step {step + 1}: the loss is not finite ({float(loss.detach())}); the "
+                           f"weights are those after step {step}. Lower the learning rate or check the data.")
+                break
+            loss.backward()
+            if cfg.grad_clip and cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            else:
+                gnorm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+            if not torch.isfinite(gnorm):
+                stopped = (f"stopped at step {step + 1}: the gradient is not finite; the weights are those after "
+                           f"step {step}. Lower the learning rate or check the data.")
+                self.optimizer.zero_grad(set_to_none=True)
+                break
+            self.optimizer.step()
+            self.step = step + 1
+            logs = {"step": self.step, **logs, "grad_norm": float(gnorm), "lr": self._lr(step)}
+            self.history.append(logs)
+            if every and self.step % every == 0 and self.checkpoint_dir is not None:
+                self.save_checkpoint()
+                saved_at = self.step
+            if callback is not None:
+                callback(self.step, total, logs)
+        self.optimizer.zero_grad(set_to_none=True)
+        ckpt = None
+        if self.checkpoint_dir is not None and (saved_at != self.step or not self.checkpoint_path.exists()):
+            ckpt = self.save_checkpoint()
+        elif self.checkpoint_dir is not None:
+            ckpt = self.checkpoint_path
+        return TrainResult(self.stage, self.step, list(self.history), stopped, ckpt,
+                           time.perf_counter() - start)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for n, p in self.named_params:
+            tensors[f"param.{n}"] = p.detach().cpu().contiguous().clone()
+        if self.ref_head is not None:
+            for n, v in self.ref_head.state_dict().items():
+                tensors[f"ref_head.{n}"] = v.detach().cpu().contiguous().clone()
+        opt = self.optimizer.state_dict()
+        scalars: dict[str, dict] = {}
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optim.{i}.{k}"] = v.detach().cpu().contiguous().clone()
+                else:
+                    scalars.setdefault(str(i), {})[k] = v
+        meta = {
+            "format": "pt",
+            "physmaster.train_state": json.dumps({
+                "format_version": CHECKPOINT_FORMAT, "stage": self.stage, "step": self.step,
+                "fingerprint": self.fingerprint, "config": dataclasses.asdict(self.config),
+                "param_names": [n for n, _ in self.named_params], "optim_scalars": scalars,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+                "history": self.history,
+            }, sort_keys=True, default=str),
+        }
+        path = self.checkpoint_path
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    def load_checkpoint(self) -> bool:
+        """Resume from `checkpoint_dir` if it holds a checkpoint of this run; False if there is none."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("physmaster.train_state", "null"))
+            tensors = load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable training checkpoint ({e}); delete it to start over")
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path} is not a PhysMaster training checkpoint (no physmaster.train_state)")
+        if meta.get("stage") != self.stage or meta.get("fingerprint") != self.fingerprint:
+            theirs = meta.get("config", {})
+            diffs = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in self.config.trajectory().items()
+                     if theirs.get(k) != v]
+            if meta.get("stage") != self.stage:
+                diffs.insert(0, f"stage: {meta.get('stage')!r} there, {self.stage!r} here")
+            if not diffs:
+                diffs = ["the data (count or latent shape) or the starting weights differ"]
+            raise CheckpointError(f"{path} belongs to another training run ({'; '.join(diffs)}). Use another "
+                                  "checkpoint folder, delete the file to start over, or resume with the same "
+                                  "settings.")
+        own = dict(self.named_params)
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(tensors[f"param.{n}"])
+            if self.ref_head is not None:
+                self.ref_head.load_state_dict({k[len("ref_head."):]: v for k, v in tensors.items()
+                                               if k.startswith("ref_head.")})
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        for i, sc in meta.get("optim_scalars", {}).items():
+            state.setdefault(int(i), {}).update(sc)
+        groups = self.optimizer.state_dict()["param_groups"]
+        for g, saved in zip(groups, meta.get("param_groups", [])):
+            g.update({k: v for k, v in saved.items() if k in g and k != "params"})
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.step = int(meta["step"])
+        self.history = list(meta.get("history", []))
+        return True
+
+
+# -- convenience entry points -----------------------------------------------------------------------------------
+def train_sft(denoiser: Denoiser, encoder: PhysEncoder | None, videos: VideoSet, config: TrainConfig,
+              callback: Callback | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              resume: bool = True) -> TrainResult:
+    """Stage I: flow matching on videos; trains the head and the DiT's LoRA."""
+    return StageTrainer("sft", denoiser, encoder, videos, config, checkpoint_dir, resume).run(callback)
+
+
+def train_dpo(denoiser: Denoiser, encoder: PhysEncoder | None, pairs: PreferenceSet, config: TrainConfig,
+              stage: str = "dpo-head", callback: Callback | None = None,
+              checkpoint_dir: str | os.PathLike | None = None, resume: bool = True) -> TrainResult:
+    """Stage II (`dpo-lora`) or III (`dpo-head`): Flow-DPO on preference pairs."""
+    if stage not in ("dpo-lora", "dpo-head"):
+        raise TrainingError(f"train_dpo's stage must be 'dpo-lora' or 'dpo-head', got {stage!r}")
+    return StageTrainer(stage, denoiser, encoder, pairs, config, checkpoint_dir, resume).run(callback)
+
+
+def record_stage(encoder: PhysEncoder, result: TrainResult, config: TrainConfig, *, base_model: str = "",
+                 dataset: str = "", dataset_size: int | None = None, extra: dict | None = None) -> None:
+    """Append this stage to the encoder's provenance (saved in its safetensors header)."""
+    entry = {"stage": result.stage, "steps": result.steps_done, "lr": config.lr, "seed": config.seed,
+             "batch_size": config.batch_size, "base_model": base_model, "dataset": dataset,
+             "dataset_size": dataset_size, "stopped": result.stopped,
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if result.stage != "sft":
+        entry["beta"] = config.beta
+    entry.update(extra or {})
+    encoder.provenance.setdefault("stages", []).append(entry)
+    if base_model:
+        encoder.provenance["base_model"] = base_model

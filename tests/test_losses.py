@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from physmaster.errors import BatchMismatchError, PhysMasterError
+from physmaster.losses import LOG2, flow_dpo_loss, flow_matching_loss, per_sample_sq_error
+
+
+def test_flow_matching_hand_computed():
+    v = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    target = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    # per-sample means: (1 + 4)/2 = 2.5 and (9 + 16)/2 = 12.5 -> mean 7.5
+    assert flow_matching_loss(v, target).item() == pytest.approx(7.5)
+    assert flow_matching_loss(v, target, reduction="sum").item() == pytest.approx(15.0)
+    assert flow_matching_loss(v, target, weight=torch.tensor([1.0, 0.0])).item() == pytest.approx(2.5)
+
+
+def test_flow_matching_is_fp32_for_half_inputs():
+    v = torch.full((1, 4), 1.0, dtype=torch.bfloat16)
+    assert flow_matching_loss(v, torch.zeros(1, 4, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_dpo_hand_computed():
+    # one pair, one element each: errors policy w 1, ref w 4, policy l 9, ref l 1; beta 0.5
+    tw, tl = torch.zeros(1, 1), torch.zeros(1, 1)
+    out = flow_dpo_loss(torch.tensor([[1.0]]), torch.tensor([[3.0]]), torch.tensor([[2.0]]),
+                        torch.tensor([[1.0]]), tw, tl, beta=0.5)
+    inside = -0.25 * ((1 - 4) - (9 - 1))  # = 2.75
+    assert out.margin.item() == pytest.approx(inside)
+    assert out.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-inside))), rel=1e-6)
+    assert out.loss.item() == pytest.approx(0.061958, abs=1e-5)
+    assert out.accuracy.item() == 1.0
+    assert out.reward_winner.item() == pytest.approx(0.75)
+    assert out.reward_loser.item() == pytest.approx(-2.0)
+
+
+def test_dpo_policy_equal_reference_is_log2_and_gradient_direction():
+    g = torch.Generator().manual_seed(0)
+    tw, tl = torch.randn(3, 2, 4, 5, 5, generator=g), torch.randn(3, 2, 4, 5, 5, generator=g)
+    vw, vl = torch.randn(3, 2, 4, 5, 5, generator=g), torch.randn(3, 2, 4, 5, 5, generator=g)
+    vw.requires_grad_(True)
+    out = flow_dpo_loss(vw, vl, vw.detach().clone(), vl.clone(), tw, tl, beta=1000.0)
+    assert out.loss.item() == pytest.approx(LOG2, abs=1e-7)
+    assert out.margin.item() == 0.0 and out.accuracy.item() == 0.0
+    out.loss.backward()
+    # gradient descent moves the winner prediction towards its target
+    step = vw.detach() - 1e-3 * vw.grad
+    assert per_sample_sq_error(step, tw).sum() < per_sample_sq_error(vw.detach(), tw).sum()
+
+
+def test_dpo_accuracy_fraction_and_mean_over_pairs():
+    t = torch.zeros(2, 1)
+    # pair 0: policy better on winner (positive margin); pair 1: policy worse on winner (negative)
+    out = flow_dpo_loss(torch.tensor([[0.0], [2.0]]), torch.tensor([[0.0], [0.0]]),
+                        torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [0.0]]), t, t, beta=2.0)
+    assert out.per_pair_margin.tolist() == pytest.approx([1.0, -4.0])
+    assert out.accuracy.item() == pytest.approx(0.5)
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(4.0))) / 2
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), "x"])
+def test_dpo_bad_beta_is_clear(beta):
+    z = torch.zeros(1, 2)
+    with pytest.raises(PhysMasterError, match="beta"):
+        flow_dpo_loss(z, z, z, z, z, z, beta=beta)
+
+
+def test_dpo_shape_mismatch_and_half_precision():
+    z = torch.zeros(1, 2)
+    with pytest.raises(BatchMismatchError):
+        flow_dpo_loss(z, torch.zeros(1, 3), z, torch.zeros(1, 3), z, torch.zeros(1, 3), beta=1.0)
+    h = torch.ones(1, 2, dtype=torch.float16)
+    out = flow_dpo_loss(h, h, h * 2, h * 2, h * 0, h * 0, beta=1.0)
+    assert out.loss.dtype == torch.float32
