@@ -12,6 +12,7 @@ from .encoder_nodes import (
 )
 from .physics_nodes import PhysMasterDropScene, PhysMasterPhysicsScore
 from .preference_nodes import PhysMasterPreferenceDataset, PhysMasterPreferencePicker
+from .training_nodes import PhysMasterTrainDPO, PhysMasterTrainSFT
 
 NODES: list[type[io.ComfyNode]] = [
     PhysMasterEncoderLoader,
@@ -23,6 +24,8 @@ NODES: list[type[io.ComfyNode]] = [
     PhysMasterPhysicsScore,
     PhysMasterPreferencePicker,
     PhysMasterPreferenceDataset,
+    PhysMasterTrainSFT,
+    PhysMasterTrainDPO,
 ]
 
 

@@ -292,3 +292,16 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-5)
     for k in losses[0][1]:
         torch.testing.assert_close(losses[0][1][k], losses[1][1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_conditioning_batches_extra_tensors():
+    from physmaster.training import Conditioning
+
+    a = Conditioning(context=torch.zeros(1, 3, 4), extra={"kw.clip_fea": torch.zeros(1, 5, 2), "const": 7})
+    b = Conditioning(context=torch.ones(1, 3, 4), extra={"kw.clip_fea": torch.ones(1, 5, 2), "const": 7})
+    both = Conditioning.cat([a, b])
+    assert both.extra["kw.clip_fea"].shape == (2, 5, 2) and both.extra["const"] == 7
+    assert torch.equal(both.extra["kw.clip_fea"][1], torch.ones(5, 2))
+    assert both.repeat(2).extra["kw.clip_fea"].shape == (4, 5, 2)
+    with pytest.raises(ValueError, match="only some have extra"):
+        Conditioning.cat([a, Conditioning(context=torch.ones(1, 3, 4))])

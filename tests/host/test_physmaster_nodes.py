@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 OUR_NODES = ["PhysMasterEncoderLoader", "PhysMasterEncoderNew", "PhysMasterEncoderSave", "PhysMasterEncode",
              "PhysMasterApply", "PhysMasterDropScene", "PhysMasterPhysicsScore", "PhysMasterPreferencePicker",
-             "PhysMasterPreferenceDataset"]
+             "PhysMasterPreferenceDataset", "PhysMasterTrainSFT", "PhysMasterTrainDPO"]
 TOKENS = 8
 
 
@@ -61,6 +61,7 @@ def test_object_info_lists_every_physmaster_node(host):
     assert not missing, f"missing from /object_info: {missing}"
     for node in OUR_NODES:
         assert info[node]["category"].startswith("PhysMaster"), node
+    assert info["PhysMasterTrainDPO"]["experimental"] and info["PhysMasterTrainSFT"]["experimental"]
     assert host.import_failures() == [], "\n".join(host.import_failures())
 
 

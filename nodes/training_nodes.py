@@ -1,0 +1,498 @@
+"""Training on ComfyUI's own loaded MODEL: Stage I SFT and Flow-DPO (Stages II/III) through the core trainer.
+
+The Denoiser is implemented over a ModelPatcher the way core comfy_extras/nodes_train.py trains: under
+`torch.inference_mode(False)`, on a `force_deepcopy` clone, with the host's TrainGuider preparing the model and the
+conditioning (ComfyUI's own `extra_conds` turns each group's conditioning into model inputs: Wan's mask + image
+latent concat and CLIP features, LTX's attention mask ...), and the LoRA as the host's weight adapters, so core
+SaveLoRA saves it and LoraLoaderModelOnly loads it. `BaseModel.apply_model` returns the denoised estimate x̂_0; the
+core's `X0Denoiser` converts it to a velocity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+
+import torch
+from comfy_api.latest import io
+
+import comfy.clip_vision
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import folder_paths
+from comfy.weight_adapter import adapter_maps
+from server import PromptServer
+
+from ..physmaster.conditioning import RECORD_KEY, strip_tokens
+from ..physmaster.encoder import PhysEncoder
+from ..physmaster.errors import PhysMasterError, WidthMismatchError
+from ..physmaster.training import (Conditioning, PreferencePair, PreferenceSet, StageTrainer, TrainConfig,
+                                   VideoSample, VideoSet, X0Denoiser, record_stage)
+from .preference_nodes import PhysPreferencesType
+from .types import CATEGORY, PhysEncoderType
+
+log = logging.getLogger("physmaster")
+
+LoraModelType = io.Custom("LORA_MODEL")
+LossMapType = io.Custom("LOSS_MAP")
+DPO_STAGES = {"head (Stage III)": ["dpo-head"], "dit lora (Stage II)": ["dpo-lora"],
+              "lora then head (II + III)": ["dpo-lora", "dpo-head"]}
+SFT_TRAIN = ["head and lora", "head only"]
+
+
+class _Switch:
+    """A weight wrapper that applies a LoRA adapter only while `state.on` (Stage II's reference is LoRA off)."""
+
+    def __init__(self, adapter, state):
+        self.adapter, self.state = adapter, state
+
+    def __call__(self, w):
+        return self.adapter(w) if self.state["on"] else w
+
+    def move_to(self, device):  # the ModelPatcher moves weight functions with the model
+        return self.adapter.move_to(device=device)
+
+    def passive_memory_usage(self):
+        return self.adapter.passive_memory_usage()
+
+
+def add_lora(mp, rank: int) -> tuple[dict[str, torch.nn.Parameter], dict]:
+    """LoRA adapters (the host's) on every 2-D weight inside the DiT's transformer blocks."""
+    state = {"on": True}
+    params: dict[str, torch.nn.Parameter] = {}
+    targets = 0
+    for name, module in mp.model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not hasattr(module, "weight_function") or weight is None or weight.ndim != 2 or "blocks." not in name:
+            continue
+        adapter = adapter_maps["LoRA"].create_train(weight, rank=rank, alpha=float(rank)).to(torch.float32)
+        adapter.train().requires_grad_(True)
+        for pname, p in adapter.named_parameters():
+            if pname != "alpha":
+                params[f"{name}.{pname}"] = p
+        params[f"{name}.alpha"] = adapter.alpha
+        mp.add_weight_wrapper(f"{name}.weight", _Switch(adapter, state))
+        targets += 1
+    if targets == 0:
+        raise PhysMasterError("found no transformer-block weights to put a LoRA on in this model; train the head "
+                              "only (stage 'head (Stage III)')")
+    return params, state
+
+
+class ComfyDenoiser(X0Denoiser):
+    """The Denoiser over a ComfyUI model prepared by the guider (`inner` = the loaded BaseModel)."""
+
+    def __init__(self, inner, lora: dict[str, torch.nn.Parameter] | None, lora_state: dict | None,
+                 constants: dict, uses_mask: bool, model_options: dict):
+        self.inner = inner
+        self._lora = lora or {}
+        self._state = lora_state
+        self.constants = constants
+        self.uses_mask = uses_mask
+        self.model_options = model_options
+        self._checkpointed: list = []
+
+    @property
+    def module(self):
+        return self.inner.diffusion_model
+
+    @property
+    def device(self):
+        return self.inner.device if hasattr(self.inner, "device") else next(self.module.parameters()).device
+
+    def named_lora_parameters(self):
+        return [(k, p) for k, p in self._lora.items() if not k.endswith(".alpha")]
+
+    def lora_parameters(self):
+        return [p for _, p in self.named_lora_parameters()]
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        if self._state is None:
+            yield
+            return
+        self._state["on"] = False
+        try:
+            yield
+        finally:
+            self._state["on"] = True
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each transformer block in backward (torch.utils.checkpoint around its forward)."""
+        for block, forward in self._checkpointed:
+            block.forward = forward
+        self._checkpointed = []
+        if not enabled:
+            return
+        for child in self.module.children():
+            if isinstance(child, torch.nn.ModuleList):
+                for block in child:
+                    original = block.forward
+
+                    def wrapped(*args, _f=original, **kwargs):
+                        if not torch.is_grad_enabled():
+                            return _f(*args, **kwargs)
+                        return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+                    block.forward = wrapped
+                    self._checkpointed.append((block, original))
+
+    def predict_x0(self, x_t, t, cond: Conditioning):
+        kwargs = {k[len("kw."):]: v for k, v in cond.extra.items() if k.startswith("kw.")}
+        kwargs.update(self.constants)
+        if self.uses_mask and cond.attention_mask is not None:
+            kwargs["attention_mask"] = cond.attention_mask
+        transformer_options = dict(self.model_options.get("transformer_options", {}))
+        return self.inner.apply_model(x_t, t, c_crossattn=cond.context, transformer_options=transformer_options,
+                                      **kwargs)
+
+
+def _clone(t):
+    return t.detach().clone() if isinstance(t, torch.Tensor) else t
+
+
+def comfy_conditioning(tensors: dict[str, torch.Tensor]) -> list:
+    """A group's stored conditioning (PhysMasterPreferencePicker) as a ComfyUI conditioning entry."""
+    extra = {}
+    cvo = None
+    for key, value in tensors.items():
+        if key.startswith("cond."):
+            extra[key[5:]] = value
+        elif key.startswith("clip_vision."):
+            cvo = cvo or comfy.clip_vision.Output()
+            cvo[key[len("clip_vision."):]] = value
+    if cvo is not None:
+        extra["clip_vision_output"] = cvo
+    return [tensors["context"], extra]
+
+
+def _conditioning_from_processed(context, mask, features, processed: dict) -> tuple[Conditioning, dict]:
+    """Split ComfyUI's processed model conds into per-sample tensors (batched) and constants."""
+    extra, constants = {}, {}
+    for name, value in processed.get("model_conds", {}).items():
+        if name in ("c_crossattn", "attention_mask"):
+            continue
+        data = getattr(value, "cond", None)
+        if isinstance(data, torch.Tensor):
+            extra[f"kw.{name}"] = _clone(data[:1])
+        elif data is not None:
+            constants[name] = data
+    cond = Conditioning(context=_clone(context), features=_clone(features), attention_mask=_clone(mask),
+                        extra=extra)
+    return cond, constants
+
+
+def _preflight(encoder: PhysEncoder | None, context_dim: int, feature_dim: int | None, n_items: int, what: str,
+               mp, latent_shape) -> str:
+    problems = []
+    if encoder is not None:
+        if encoder.config.context_dim != context_dim:
+            problems.append(f"the encoder emits {encoder.config.context_dim}-wide tokens but the {what} has a "
+                            f"{context_dim}-wide text context: make the encoder with context_dim {context_dim}")
+        if feature_dim is not None and encoder.config.in_dim != feature_dim:
+            problems.append(f"the encoder expects {encoder.config.in_dim}-wide backbone features but the {what} "
+                            f"stores {feature_dim}-wide ones (another CLIP vision model)")
+        if feature_dim is None:
+            problems.append(f"the {what} has no backbone features (it was made without PhysMasterApply), so the "
+                            "head cannot be trained on it")
+    channels = getattr(getattr(mp.model, "latent_format", None), "latent_channels", None)
+    if channels is not None and latent_shape[0] != channels:
+        problems.append(f"the {what}'s latents have {latent_shape[0]} channels but this model's latent format has "
+                        f"{channels}: the {what} was made with another model")
+    if problems:
+        raise WidthMismatchError("cannot train: " + "; ".join(problems))
+    params = sum(p.numel() * p.element_size() for p in mp.model.diffusion_model.parameters())
+    return (f"{n_items} {what.split()[-1]} items, latents {list(latent_shape)}, context width {context_dim}, "
+            f"model weights {params / 2**30:.2f} GiB")
+
+
+def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_data, config: TrainConfig, lora_rank: int,
+         dataset_label: str, n_items: int):
+    """Shared body of the two train nodes: clone, LoRA, guider, the stage loops, outputs."""
+    from comfy_extras.nodes_train import TrainGuider
+
+    node_id = getattr(node_cls.hidden, "unique_id", None)
+    server = PromptServer.instance
+    with torch.inference_mode(False):
+        mp = model.clone(force_deepcopy=True)
+        mp.model.requires_grad_(False)
+        enc = encoder.clone() if encoder is not None else None
+        needs_lora = any(s in ("sft", "dpo-lora") for s in stages) and lora_rank > 0
+        lora, lora_state = add_lora(mp, lora_rank) if needs_lora else ({}, None)
+        positives, latents, build = make_data()
+        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+        guider = TrainGuider(mp)
+        guider.set_conds(positives)
+        total = config.steps * len(stages)
+        pbar = comfy.utils.ProgressBar(total)
+        started = time.monotonic()
+        results = []
+
+        class _Sampler(comfy.samplers.Sampler):
+            def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                       disable_pbar=False):
+                conds = model_wrap.conds["positive"]
+                data, constants, uses_mask = build(conds)
+                denoiser = ComfyDenoiser(model_wrap.inner_model, lora, lora_state, constants, uses_mask,
+                                         extra_args.get("model_options", {}))
+                done = 0
+                for stage in stages:
+                    trainer = StageTrainer(stage, denoiser, enc, data[stage], config)
+
+                    def progress(step, n, logs, _offset=done):
+                        k = _offset + step
+                        pbar.update_absolute(k, total)
+                        rate = (time.monotonic() - started) / max(k, 1)
+                        text = (f"{stage}: step {step}/{n}, loss {logs.get('loss', float('nan')):.4f}"
+                                + (f", implicit accuracy {logs['accuracy']:.2f}" if "accuracy" in logs else "")
+                                + f", ETA {rate * (total - k):.0f} s")
+                        if node_id is not None and server is not None:
+                            server.send_progress_text(text, node_id)
+                        comfy.model_management.throw_exception_if_processing_interrupted()
+
+                    try:
+                        results.append((stage, trainer.run(progress)))
+                    except comfy.model_management.InterruptProcessingException:
+                        results.append((stage, trainer))
+                        raise
+                    done += config.steps
+                denoiser.enable_gradient_checkpointing(False)
+                return torch.zeros_like(latent_image)
+
+        dummy = latents[:1]
+        try:
+            comfy.model_management.in_training = True
+            guider.sample(torch.zeros_like(dummy), dummy, _Sampler(), torch.ones(2), seed=config.seed)
+        except comfy.model_management.InterruptProcessingException:
+            if enc is not None:
+                path = _save_interrupted(enc, results, config, dataset_label)
+                log.warning("PhysMaster: training interrupted; the encoder after the last completed step is in %s",
+                            path)
+            raise
+        finally:
+            comfy.model_management.in_training = False
+        lora_sd = {k: v.detach().to("cpu").clone() for k, v in lora.items()}
+        loss_map: dict[str, list[float]] = {}
+        lines, histories = [], []
+        for stage, result in results:
+            if enc is not None:
+                record_stage(enc, result, config, base_model=_model_name(model), dataset=dataset_label,
+                             dataset_size=n_items)
+            for k, v in result.loss_map.items():
+                loss_map.setdefault(k, []).extend(v)
+            histories.append({"stage": stage, "history": result.history, "stopped": result.stopped})
+            lines.append(_summary_line(stage, result))
+        loss_map.setdefault("loss", [])
+        return enc, lora_sd, loss_map, "\n".join(lines), histories
+
+
+def _summary_line(stage: str, result) -> str:
+    """'dpo-head: 30 steps, loss 0.6931 -> 0.4120, implicit accuracy 0.40 -> 0.90, ...' (first/last 5 steps)."""
+    h = result.history
+    k = max(1, min(5, len(h) // 2))
+
+    def span(key, label, fmt):
+        vals = [x[key] for x in h if key in x]
+        if not vals:
+            return ""
+        first, last = sum(vals[:k]) / len(vals[:k]), sum(vals[-k:]) / len(vals[-k:])
+        return f"{label} {first:{fmt}} -> {last:{fmt}}"
+
+    parts = [f"{stage}: {result.steps_done} steps"] + [
+        p for p in (span("loss", "loss", ".4f"), span("accuracy", "implicit accuracy", ".2f"),
+                    span("margin", "reward margin", ".4f")) if p]
+    line = ", ".join(parts)
+    return line + (f" ({result.stopped})" if result.stopped else "")
+
+
+def _model_name(model) -> str:
+    return type(getattr(model, "model", model)).__name__
+
+
+def _save_interrupted(enc: PhysEncoder, results, config: TrainConfig, dataset_label: str) -> str:
+    folder = os.path.join(folder_paths.get_output_directory(), "physmaster", "interrupted")
+    name = f"{enc.name}_{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+    stages = []
+    for stage, item in results:
+        steps = getattr(item, "steps_done", None)
+        if steps is None:
+            steps = getattr(item, "step", 0)
+        stages.append({"stage": stage, "steps": steps, "interrupted": not hasattr(item, "steps_done"),
+                       "dataset": dataset_label, "lr": config.lr, "seed": config.seed})
+    enc.provenance.setdefault("stages", []).extend(stages)
+    return str(enc.save(os.path.join(folder, name)))
+
+
+def _outputs_of(enc, lora_sd, loss_map, text: str, histories: list) -> io.NodeOutput:
+    ui = {"text": [text], "physmaster_train": [json.dumps(histories, default=float)]}
+    return io.NodeOutput(enc, lora_sd, loss_map, text, ui=ui)
+
+
+def _common_inputs(default_steps: int) -> list:
+    return [
+        io.Int.Input("steps", default=default_steps, min=1, max=100000, tooltip="Optimizer steps per stage."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
+                       tooltip="AdamW learning rate."),
+        io.Int.Input("lora_rank", default=8, min=0, max=256,
+                     tooltip="Rank of the DiT LoRA (0 = no LoRA: train the head only)."),
+        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos (or pairs) per step."),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Data order, noise and t of every step."),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute activations in backward: much less memory, about 30% slower."),
+    ]
+
+
+def _outputs() -> list:
+    return [
+        PhysEncoderType.Output(display_name="encoder", tooltip="The trained encoder (save it with "
+                                                               "PhysMasterEncoderSave)."),
+        LoraModelType.Output(display_name="lora", tooltip="The DiT LoRA: core SaveLoRA saves it, "
+                                                           "LoraLoaderModelOnly loads it."),
+        LossMapType.Output(display_name="loss", tooltip="Per-step losses for core LossGraph."),
+        io.String.Output(display_name="summary"),
+    ]
+
+
+class PhysMasterTrainDPO(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhysMasterTrainDPO",
+            display_name="PhysMaster Train DPO",
+            category=f"{CATEGORY}/training",
+            description="Flow-DPO on your preference pairs, on this model, on your GPU: Stage II trains a DiT LoRA, "
+                        "Stage III the physical head only (PhysMaster, arXiv 2510.13809).",
+            is_experimental=True,
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Model.Input("model", tooltip="The video model the pairs were sampled with."),
+                PhysEncoderType.Input("encoder", tooltip="The encoder whose tokens conditioned the candidates."),
+                PhysPreferencesType.Input("preferences", tooltip="From PhysMasterPreferenceDataset."),
+                io.Combo.Input("stage", options=list(DPO_STAGES), default="head (Stage III)",
+                               tooltip="What to train: the head (Stage III), a DiT LoRA (Stage II), or both in turn."),
+                *_common_inputs(100),
+                io.Float.Input("beta", default=500.0, min=0.001, max=1e6, step=1.0,
+                               tooltip="Flow-DPO beta: how strongly to follow the preferences (constant, as in the "
+                                       "paper)."),
+            ],
+            outputs=_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, encoder, preferences, stage, steps, learning_rate, lora_rank, batch_size, seed,
+                gradient_checkpointing, beta) -> io.NodeOutput:
+        stages = DPO_STAGES.get(stage)
+        if stages is None:
+            raise PhysMasterError(f"stage must be one of {list(DPO_STAGES)}")
+        if "dpo-lora" in stages and lora_rank < 1:
+            raise PhysMasterError("Stage II trains a DiT LoRA: set lora_rank >= 1")
+        dataset = preferences["dataset"]
+        pairs = preferences["pairs"]
+        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=seed, beta=beta,
+                             gradient_checkpointing=gradient_checkpointing)
+        groups = sorted({p.group for p in pairs})
+        loaded = {g: dataset.load_group(g) for g in groups}
+        first = loaded[groups[0]]
+        feats = first.get("features")
+        summary = _preflight(encoder, int(first["context"].shape[-1]), None if feats is None else int(feats.shape[-1]),
+                             len(pairs), "preference dataset pairs", model, tuple(first["latents"].shape[1:]))
+        log.info("PhysMaster TrainDPO: %s", summary)
+        index = {g: i for i, g in enumerate(groups)}
+
+        def make_data():
+            positives = [comfy_conditioning({k: _clone(v) for k, v in loaded[g].items()}) for g in groups]
+            latents = torch.stack([_clone(loaded[groups[0]]["latents"][0])])
+            return positives, latents, build
+
+        def build(conds):
+            items, constants, uses_mask = [], {}, False
+            for p in pairs:
+                tensors = loaded[p.group]
+                processed = conds[index[p.group]]
+                mask = tensors.get("cond.attention_mask")
+                uses_mask = uses_mask or "attention_mask" in processed.get("model_conds", {})
+                cond, constants = _conditioning_from_processed(tensors["context"], mask, tensors.get("features"),
+                                                               processed)
+                items.append(PreferencePair(cond=cond, winner=_clone(tensors["latents"][p.winner]),
+                                            loser=_clone(tensors["latents"][p.loser]), source=p.source,
+                                            margin=p.margin, group=p.group))
+            data = PreferenceSet(items)
+            return {s: data for s in stages}, constants, uses_mask
+
+        enc, lora_sd, loss_map, text, histories = _run(cls, model, encoder, stages, make_data, config, lora_rank,
+                                                       dataset.name, len(pairs))
+        return _outputs_of(enc, lora_sd, loss_map, summary + "\n" + text, histories)
+
+
+class PhysMasterTrainSFT(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhysMasterTrainSFT",
+            display_name="PhysMaster Train SFT",
+            category=f"{CATEGORY}/training",
+            description="Stage I: supervised flow matching on clean video latents (the physical head and a DiT LoRA), "
+                        "with the conditioning PhysMasterApply made for them.",
+            is_experimental=True,
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Model.Input("model", tooltip="The video model to adapt."),
+                PhysEncoderType.Input("encoder", tooltip="The encoder to train (e.g. PhysMasterEncoderNew)."),
+                io.Latent.Input("latents", tooltip="Clean video latents (VAEEncode of real videos), batch = videos."),
+                io.Conditioning.Input("positive", tooltip="Their conditioning, from PhysMasterApply (one entry for "
+                                                          "all videos, or one per video)."),
+                io.Combo.Input("train", options=SFT_TRAIN, default="head and lora", tooltip="What Stage I trains."),
+                *_common_inputs(200),
+            ],
+            outputs=_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, encoder, latents, positive, train, steps, learning_rate, lora_rank, batch_size, seed,
+                gradient_checkpointing) -> io.NodeOutput:
+        if train not in SFT_TRAIN:
+            raise PhysMasterError(f"train must be one of {SFT_TRAIN}")
+        if train == "head only":
+            lora_rank = 0
+        samples = latents["samples"]
+        n = int(samples.shape[0])
+        if len(positive) not in (1, n):
+            raise PhysMasterError(f"positive has {len(positive)} entries for {n} videos: give one shared entry or "
+                                  "one per video")
+        entries = []
+        for context, extra in positive:
+            record = extra.get(RECORD_KEY) or {}
+            mask = extra.get("attention_mask")
+            base, mask = strip_tokens(context, int(record.get("num_tokens", 0)), mask)
+            clean = {k: v for k, v in extra.items() if k not in (RECORD_KEY, "attention_mask")}
+            if mask is not None:
+                clean["attention_mask"] = mask
+            entries.append((base, clean, record.get("features")))
+        feats = entries[0][2]
+        summary = _preflight(encoder, int(entries[0][0].shape[-1]),
+                             None if feats is None else int(feats.shape[-1]), n, "training videos", model,
+                             tuple(samples.shape[1:]))
+        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=seed,
+                             gradient_checkpointing=gradient_checkpointing)
+
+        def make_data():
+            positives = [[_clone(b), dict(c)] for b, c, _ in entries]
+            return positives, _clone(samples[:1]), build
+
+        def build(conds):
+            items, constants, uses_mask = [], {}, False
+            for i in range(n):
+                base, clean, f = entries[i if len(entries) == n else 0]
+                processed = conds[i if len(entries) == n else 0]
+                uses_mask = uses_mask or "attention_mask" in processed.get("model_conds", {})
+                cond, constants = _conditioning_from_processed(base, clean.get("attention_mask"), f, processed)
+                items.append(VideoSample(latent=_clone(samples[i]), cond=cond, name=str(i)))
+            return {"sft": VideoSet(items)}, constants, uses_mask
+
+        enc, lora_sd, loss_map, text, histories = _run(cls, model, encoder, ["sft"], make_data, config, lora_rank,
+                                                       "graph latents", n)
+        return _outputs_of(enc, lora_sd, loss_map, summary + "\n" + text, histories)

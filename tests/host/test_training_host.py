@@ -1,0 +1,167 @@
+"""Training in a real ComfyUI on its own loaded MODEL: Flow-DPO on pairs marked in the graph, Stage I SFT, the
+LoRA through core SaveLoRA / LoraLoaderModelOnly, pre-flight errors, and Cancel mid-training."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+import harness
+import tiny_models as tm
+from test_host_smoke import FAMILIES, _run_and_load
+from test_physmaster_nodes import TOKENS, _encoder_nodes, with_physmaster
+from test_picker_host import pairs_on_disk, picker_prompt, post_pick
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+DATASET = "train_pairs"
+
+
+@pytest.fixture(scope="module")
+def marked_dataset(host):
+    """Two groups of 3 tiny-Wan candidates, ranked in the picker over HTTP: 6 human pairs."""
+    if len(pairs_on_disk(host, DATASET)) >= 6:
+        return DATASET
+    with host.listen() as ws:
+        for seed, ranking in ((42, [2, 0, 1]), (43, [1, 2, 0])):
+            p = picker_prompt(DATASET)
+            p["sampler"]["inputs"]["seed"] = seed
+            prompt_id = host.queue(p)
+            event = ws.wait_for("physmaster.pick", timeout=300)
+            assert post_pick(host, {"request_id": event["request_id"], "choice": {"ranking": ranking}})[0] == 200
+            host.wait(prompt_id, timeout=300)
+    assert len(pairs_on_disk(host, DATASET)) == 6
+    return DATASET
+
+
+def dpo_prompt(dataset: str, stage: str, steps: int, lr: float = 3e-3, unet: str = "wan21_i2v",
+               context_dim: int = 4096) -> dict:
+    p = {"unet": {"class_type": "UNETLoader", "inputs": {"unet_name": tm.MODELS[unet][1], "weight_dtype": "default"}},
+         "prefs": {"class_type": "PhysMasterPreferenceDataset", "inputs": {"dataset_name": dataset,
+                                                                            "sources": "human and judge"}},
+         **{k: v for k, v in _encoder_nodes(context_dim=context_dim).items() if k == "enc"},
+         "train": {"class_type": "PhysMasterTrainDPO", "inputs": {
+             "model": ["unet", 0], "encoder": ["enc", 0], "preferences": ["prefs", 0], "stage": stage,
+             "steps": steps, "learning_rate": lr, "lora_rank": 4, "batch_size": 2, "seed": 0,
+             "gradient_checkpointing": True, "beta": 500.0}},
+         "save_enc": {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["train", 0],
+                                                                        "filename_prefix": f"hosttest/{dataset}"}},
+         "loss_graph": {"class_type": "LossGraphNode", "inputs": {"loss": ["train", 2],
+                                                                  "filename_prefix": "hosttest/loss"}}}
+    return p
+
+
+def _history(entry) -> list[dict]:
+    return json.loads(entry["outputs"]["train"]["physmaster_train"][0])
+
+
+def _mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_dpo_on_marked_pairs_learns_the_preferences(host, marked_dataset):
+    t0 = time.monotonic()
+    entry = host.run(dpo_prompt(marked_dataset, "head (Stage III)", steps=40), timeout=900)
+    seconds = time.monotonic() - t0
+    (run,) = _history(entry)
+    h = run["history"]
+    assert run["stage"] == "dpo-head" and len(h) == 40 and run["stopped"] is None
+    first, last = h[:5], h[-5:]
+    print(f"Stage III on {marked_dataset}: {seconds:.1f} s; loss {_mean(first, 'loss'):.4f} -> "
+          f"{_mean(last, 'loss'):.4f}, accuracy {_mean(first, 'accuracy'):.2f} -> {_mean(last, 'accuracy'):.2f}")
+    assert abs(h[0]["loss"] - 0.6931) < 0.01  # policy == reference at step 1: log 2
+    assert _mean(last, "loss") < _mean(first, "loss") - 0.05
+    assert _mean(last, "accuracy") > _mean(first, "accuracy")
+    assert _mean(last, "accuracy") >= 0.75
+    summary = entry["outputs"]["train"]["text"][0]
+    assert "6 pairs" in summary and "dpo-head: 40 steps" in summary and "implicit accuracy" in summary
+    saved = json.loads(entry["outputs"]["save_enc"]["text"][0])
+    assert saved["stages"] == ["dpo-head"]
+    from physmaster.encoder import load_encoder
+    enc = load_encoder(host.base_dir / "models" / "physmaster" / saved["saved"])
+    assert enc.provenance["stages"][0]["dataset"] == marked_dataset and enc.provenance["stages"][0]["steps"] == 40
+    assert entry["outputs"]["loss_graph"]["images"], "core LossGraph drew no plot"
+
+
+def test_lora_stage_saves_a_lora_that_core_loads(host, marked_dataset, tmp_path):
+    p = dpo_prompt(marked_dataset, "dit lora (Stage II)", steps=6)
+    p["save_lora"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["train", 1], "prefix": "loras/hosttest_dpo"}}
+    entry = host.run(p, timeout=900)
+    (run,) = _history(entry)
+    assert run["stage"] == "dpo-lora" and len(run["history"]) == 6
+    lora_files = sorted((host.output_dir / "loras").glob("hosttest_dpo*.safetensors"))
+    assert lora_files, "SaveLoRA wrote nothing"
+    tensors = harness.load_tensors(lora_files[-1])
+    assert any(k.endswith("lora_up.weight") for k in tensors) and any(k.endswith("lora_down.weight") for k in tensors)
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    host.add_model_file("loras", lora_files[-1])
+    build, _ = FAMILIES["wan21_i2v"]
+    base, _ = _run_and_load(host, build("train/base"))
+    with_lora = build("train/lora")
+    with_lora["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["unet", 0], "lora_name": lora_files[-1].name, "strength_model": 1.0}}
+    with_lora["sampler"]["inputs"]["model"] = ["lora", 0]
+    entry = host.run(with_lora, timeout=600)
+    assert "lora key not loaded" not in host.log_tail(200)
+    lora_latent = harness.load_latent(next(p for p in host.output_files(entry) if p.suffix == ".latent"))
+    assert lora_latent.shape == base.shape and not torch.equal(lora_latent, base)
+
+
+def test_sft_on_graph_latents(host):
+    build, _ = FAMILIES["wan21_i2v"]
+    p = with_physmaster(build("train/sft_src"), 1.0)
+    p["i2v"]["inputs"]["batch_size"] = 2
+    p["train"] = {"class_type": "PhysMasterTrainSFT", "inputs": {
+        "model": ["unet", 0], "encoder": ["enc", 0], "latents": ["sampler", 0], "positive": ["apply", 0],
+        "train": "head and lora", "steps": 20, "learning_rate": 2e-3, "lora_rank": 4, "batch_size": 2, "seed": 1,
+        "gradient_checkpointing": False}}
+    p["save_enc"] = {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["train", 0],
+                                                                       "filename_prefix": "hosttest/sft"}}
+    entry = host.run(p, timeout=900)
+    (run,) = _history(entry)
+    h = run["history"]
+    assert run["stage"] == "sft" and len(h) == 20 and all(r["loss"] == r["loss"] for r in h)
+    assert _mean(h[-5:], "loss") < _mean(h[:5], "loss")
+    assert json.loads(entry["outputs"]["save_enc"]["text"][0])["stages"] == ["sft"]
+
+
+def test_preflight_names_the_mismatch(host, marked_dataset):
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(dpo_prompt(marked_dataset, "head (Stage III)", steps=2, context_dim=2048), timeout=300)
+    msg = err.value.exception_message
+    assert err.value.node_id == "train" and "2048" in msg and "4096" in msg and "context_dim" in msg
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(dpo_prompt(marked_dataset, "head (Stage III)", steps=2, unet="wan22_ti2v"), timeout=300)
+    msg = err.value.exception_message
+    assert "16 channels" in msg and "48" in msg and "another model" in msg
+
+
+def test_empty_dataset_is_a_clear_error(host):
+    from physmaster.preferences import PreferenceDataset
+
+    PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "empty_one", create=True)
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(dpo_prompt("empty_one", "head (Stage III)", steps=2), timeout=300)
+    assert err.value.node_id == "prefs" and "no usable" in err.value.exception_message
+
+
+def test_cancel_mid_training_keeps_a_usable_encoder(host, marked_dataset):
+    folder = host.output_dir / "physmaster" / "interrupted"
+    before = set(folder.glob("*.safetensors")) if folder.exists() else set()
+    with host.listen() as ws:
+        prompt_id = host.queue(dpo_prompt(marked_dataset, "head (Stage III)", steps=5000))
+        # the training node's progress bar reaches the browser: wait for a few completed steps, then Cancel
+        ws.wait_for("progress", timeout=300, where=lambda d: d.get("node") == "train" and d.get("value", 0) >= 3)
+        host.interrupt()
+        with pytest.raises(harness.HostError):
+            host.wait(prompt_id, timeout=120)
+    new = sorted(set(folder.glob("*.safetensors")) - before)
+    assert len(new) == 1, f"no interrupted encoder written in {folder}"
+    from physmaster.encoder import load_encoder
+    enc = load_encoder(new[0])
+    stage = enc.provenance["stages"][-1]
+    assert stage["stage"] == "dpo-head" and stage["interrupted"] and 1 <= stage["steps"] < 5000
+    assert enc.config.num_tokens == TOKENS
