@@ -340,7 +340,8 @@ def _common_inputs(default_steps: int) -> list:
         io.Int.Input("lora_rank", default=8, min=0, max=256,
                      tooltip="Rank of the DiT LoRA (0 = no LoRA: train the head only)."),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos (or pairs) per step."),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Data order, noise and t of every step."),
+        io.Int.Input("training_seed", default=0, min=0, max=2**31 - 1,
+                     tooltip="Data order, noise and t of every step: the same seed and data give the same result."),
         io.Boolean.Input("gradient_checkpointing", default=True,
                          tooltip="Recompute activations in backward: much less memory, about 30% slower."),
     ]
@@ -383,7 +384,7 @@ class PhysMasterTrainDPO(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, encoder, preferences, stage, steps, learning_rate, lora_rank, batch_size, seed,
+    def execute(cls, model, encoder, preferences, stage, steps, learning_rate, lora_rank, batch_size, training_seed,
                 gradient_checkpointing, beta) -> io.NodeOutput:
         stages = DPO_STAGES.get(stage)
         if stages is None:
@@ -392,7 +393,7 @@ class PhysMasterTrainDPO(io.ComfyNode):
             raise PhysMasterError("Stage II trains a DiT LoRA: set lora_rank >= 1")
         dataset = preferences["dataset"]
         pairs = preferences["pairs"]
-        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=seed, beta=beta,
+        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=training_seed, beta=beta,
                              gradient_checkpointing=gradient_checkpointing)
         groups = sorted({p.group for p in pairs})
         loaded = {g: dataset.load_group(g) for g in groups}
@@ -452,7 +453,7 @@ class PhysMasterTrainSFT(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, encoder, latents, positive, train, steps, learning_rate, lora_rank, batch_size, seed,
+    def execute(cls, model, encoder, latents, positive, train, steps, learning_rate, lora_rank, batch_size, training_seed,
                 gradient_checkpointing) -> io.NodeOutput:
         if train not in SFT_TRAIN:
             raise PhysMasterError(f"train must be one of {SFT_TRAIN}")
@@ -476,7 +477,7 @@ class PhysMasterTrainSFT(io.ComfyNode):
         summary = _preflight(encoder, int(entries[0][0].shape[-1]),
                              None if feats is None else int(feats.shape[-1]), n, "training videos", model,
                              tuple(samples.shape[1:]))
-        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=seed,
+        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=training_seed,
                              gradient_checkpointing=gradient_checkpointing)
 
         def make_data():

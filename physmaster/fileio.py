@@ -20,6 +20,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    _chmod_default(tmp_path)  # mkstemp makes 0600; a saved model or dataset should be readable like any file
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -37,6 +38,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _chmod_default(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -203,7 +203,10 @@ class PreferenceDataset:
         metadata = {"physmaster.group": json.dumps({"id": group_id, "candidates": int(latents.shape[0]),
                                                     "created": _now(), **(meta or {})}, default=str)}
         with atomic_path(self.path / "groups" / f"{group_id}.safetensors") as tmp:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            # clone: two entries may share storage (e.g. the backbone features and the CLIP vision output they
+            # were read from), which safetensors refuses
+            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                      metadata=metadata)
         return group_id
 
     def add_pair(self, group: str, winner: int, loser: int, source: str, margin: float = 0.0) -> Pair:

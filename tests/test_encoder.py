@@ -166,3 +166,13 @@ def test_header_length_lie_is_reported(tmp_path):
     bad.write_bytes(struct.pack("<Q", 10**9) + b"{}")
     with pytest.raises(CheckpointError, match="lie.safetensors"):
         load_encoder(bad)
+
+
+def test_saved_file_has_default_permissions(tmp_path):
+    import os
+    import stat
+
+    path = save_encoder(PhysEncoder.new(SMALL), tmp_path / "enc.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -126,3 +126,12 @@ def test_merge(tmp_path):
     c.add_group(torch.randn(2, 1, 1, 4, 4), torch.randn(1, 5, 16))
     with pytest.raises(DatasetError, match="another model"):
         a.merge_from(c)
+
+
+def test_group_with_shared_tensors(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    hidden = torch.randn(1, 7, 12)
+    g = ds.add_group(torch.randn(2, 4, 2, 8, 8), torch.randn(1, 5, 16),
+                     extras={"features": hidden, "clip_vision.penultimate_hidden_states": hidden})
+    t = ds.load_group(g)
+    assert torch.equal(t["features"], t["clip_vision.penultimate_hidden_states"])

@@ -45,7 +45,7 @@ def dpo_prompt(dataset: str, stage: str, steps: int, lr: float = 3e-3, unet: str
          **{k: v for k, v in _encoder_nodes(context_dim=context_dim).items() if k == "enc"},
          "train": {"class_type": "PhysMasterTrainDPO", "inputs": {
              "model": ["unet", 0], "encoder": ["enc", 0], "preferences": ["prefs", 0], "stage": stage,
-             "steps": steps, "learning_rate": lr, "lora_rank": 4, "batch_size": 2, "seed": 0,
+             "steps": steps, "learning_rate": lr, "lora_rank": 4, "batch_size": 2, "training_seed": 0,
              "gradient_checkpointing": True, "beta": 500.0}},
          "save_enc": {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["train", 0],
                                                                         "filename_prefix": f"hosttest/{dataset}"}},
@@ -116,7 +116,7 @@ def test_sft_on_graph_latents(host):
     p["i2v"]["inputs"]["batch_size"] = 2
     p["train"] = {"class_type": "PhysMasterTrainSFT", "inputs": {
         "model": ["unet", 0], "encoder": ["enc", 0], "latents": ["sampler", 0], "positive": ["apply", 0],
-        "train": "head and lora", "steps": 20, "learning_rate": 2e-3, "lora_rank": 4, "batch_size": 2, "seed": 1,
+        "train": "head and lora", "steps": 20, "learning_rate": 2e-3, "lora_rank": 4, "batch_size": 2, "training_seed": 1,
         "gradient_checkpointing": False}}
     p["save_enc"] = {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["train", 0],
                                                                        "filename_prefix": "hosttest/sft"}}
@@ -165,3 +165,63 @@ def test_cancel_mid_training_keeps_a_usable_encoder(host, marked_dataset):
     stage = enc.provenance["stages"][-1]
     assert stage["stage"] == "dpo-head" and stage["interrupted"] and 1 <= stage["steps"] < 5000
     assert enc.config.num_tokens == TOKENS
+
+
+def _swap_common(prompt: dict, host, tmp_path) -> dict:
+    """Tiny models and random conditioning in a shipped Wan workflow (see test_shipped_workflow_runs...)."""
+    from test_physmaster_nodes import _encoder_file
+    from test_host_smoke import SIZE
+    from PIL import Image
+
+    host.add_model_file("physmaster", _encoder_file(tmp_path))
+    image = tmp_path / "start.png"
+    Image.new("RGB", (SIZE, SIZE), (200, 80, 60)).save(image)
+    name = host.upload_image(image, "physmaster_start_pref.png")
+    swaps = {"UNETLoader": {"unet_name": tm.MODELS["wan21_i2v"][1]},
+             "VAELoader": {"vae_name": tm.MODELS["wan21_vae"][1]},
+             "CLIPVisionLoader": {"clip_name": tm.MODELS["clip_vision_h"][1]},
+             "PhysMasterEncoderLoader": {"encoder_name": "PhysEncoder_00001_.safetensors"},
+             "LoadImage": {"image": name},
+             "WanImageToVideo": {"width": SIZE, "height": SIZE, "length": 5},
+             "KSampler": {"steps": 2, "seed": 5}}
+    for nid in list(prompt):
+        node = prompt[nid]
+        node["inputs"].update(swaps.get(node["class_type"], {}))
+        if node["class_type"] == "CLIPLoader":
+            del prompt[nid]
+        elif node["class_type"] == "CLIPTextEncode":
+            prompt[nid] = {"class_type": "PhysMasterTest_RandomConditioning",
+                           "inputs": {"seed": int(nid), "length": 32, "width": 4096, "batch": 1, "scale": 1.0}}
+    return prompt
+
+
+def test_shipped_marking_and_training_workflows_run(host, tmp_path):
+    from workflow_api import ui_to_api
+
+    root = harness.Path(__file__).resolve().parents[2] / "workflows"
+    mark = _swap_common(ui_to_api(json.loads((root / "physmaster_mark_preferences.json").read_text()),
+                                  host.object_info(refresh=True)), host, tmp_path)
+    picker = next(k for k, v in mark.items() if v["class_type"] == "PhysMasterPreferencePicker")
+    mark[picker]["inputs"]["dataset_name"] = "workflow_pairs"
+    with host.listen() as ws:
+        prompt_id = host.queue(mark)
+        event = ws.wait_for("physmaster.pick", timeout=600)
+        assert len(event["candidates"]) == 4  # the workflow samples 4 candidates
+        assert post_pick(host, {"request_id": event["request_id"], "choice": {"best": 3, "worst": 1}})[0] == 200
+        entry = host.wait(prompt_id, timeout=600)
+    assert [(p["winner"], p["loser"]) for p in pairs_on_disk(host, "workflow_pairs")] == [(3, 1)]
+    assert any(p.suffix == ".mp4" for p in host.output_files(entry)), "the winner video was not saved"
+
+    train = ui_to_api(json.loads((root / "physmaster_train_dpo.json").read_text()), host.object_info())
+    for node in train.values():
+        node["inputs"].update({"UNETLoader": {"unet_name": tm.MODELS["wan21_i2v"][1]},
+                               "PhysMasterEncoderLoader": {"encoder_name": "PhysEncoder_00001_.safetensors"},
+                               "PhysMasterPreferenceDataset": {"dataset_name": "workflow_pairs"},
+                               "PhysMasterTrainDPO": {"steps": 5}}.get(node["class_type"], {}))
+    entry = host.run(train, timeout=900)
+    outputs = entry["outputs"]
+    by_type = {v["class_type"]: k for k, v in train.items()}
+    assert "dpo-head: 5 steps" in outputs[by_type["PhysMasterTrainDPO"]]["text"][0]
+    saved = json.loads(outputs[by_type["PhysMasterEncoderSave"]]["text"][0])
+    assert saved["stages"] == ["dpo-head"]
+    assert outputs[by_type["LossGraphNode"]]["images"]
