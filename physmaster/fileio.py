@@ -20,9 +20,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    _chmod_default(tmp_path)  # mkstemp makes 0600; a saved model or dataset should be readable like any file
     try:
         yield tmp_path
+        _chmod_default(tmp_path)  # mkstemp makes 0600; a saved model or dataset is readable like any new file
         with open(tmp_path, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())

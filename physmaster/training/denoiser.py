@@ -40,7 +40,9 @@ class Conditioning:
                    [B, 4 + C, T, H, W], concatenated to the noisy latent along channels by the denoiser.
     image_embeds:  optional image tokens (Wan 2.1 I2V's CLIP-H hidden states), passed as the model wants.
     attention_mask:[B, L] ones for real context tokens, or None.
-    extra:         anything else a host needs (passed through untouched).
+    extra:         anything else a host needs; tensor values are per-sample ([B, ...]) and batched like the
+                   fields above (ComfyUI's model inputs: Wan's c_concat and clip_fea, LTX's ...), other values
+                   are passed through untouched.
     num_physical_tokens: how many tokens `with_tokens` appended (0 = none yet).
     """
 
@@ -71,7 +73,8 @@ class Conditioning:
             return fn(x) if isinstance(x, torch.Tensor) else x
         return dataclasses.replace(self, context=f(self.context), features=f(self.features),
                                    image_cond=f(self.image_cond), image_embeds=f(self.image_embeds),
-                                   attention_mask=f(self.attention_mask))
+                                   attention_mask=f(self.attention_mask),
+                                   extra={k: f(v) for k, v in self.extra.items()})
 
     def repeat(self, n: int) -> "Conditioning":
         """The batch repeated n times (winner and loser share one conditioning)."""
@@ -90,9 +93,16 @@ class Conditioning:
                 return None
             return torch.cat(values, dim=0)
 
+        extra = dict(first.extra)
+        for key, value in first.extra.items():
+            if isinstance(value, torch.Tensor):
+                values = [c.extra.get(key) for c in items]
+                if any(not isinstance(v, torch.Tensor) for v in values):
+                    raise ValueError(f"cannot batch conditionings where only some have extra[{key!r}]")
+                extra[key] = torch.cat(values, dim=0)
         return dataclasses.replace(first, context=cat_field("context"), features=cat_field("features"),
                                    image_cond=cat_field("image_cond"), image_embeds=cat_field("image_embeds"),
-                                   attention_mask=cat_field("attention_mask"))
+                                   attention_mask=cat_field("attention_mask"), extra=extra)
 
 
 class Denoiser(abc.ABC):
