@@ -34,7 +34,7 @@ function ensureWidget(node) {
   root.style.cssText = "display:flex;flex-direction:column;gap:6px;padding:4px;outline:none;overflow:auto;";
   const status = document.createElement("div");
   status.className = "physmaster-picker-status";
-  status.style.cssText = "font-size:12px;opacity:0.85;";
+  status.style.cssText = "font-size:12px;color:var(--input-text, #ddd);min-height:1.2em;";
   const grid = document.createElement("div");
   grid.className = "physmaster-picker-grid";
   grid.style.cssText = "display:grid;grid-template-columns:repeat(auto-fill,minmax(120px,1fr));gap:6px;";
@@ -86,6 +86,7 @@ function render(state) {
     img.style.cssText = "width:100%;image-rendering:pixelated;display:block;";
     img.draggable = false;
     const label = document.createElement("div");
+    label.style.color = "var(--input-text, #ddd)";
     label.textContent = `${i + 1}${role ? ` - ${role}` : ""}`;
     const buttons = document.createElement("div");
     buttons.style.cssText = "display:flex;gap:2px;justify-content:center;";
