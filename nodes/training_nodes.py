@@ -284,7 +284,8 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_data, co
                              dataset_size=n_items)
             for k, v in result.loss_map.items():
                 loss_map.setdefault(k, []).extend(v)
-            histories.append({"stage": stage, "history": result.history, "stopped": result.stopped})
+            histories.append({"stage": stage, "history": result.history, "stopped": result.stopped,
+                              "seconds": result.seconds})
             lines.append(_summary_line(stage, result))
         loss_map.setdefault("loss", [])
         return enc, lora_sd, loss_map, "\n".join(lines), histories

@@ -49,3 +49,13 @@ def test_backbone_is_deterministic_and_frozen():
     a = ProxyBackbone()(torch.from_numpy(img))
     b = ProxyBackbone()(torch.from_numpy(img))
     assert a.shape == (2, 65, 64) and torch.equal(a, b) and not a.requires_grad
+
+
+def test_held_out_scenes_are_disjoint_from_training_and_candidates():
+    from physmaster.demo import DPO_SEED, EVAL_SEED, SFT_SEED, Settings
+
+    st = Settings()
+    train = set(range(SFT_SEED, SFT_SEED + st.sft_scenes)) | set(range(DPO_SEED, DPO_SEED + st.dpo_scenes))
+    held_out = set(range(EVAL_SEED, EVAL_SEED + st.eval_scenes))
+    assert not train & held_out
+    assert st.candidates >= 2 and st.eval_seeds >= 1

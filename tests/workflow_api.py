@@ -221,6 +221,10 @@ def _reduce_spec(spec: list, keep_options: bool) -> list:
     return [t, kept] if kept else [t]
 
 
+#: combos whose options are files on the machine, not part of the public API
+FILE_LISTS = {("PhysMasterEncoderLoader", "encoder_name")}
+
+
 def reduce_object_info(object_info: dict, node_ids: dict[str, str]) -> dict:
     """The public-API part of each node's schema: inputs (name, type, order), widget flags, outputs.
 
@@ -233,7 +237,8 @@ def reduce_object_info(object_info: dict, node_ids: dict[str, str]) -> dict:
         keep = pack == "physmaster"
         nodes[node_id] = {
             "pack": pack,
-            "input": {s: {n: _reduce_spec(v, keep) for n, v in info.get("input", {}).get(s, {}).items()}
+            "input": {s: {n: _reduce_spec(v, keep and (node_id, n) not in FILE_LISTS)
+                          for n, v in info.get("input", {}).get(s, {}).items()}
                       for s in ("required", "optional") if info.get("input", {}).get(s)},
             "input_order": {s: v for s, v in info.get("input_order", {}).items() if s in ("required", "optional")},
             "output": list(info.get("output", [])),

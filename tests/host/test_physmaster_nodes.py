@@ -123,35 +123,37 @@ def _encoder_file(tmp_path: Path, **kw) -> Path:
     return PhysEncoder.new(cfg, seed=11, name="hosttest").save(tmp_path / "PhysEncoder_00001_.safetensors")
 
 
-def test_shipped_workflow_runs_with_tiny_models(host, tmp_path):
-    """workflows/physmaster_wan_i2v.json, converted by the harness, tiny models swapped in, end to end."""
-    workflow = json.loads((ROOT / "workflows" / "physmaster_wan_i2v.json").read_text())
-    prompt = ui_to_api(workflow, host.object_info())
+def with_tiny_models(prompt: dict, host, tmp_path: Path, image_name: str = "physmaster_start.png") -> dict:
+    """A shipped Wan workflow (API format) with the harness's tiny models, a small start image and size, and the
+    harness's random conditioning standing in for CLIPLoader + CLIPTextEncode (no text encoder fits here)."""
+    from PIL import Image
+
     host.add_model_file("physmaster", _encoder_file(tmp_path))
     image = tmp_path / "start.png"
-    from PIL import Image
     Image.new("RGB", (SIZE, SIZE), (90, 140, 200)).save(image)
-    image_name = host.upload_image(image, "physmaster_start.png")
-    by_type = {}
-    for nid, node in prompt.items():
-        by_type.setdefault(node["class_type"], []).append(nid)
+    image_name = host.upload_image(image, image_name)
     swaps = {"UNETLoader": {"unet_name": tm.MODELS["wan21_i2v"][1]},
              "VAELoader": {"vae_name": tm.MODELS["wan21_vae"][1]},
              "CLIPVisionLoader": {"clip_name": tm.MODELS["clip_vision_h"][1]},
              "PhysMasterEncoderLoader": {"encoder_name": "PhysEncoder_00001_.safetensors"},
              "LoadImage": {"image": image_name},
              "WanImageToVideo": {"width": SIZE, "height": SIZE, "length": 5},
-             "KSampler": {"steps": 2, "seed": 1},
-             "SaveVideo": {"filename_prefix": "pm/workflow"}}
-    for t, values in swaps.items():
-        for nid in by_type[t]:
-            prompt[nid]["inputs"].update(values)
-    # no text encoder fits here: the harness's random conditioning stands in for CLIPLoader + CLIPTextEncode
-    for nid in by_type.pop("CLIPLoader"):
-        del prompt[nid]
-    for i, nid in enumerate(by_type["CLIPTextEncode"]):
-        prompt[nid] = {"class_type": "PhysMasterTest_RandomConditioning",
-                       "inputs": {"seed": i, "length": 32, "width": 4096, "batch": 1, "scale": 1.0}}
+             "KSampler": {"steps": 2, "seed": 1}}
+    for nid in list(prompt):
+        node = prompt[nid]
+        node["inputs"].update(swaps.get(node["class_type"], {}))
+        if node["class_type"] == "CLIPLoader":
+            del prompt[nid]
+        elif node["class_type"] == "CLIPTextEncode":
+            prompt[nid] = {"class_type": "PhysMasterTest_RandomConditioning",
+                           "inputs": {"seed": int(nid), "length": 32, "width": 4096, "batch": 1, "scale": 1.0}}
+    return prompt
+
+
+def test_shipped_workflow_runs_with_tiny_models(host, tmp_path):
+    """workflows/physmaster_wan_i2v.json, converted by the harness, tiny models swapped in, end to end."""
+    workflow = json.loads((ROOT / "workflows" / "physmaster_wan_i2v.json").read_text())
+    prompt = with_tiny_models(ui_to_api(workflow, host.object_info()), host, tmp_path)
     entry = host.run(prompt, timeout=900)
     videos = [p for p in host.output_files(entry) if p.suffix in (".mp4", ".webm", ".mkv")]
     assert len(videos) == 1 and videos[0].stat().st_size > 0, host.output_files(entry)

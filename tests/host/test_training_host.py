@@ -12,7 +12,7 @@ import torch
 import harness
 import tiny_models as tm
 from test_host_smoke import FAMILIES, _run_and_load
-from test_physmaster_nodes import TOKENS, _encoder_nodes, with_physmaster
+from test_physmaster_nodes import TOKENS, _encoder_nodes, with_physmaster, with_tiny_models
 from test_picker_host import pairs_on_disk, picker_prompt, post_pick
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
@@ -167,40 +167,12 @@ def test_cancel_mid_training_keeps_a_usable_encoder(host, marked_dataset):
     assert enc.config.num_tokens == TOKENS
 
 
-def _swap_common(prompt: dict, host, tmp_path) -> dict:
-    """Tiny models and random conditioning in a shipped Wan workflow (see test_shipped_workflow_runs...)."""
-    from test_physmaster_nodes import _encoder_file
-    from test_host_smoke import SIZE
-    from PIL import Image
-
-    host.add_model_file("physmaster", _encoder_file(tmp_path))
-    image = tmp_path / "start.png"
-    Image.new("RGB", (SIZE, SIZE), (200, 80, 60)).save(image)
-    name = host.upload_image(image, "physmaster_start_pref.png")
-    swaps = {"UNETLoader": {"unet_name": tm.MODELS["wan21_i2v"][1]},
-             "VAELoader": {"vae_name": tm.MODELS["wan21_vae"][1]},
-             "CLIPVisionLoader": {"clip_name": tm.MODELS["clip_vision_h"][1]},
-             "PhysMasterEncoderLoader": {"encoder_name": "PhysEncoder_00001_.safetensors"},
-             "LoadImage": {"image": name},
-             "WanImageToVideo": {"width": SIZE, "height": SIZE, "length": 5},
-             "KSampler": {"steps": 2, "seed": 5}}
-    for nid in list(prompt):
-        node = prompt[nid]
-        node["inputs"].update(swaps.get(node["class_type"], {}))
-        if node["class_type"] == "CLIPLoader":
-            del prompt[nid]
-        elif node["class_type"] == "CLIPTextEncode":
-            prompt[nid] = {"class_type": "PhysMasterTest_RandomConditioning",
-                           "inputs": {"seed": int(nid), "length": 32, "width": 4096, "batch": 1, "scale": 1.0}}
-    return prompt
-
-
 def test_shipped_marking_and_training_workflows_run(host, tmp_path):
     from workflow_api import ui_to_api
 
     root = harness.Path(__file__).resolve().parents[2] / "workflows"
-    mark = _swap_common(ui_to_api(json.loads((root / "physmaster_mark_preferences.json").read_text()),
-                                  host.object_info(refresh=True)), host, tmp_path)
+    mark = with_tiny_models(ui_to_api(json.loads((root / "physmaster_mark_preferences.json").read_text()),
+                                      host.object_info(refresh=True)), host, tmp_path, "physmaster_start_pref.png")
     picker = next(k for k, v in mark.items() if v["class_type"] == "PhysMasterPreferencePicker")
     mark[picker]["inputs"]["dataset_name"] = "workflow_pairs"
     with host.listen() as ws:
