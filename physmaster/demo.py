@@ -14,15 +14,22 @@ What runs (all models tiny, all data simulated by `physmaster.physics`):
    trainable `physmaster.encoder.PhysHead` (4 tokens) appended to the prompt.
 3. Stage I: flow matching on simulated drops (objects dropped from rest, PisaBench-style; seen split), training
    the head and a DiT LoRA (peft).
-4. Candidates: 4 videos per training start image from the Stage-I model (different seeds), labelled by
-   `physics.rank_candidates` (similarity of the segmented object to the ground truth, mixed with the physics
-   judge) into (winner, loser) pairs.
+4. Candidates: 8 videos per training start image from the Stage-I model (different seeds), scored by
+   `physics.rank_candidates` with the ground-truth masks (the judge's physics score mixed with the similarity of
+   the segmented object to the ground truth: PISA IoU, L2, Chamfer); the pair is the best against the worst
+   candidate when their scores differ clearly (one pair per image). At this size the judge's physics score is
+   near zero for every candidate, so the ground-truth similarity decides; the run prints how often the judge
+   alone would agree with the ground truth.
 5. Stage II: Flow-DPO on a fresh DiT LoRA (the Stage-I LoRA folded into the base; the reference is the same
-   DiT with the LoRA switched off). Stage III: Flow-DPO on the head only (reference: a frozen copy of the head).
-6. Evaluation on held-out scenes (30 seen + 30 unseen, like PisaBench): one video per scene and stage from the
-   same noise, the object segmented from the generated frames (`segment_object`) and compared with the ground
-   truth masks (`pisa_metrics`: L2, Chamfer distance, IoU). A Table-1-style table with bootstrap 95% intervals
-   of each stage's paired per-scene difference against the stage before; a side-by-side animated GIF.
+   DiT with the LoRA switched off, i.e. the Stage-I model). Stage III: Flow-DPO on the head only (the Stage-II
+   LoRA folded in; reference: a frozen copy of the head, i.e. the Stage-II model). β = 6000 on per-element mean
+   squared errors keeps the implicit rewards O(1) and the policies close to their references (a smaller β
+   bought L2 at the cost of the object's shape: IoU fell by a third).
+6. Evaluation on held-out scenes (30 seen + 30 unseen, like PisaBench; seeds disjoint from every training and
+   candidate scene): 2 videos per scene and stage from the same noises for every stage, the object segmented
+   from the generated frames (`segment_object`) and compared with the ground truth masks (`pisa_metrics`: L2,
+   Chamfer distance, IoU), averaged per scene. A Table-1-style table with bootstrap 95% intervals of each
+   stage's paired per-scene difference against the stage before; a side-by-side animated GIF.
 """
 
 from __future__ import annotations
@@ -60,16 +67,18 @@ class Settings:
     sft_scenes: int = 384
     sft_steps: int = 400
     dpo_scenes: int = 96
-    candidates: int = 4
+    candidates: int = 8  # per start image; the pair is the best vs the worst of them
+    min_margin: float = 0.05  # the pair's score gap (rank_candidates' score, in [0, 1]) must be at least this
     dpo_steps: int = 150
     eval_scenes: int = 30  # per split
+    eval_seeds: int = 2  # videos per held-out scene and stage (the same noises for every stage), metrics averaged
     sample_steps: int = 16
     batch: int = 8
     dpo_batch: int = 4
     lr_sft: float = 2e-3
     lr_lora: float = 5e-4
     lr_head: float = 3e-3
-    beta: float = 2000.0
+    beta: float = 6000.0
     lora_rank: int = 16
     base_steps: int = 1500  # --make-base (and the in-run fallback uses a quarter)
     gif_scenes: int = 6
@@ -77,7 +86,7 @@ class Settings:
     @classmethod
     def fast(cls) -> "Settings":
         return cls(sft_scenes=4, sft_steps=2, dpo_scenes=3, candidates=2, dpo_steps=2, eval_scenes=2,
-                   sample_steps=2, batch=2, dpo_batch=2, base_steps=2, gif_scenes=2)
+                   eval_seeds=1, sample_steps=2, batch=2, dpo_batch=2, base_steps=2, gif_scenes=2)
 
 
 # -- the proxy world as model inputs ----------------------------------------------------------------------------
@@ -251,52 +260,71 @@ def generate(den, head, cond, noise_seeds, steps: int, batch: int = 32) -> torch
     return torch.cat(outs)
 
 
-def evaluate(den, head, scenes, cond, steps: int, noise_base: int = 77_000):
-    """PISA metrics of one generated video per scene (the same noise for every stage): dict of arrays + videos."""
+def evaluate(den, head, scenes, cond, steps: int, seeds: int = 1, noise_base: int = 77_000):
+    """PISA metrics of `seeds` generated videos per scene (the same noises for every stage), averaged per scene:
+    dict of per-scene arrays, and the first video of each scene."""
     from .physics import pisa_metrics, segment_object
 
-    lat = generate(den, head, cond, [noise_base + i for i in range(len(scenes))], steps)
+    seeds = max(1, int(seeds))
+    rep = cond.map(lambda x: x.repeat_interleave(seeds, 0))
+    lat = generate(den, head, rep, [noise_base + i for i in range(len(scenes) * seeds)], steps)
     out = {"l2": [], "chamfer": [], "iou": []}
     videos = []
-    for s, x in zip(scenes, lat):
-        frames = to_frames(x)
-        videos.append(frames)
-        m = pisa_metrics(segment_object(frames), s.object_masks(), pred_fps=FPS, gt_fps=FPS)
+    for j, s in enumerate(scenes):
+        gt = s.object_masks()
+        per = {k: [] for k in out}
+        for i in range(seeds):
+            frames = to_frames(lat[j * seeds + i])
+            if i == 0:
+                videos.append(frames)
+            m = pisa_metrics(segment_object(frames), gt, pred_fps=FPS, gt_fps=FPS)
+            for k in out:
+                per[k].append(float(m[k]))
         for k in out:
-            out[k].append(float(m[k]))
+            out[k].append(float(np.mean(per[k])))
     return {k: np.array(v) for k, v in out.items()}, videos
 
 
 def make_pairs(den, head, scenes, backbone, settings: Settings, log=print):
-    """Candidates from the current model, labelled against the ground truth + judge -> PreferenceSet."""
-    from .physics import pisa_metrics, rank_candidates, segment_object
+    """Candidates from the current model, labelled against the ground truth + judge -> PreferenceSet.
+
+    Each start image gets `settings.candidates` videos (different seeds). `rank_candidates` scores each one with
+    the judge given the ground-truth masks (the mean of the physics score and the similarity to the ground truth,
+    PISA IoU, L2 and Chamfer); the pair is the best against the worst candidate, kept when their scores differ by
+    at least `settings.min_margin`. One clear pair per image: the middle candidates' order is mostly noise."""
+    from .physics import rank_candidates
     from .training import PreferencePair, PreferenceSet
 
     k = settings.candidates
     cond = conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
     rep = cond.map(lambda x: x.repeat_interleave(k, 0))
     lat = generate(den, head, rep, [DPO_SEED * 7 + i for i in range(len(scenes) * k)], settings.sample_steps)
-    pairs, from_judge = [], 0
+    pairs, agree, disagree, gaps = [], 0, 0, []
     for j, s in enumerate(scenes):
         cands = lat[j * k:(j + 1) * k]
         videos = [to_frames(x) for x in cands]
-        c1 = cond.map(lambda x: x[j:j + 1])
-        _, ranked = rank_candidates(videos, gt_masks=s.object_masks(), fps=FPS, min_margin=0.05)
+        results, ranked = rank_candidates(videos, gt_masks=s.object_masks(), fps=FPS, min_margin=settings.min_margin)
+        # how often the judge without ground truth (physics score alone) orders two candidates like the PISA L2
+        phys = [r.fit.get("physics_score", 0.0) if r.found else 0.0 for r in results]
+        l2 = [r.metrics.get("l2", float("nan")) for r in results]
+        for a in range(k):
+            for b in range(a + 1, k):
+                if phys[a] != phys[b] and l2[a] != l2[b]:
+                    if (phys[a] > phys[b]) == (l2[a] < l2[b]):
+                        agree += 1
+                    else:
+                        disagree += 1
         if ranked:
-            from_judge += len(ranked)
-            for w, l, margin in ranked:
-                pairs.append(PreferencePair(c1, cands[w], cands[l], "judge", float(margin), f"scene{j}"))
-        else:  # no clear winner by the judge: fall back to similarity to the ground truth (mask L2, then pixels)
-            gt = to_latent(s.frames)
-            l2 = [pisa_metrics(segment_object(v), s.object_masks())["l2"] for v in videos]
-            px = [float((x - gt).pow(2).mean()) for x in cands]
-            order = sorted(range(k), key=lambda i: (round(l2[i], 4), px[i]))
-            w, l = order[0], order[-1]
-            if w != l:
-                pairs.append(PreferencePair(c1, cands[w], cands[l], "similarity",
-                                            float(max(l2[l] - l2[w], 0.0)), f"scene{j}"))
-    log(f"  {len(pairs)} preference pairs from {len(scenes)} start images x {k} candidates "
-        f"({from_judge} ranked by rank_candidates, {len(pairs) - from_judge} by ground-truth L2 alone)")
+            w, lo, margin = ranked[0]  # largest score gap: the best against the worst
+            gaps.append(l2[lo] - l2[w])
+            pairs.append(PreferencePair(cond.map(lambda x: x[j:j + 1]), cands[w], cands[lo], "judge", float(margin),
+                                        f"scene{j}", meta={"l2_winner": l2[w], "l2_loser": l2[lo]}))
+    decided = agree + disagree
+    log(f"  {len(pairs)} preference pairs (best vs worst of {k} candidates, score gap >= {settings.min_margin}) from "
+        f"{len(scenes)} start images; winner's PISA L2 lower by {np.mean(gaps) if gaps else 0.0:.3f} on average")
+    log(f"  the judge without ground truth orders {decided} of {len(scenes) * k * (k - 1) // 2} candidate pairs at all "
+        f"and agrees with the ground-truth L2 on {agree} of them" + (f" ({100 * agree / decided:.0f}%)" if decided
+                                                                     else ""))
     return PreferenceSet(pairs)
 
 
@@ -441,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
 
     def do_eval(name, head):
         t0 = time.perf_counter()
-        results[name], videos[name] = evaluate(den, head, eval_scenes, eval_cond, st.sample_steps)
+        results[name], videos[name] = evaluate(den, head, eval_scenes, eval_cond, st.sample_steps, st.eval_seeds)
         r = results[name]
         log(f"  eval {name}: L2 {r['l2'].mean():.4f} CD {r['chamfer'].mean():.4f} IoU {r['iou'].mean():.4f} "
             f"({time.perf_counter() - t0:.0f}s)")
