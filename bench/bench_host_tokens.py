@@ -2,9 +2,10 @@
 
 Runs the same I2V sampling with and without PhysMasterApply, interleaved (A B A B ...), each pair with a fresh
 sampler seed so ComfyUI's cache never skips the work, and prints the median of each and the ratio of medians
-(goal <= 1.02; the paper's own overhead is 1.13). The time of one run is ComfyUI's own execution time from the
-prompt's history (execution_start -> execution_success). Also prints the physical head's forward time (default
-head, CLIP-H features) as a fraction of one sampling run.
+(goal <= 1.02; the paper's own overhead is 1.13). Sampling time is the KSampler node's own time, from the
+websocket events the frontend gets (executing sampler -> executing the next node). Also prints, per video, the
+PhysMaster nodes' time (Encoder (new), Encode, Apply: they run once per start image) and the physical head's
+forward time (default head, CLIP-H features), as fractions of one sampling run.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_host_tokens.py [--runs 7] [--steps 8] [--size 128]
 """
@@ -58,11 +59,6 @@ def prompt(seed: int, steps: int, size: int, frames: int, context: int, with_tok
     return p
 
 
-def execution_seconds(entry: dict) -> float:
-    stamps = {name: data.get("timestamp") for name, data in entry["status"]["messages"]}
-    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
-
-
 def head_forward_seconds(repeats: int = 20) -> float:
     import torch
 
@@ -96,15 +92,26 @@ def main() -> int:
     models = {}
     for name, path in files.items():
         models.setdefault(tm.MODELS[name][0], []).append(path)
-    with harness.ComfyHost(comfy, models=models) as host:
+    base, tokens, physmaster_nodes = [], [], []
+    with harness.ComfyHost(comfy, models=models) as host, host.listen() as ws:
+        def run(seed: int, with_tokens: bool) -> dict[str, float]:
+            host.wait(host.queue(prompt(seed, args.steps, args.size, args.frames, args.context, with_tokens)), 900)
+            done = ws.wait_for("executing", timeout=60, where=lambda d: d.get("node") is None)
+            events = [e for e in ws.seen if e.get("type") == "executing"]
+            ws.seen.clear()
+            starts = [(e["data"].get("node"), e["received"]) for e in events]
+            times = {node: nxt[1] - t for (node, t), nxt in zip(starts, starts[1:])}
+            return times if done is not None else {}
+
         for warm in (False, True):  # load models, first-run costs
-            host.run(prompt(10_000, args.steps, args.size, args.frames, args.context, warm), timeout=900)
-        base, tokens = [], []
+            run(10_000, warm)
         for i in range(args.runs):
             order = (False, True) if i % 2 == 0 else (True, False)
             for with_tokens in order:
-                entry = host.run(prompt(i, args.steps, args.size, args.frames, args.context, with_tokens), 900)
-                (tokens if with_tokens else base).append(execution_seconds(entry))
+                t = run(i, with_tokens)
+                (tokens if with_tokens else base).append(t["sampler"])
+                if with_tokens:
+                    physmaster_nodes.append(sum(t.get(n, 0.0) for n in ("enc", "tok", "apply")))
     mb, mt = statistics.median(base), statistics.median(tokens)
     pair_ratios = [t / b for b, t in zip(base, tokens)]
     head = head_forward_seconds()
@@ -114,6 +121,9 @@ def main() -> int:
     print(f"with tokens:    median {mt:.3f} s (min {min(tokens):.3f}, max {max(tokens):.3f})")
     print(f"ratio with/without (medians): {mt / mb:.3f}   pairwise median: {statistics.median(pair_ratios):.3f}"
           f"   goal <= 1.02")
+    mp = statistics.median(physmaster_nodes)
+    print(f"PhysMaster nodes per start image (Encoder new + Encode + Apply, uncached): {mp * 1000:.1f} ms = "
+          f"{mp / mb:.3f} of one sampling run")
     print(f"physical head forward (default head, 257x1280 CLIP-H features): {head * 1000:.2f} ms = "
           f"{head / mb:.4f} of one sampling run")
     return 0

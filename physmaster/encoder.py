@@ -248,12 +248,23 @@ class PhysEncoder:
 
     @property
     def encoder_id(self) -> str:
-        """Name plus a short hash of the weights: which head made a set of tokens."""
-        h = hashlib.sha256(self.config.to_json().encode())
-        for k, v in sorted(self.head.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return f"{self.name}:{h.hexdigest()[:12]}"
+        """Name plus a short hash of the weights: which head made a set of tokens.
+
+        Hashing ~36 MB of weights costs tens of ms, so the digest is kept until a weight changes (an in-place
+        update of a tensor bumps its version counter: an optimizer step, load_state_dict)."""
+        state = self.head.state_dict()
+        # inference tensors (a head made under ComfyUI's inference mode) have no version counter; they are never
+        # trained in place (the trainers clone the encoder first), so their storage identifies them
+        versions = tuple((v.data_ptr(), -1 if v.is_inference() else v._version) for v in state.values())
+        cached = getattr(self, "_id_cache", None)
+        if cached is None or cached[0] != versions:
+            h = hashlib.sha256(self.config.to_json().encode())
+            for k, v in sorted(state.items()):
+                h.update(k.encode())
+                h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            cached = (versions, h.hexdigest()[:12])
+            self._id_cache = cached
+        return f"{self.name}:{cached[1]}"
 
     def clone(self) -> "PhysEncoder":
         head = PhysHead(self.config)

@@ -176,3 +176,21 @@ def test_saved_file_has_default_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_encoder_id_follows_weight_changes():
+    enc = PhysEncoder.new(SMALL, seed=1)
+    first = enc.encoder_id
+    assert enc.encoder_id == first  # cached
+    with torch.no_grad():
+        enc.head.gain.add_(1.0)  # an in-place update, as an optimizer step does
+    assert enc.encoder_id != first
+    other = PhysEncoder.new(SMALL, seed=1)
+    assert other.encoder_id == first
+
+
+def test_encoder_id_of_a_head_made_in_inference_mode():
+    with torch.inference_mode():
+        enc = PhysEncoder.new(SMALL, seed=1)
+        inside = enc.encoder_id
+    assert enc.encoder_id == inside == PhysEncoder.new(SMALL, seed=1).encoder_id

@@ -479,7 +479,9 @@ class WsListener:
                         except asyncio.TimeoutError:
                             continue
                         if msg.type == aiohttp.WSMsgType.TEXT:
-                            self.events.put(json.loads(msg.data))
+                            event = json.loads(msg.data)
+                            event["received"] = time.monotonic()  # for per-node timings (bench/)
+                            self.events.put(event)
                         elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                             return
 

@@ -68,7 +68,8 @@ def marking_workflow_with_tiny_models(encoder_name: str, image_name: str, datase
     return wf
 
 
-def test_mark_a_pair_in_the_real_frontend(host, tmp_path):
+@pytest.mark.parametrize("mode", ["root", "subgraph"])
+def test_mark_a_pair_in_the_real_frontend(host, tmp_path, mode):
     missing = _requirements()
     if missing:
         pytest.skip(missing)
@@ -79,12 +80,13 @@ def test_mark_a_pair_in_the_real_frontend(host, tmp_path):
     image = tmp_path / "start.png"
     Image.new("RGB", (SIZE, SIZE), (40, 160, 90)).save(image)
     image_name = host.upload_image(image, "physmaster_browser_start.png")
-    workflow = marking_workflow_with_tiny_models("PhysEncoder_00001_.safetensors", image_name, "browser_pairs")
+    dataset = f"browser_pairs_{mode}"
+    workflow = marking_workflow_with_tiny_models("PhysEncoder_00001_.safetensors", image_name, dataset)
     wf_path = tmp_path / "marking.json"
     wf_path.write_text(json.dumps(workflow))
     ARTIFACTS.mkdir(exist_ok=True)
     proc = subprocess.run(["node", str(BROWSER_DIR / "pick_in_browser.mjs"), host.url, str(wf_path), str(ARTIFACTS),
-                           "2", "0"], cwd=BROWSER_DIR, capture_output=True, text=True, timeout=900)
+                           "2", "0", mode], cwd=BROWSER_DIR, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"browser run failed:\n{proc.stdout}\n{proc.stderr}\n{host.log_tail(40)}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["candidates"] == 3
@@ -92,10 +94,15 @@ def test_mark_a_pair_in_the_real_frontend(host, tmp_path):
     deadline_pairs = []
     import time
     for _ in range(120):
-        deadline_pairs = pairs_on_disk(host, "browser_pairs")
+        deadline_pairs = pairs_on_disk(host, dataset)
         if deadline_pairs:
             break
         time.sleep(0.5)
     assert [(p["winner"], p["loser"], p["source"]) for p in deadline_pairs] == [(2, 0, "human")]
-    for shot in ("picker_waiting.png", "picker_best_marked.png", "picker_saved.png"):
-        assert (ARTIFACTS / shot).stat().st_size > 10_000
+    suffix = "" if mode == "root" else f"_{mode}"
+    for shot in ("picker_waiting", "picker_best_marked", "picker_saved"):
+        assert (ARTIFACTS / f"{shot}{suffix}.png").stat().st_size > 10_000
+    if mode == "subgraph":  # the picker ran inside the subgraph: the group on disk records its execution id
+        from physmaster.preferences import PreferenceDataset
+        ds = PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", dataset)
+        assert ":" in ds.group_meta(deadline_pairs[0]["group"])["node"]

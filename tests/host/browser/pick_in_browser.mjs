@@ -1,13 +1,16 @@
 // Opens the real ComfyUI frontend in Debian's chromium, loads a UI-format workflow, queues it from the page (so the
 // websocket events reach this browser), waits for the PhysMaster picker to show its candidates inside the node,
 // clicks a best and a worst, and saves screenshots. Usage:
-//   node pick_in_browser.mjs <base-url> <workflow.json> <out-dir> <best-index> <worst-index>
+//   node pick_in_browser.mjs <base-url> <workflow.json> <out-dir> <best-index> <worst-index> [root|subgraph]
+// With "subgraph", the picker node is first converted into a subgraph (the frontend's own command) and the view
+// opened inside it, so the node's execution id is "<subgraph node>:<inner node>".
 // Prints one JSON line: {"candidates": N, "status": "..."}; exits non-zero on failure.
 import { chromium } from "playwright-core";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 
-const [url, workflowPath, outDir, best, worst] = process.argv.slice(2);
+const [url, workflowPath, outDir, best, worst, mode = "root"] = process.argv.slice(2);
+const shot = (name) => join(outDir, mode === "root" ? name : name.replace(".png", `_${mode}.png`));
 const workflow = JSON.parse(readFileSync(workflowPath, "utf8"));
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -30,9 +33,17 @@ try {
   if (!registered) throw new Error("the physmaster.preferencePicker extension is not registered");
   await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflow);
 
+  if (mode === "subgraph") {
+    await page.evaluate(() => {
+      const graph = window.app.graph;
+      const inner = graph._nodes.find((n) => n.type === "PhysMasterPreferencePicker");
+      const { subgraph, node } = graph.convertToSubgraph(new Set([inner]));
+      window.app.canvas.openSubgraph(subgraph, node);
+    });
+  }
   // centre the view on the picker node so its widget is on screen
   await page.evaluate(() => {
-    const node = window.app.graph._nodes.find((n) => n.type === "PhysMasterPreferencePicker");
+    const node = window.app.canvas.graph._nodes.find((n) => n.type === "PhysMasterPreferencePicker");
     window.app.canvas.ds.scale = 1.0;
     window.app.canvas.centerOnNode(node);
     window.app.canvas.setDirty(true, true);
@@ -43,19 +54,21 @@ try {
   const n = await cards.count();
   await page.waitForFunction(() => [...document.querySelectorAll(".physmaster-picker-candidate img")]
     .every((img) => img.complete && img.naturalWidth > 0), null, { timeout: 60000 });
-  await page.screenshot({ path: join(outDir, "picker_waiting.png") });
+  await page.screenshot({ path: shot("picker_waiting.png") });
   await page.locator(".physmaster-picker-best").nth(Number(best)).click();
-  await page.screenshot({ path: join(outDir, "picker_best_marked.png") });
+  await page.screenshot({ path: shot("picker_best_marked.png") });
   await page.locator(".physmaster-picker-worst").nth(Number(worst)).click();
   await page.waitForFunction(() => {
     const s = document.querySelector(".physmaster-picker-status");
     return s && /Saved|Done|answered/.test(s.textContent);
   }, null, { timeout: 60000 });
   const status = await page.locator(".physmaster-picker-status").textContent();
-  await page.screenshot({ path: join(outDir, "picker_saved.png") });
-  console.log(JSON.stringify({ candidates: n, status, errors }));
+  await page.screenshot({ path: shot("picker_saved.png") });
+  const nodeIds = await page.evaluate(() => window.app.canvas.graph._nodes
+    .filter((n) => n.type === "PhysMasterPreferencePicker").map((n) => n.id));
+  console.log(JSON.stringify({ candidates: n, status, errors, mode, nodeIds }));
 } catch (e) {
-  await page.screenshot({ path: join(outDir, "picker_failure.png") }).catch(() => {});
+  await page.screenshot({ path: shot("picker_failure.png") }).catch(() => {});
   console.error(String(e), JSON.stringify(errors));
   process.exitCode = 1;
 } finally {
