@@ -88,10 +88,7 @@ def main() -> int:
     if not comfy:
         print("set COMFYUI_PATH to a ComfyUI checkout", file=sys.stderr)
         return 2
-    files = tm.ensure_tiny_models(["wan21_i2v", "wan21_vae"], comfyui_path=comfy)
-    models = {}
-    for name, path in files.items():
-        models.setdefault(tm.MODELS[name][0], []).append(path)
+    models = tm.model_folders(tm.ensure_tiny_models(["wan21_i2v", "wan21_vae"], comfyui_path=comfy))
     base, tokens, physmaster_nodes = [], [], []
     with harness.ComfyHost(comfy, models=models) as host, host.listen() as ws:
         def run(seed: int, with_tokens: bool) -> dict[str, float]:

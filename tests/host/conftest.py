@@ -57,9 +57,7 @@ def host(comfyui_path, tiny_models):
     import harness
     import tiny_models as tm
 
-    models: dict[str, list[Path]] = {}
-    for name, path in tiny_models.items():
-        models.setdefault(tm.MODELS[name][0], []).append(path)
+    models = tm.model_folders(tiny_models)
     keep = bool(os.environ.get("PHYSMASTER_HOST_KEEP"))
     h = harness.ComfyHost(comfyui_path, models=models, keep_root=keep)
     h.start()

@@ -225,3 +225,11 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def model_folders(files: dict[str, Path]) -> dict[str, list[Path]]:
+    """{name: path} from ensure_tiny_models -> {models subfolder: [paths]}, what ComfyHost(models=...) takes."""
+    folders: dict[str, list[Path]] = {}
+    for name, path in files.items():
+        folders.setdefault(MODELS[name][0], []).append(path)
+    return folders
