@@ -186,8 +186,8 @@ def _conditioning_from_processed(context, mask, features, processed: dict) -> tu
     return cond, constants
 
 
-def _preflight(encoder: PhysEncoder | None, context_dim: int, feature_dim: int | None, n_items: int, what: str,
-               mp, latent_shape) -> str:
+def _preflight(encoder: PhysEncoder | None, context_dim: int, feature_dim: int | None, n_items: int, noun: str,
+               what: str, mp, latent_shape) -> str:
     problems = []
     if encoder is not None:
         if encoder.config.context_dim != context_dim:
@@ -206,13 +206,17 @@ def _preflight(encoder: PhysEncoder | None, context_dim: int, feature_dim: int |
     if problems:
         raise WidthMismatchError("cannot train: " + "; ".join(problems))
     params = sum(p.numel() * p.element_size() for p in mp.model.diffusion_model.parameters())
-    return (f"{n_items} {what.split()[-1]} items, latents {list(latent_shape)}, context width {context_dim}, "
+    return (f"{n_items} {noun}, latents {list(latent_shape)}, context width {context_dim}, "
             f"model weights {params / 2**30:.2f} GiB")
 
 
-def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_data, config: TrainConfig, lora_rank: int,
-         dataset_label: str, n_items: int):
-    """Shared body of the two train nodes: clone, LoRA, guider, the stage loops, outputs."""
+def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_inputs, build, config: TrainConfig,
+         lora_rank: int, dataset_label: str, n_items: int):
+    """Shared body of the two train nodes: clone, LoRA, guider, the stage loops, outputs.
+
+    `make_inputs()` -> (the groups' ComfyUI conditioning, one latent): called with inference mode off, so its
+    clones are trainable tensors. `build(processed_conds)` -> ({stage: data}, constants, uses_mask) once the
+    guider has prepared the conditioning."""
     from comfy_extras.nodes_train import TrainGuider
 
     node_id = getattr(node_cls.hidden, "unique_id", None)
@@ -223,7 +227,7 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_data, co
         enc = encoder.clone() if encoder is not None else None
         needs_lora = any(s in ("sft", "dpo-lora") for s in stages) and lora_rank > 0
         lora, lora_state = add_lora(mp, lora_rank) if needs_lora else ({}, None)
-        positives, latents, build = make_data()
+        positives, dummy = make_inputs()
         comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
         guider = TrainGuider(mp)
         guider.set_conds(positives)
@@ -231,6 +235,7 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_data, co
         pbar = comfy.utils.ProgressBar(total)
         started = time.monotonic()
         results = []
+        interrupted: list[tuple[str, int]] = []
 
         class _Sampler(comfy.samplers.Sampler):
             def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -257,19 +262,18 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_data, co
                     try:
                         results.append((stage, trainer.run(progress)))
                     except comfy.model_management.InterruptProcessingException:
-                        results.append((stage, trainer))
+                        interrupted.append((stage, trainer.step))
                         raise
                     done += config.steps
                 denoiser.enable_gradient_checkpointing(False)
                 return torch.zeros_like(latent_image)
 
-        dummy = latents[:1]
         try:
             comfy.model_management.in_training = True
             guider.sample(torch.zeros_like(dummy), dummy, _Sampler(), torch.ones(2), seed=config.seed)
         except comfy.model_management.InterruptProcessingException:
             if enc is not None:
-                path = _save_interrupted(enc, results, config, dataset_label)
+                path = _save_interrupted(enc, results, interrupted, config, dataset_label)
                 log.warning("PhysMaster: training interrupted; the encoder after the last completed step is in %s",
                             path)
             raise
@@ -314,17 +318,13 @@ def _model_name(model) -> str:
     return type(getattr(model, "model", model)).__name__
 
 
-def _save_interrupted(enc: PhysEncoder, results, config: TrainConfig, dataset_label: str) -> str:
+def _save_interrupted(enc: PhysEncoder, results, interrupted, config: TrainConfig, dataset_label: str) -> str:
     folder = os.path.join(folder_paths.get_output_directory(), "physmaster", "interrupted")
     name = f"{enc.name}_{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
-    stages = []
-    for stage, item in results:
-        steps = getattr(item, "steps_done", None)
-        if steps is None:
-            steps = getattr(item, "step", 0)
-        stages.append({"stage": stage, "steps": steps, "interrupted": not hasattr(item, "steps_done"),
-                       "dataset": dataset_label, "lr": config.lr, "seed": config.seed})
-    enc.provenance.setdefault("stages", []).extend(stages)
+    steps = [(stage, r.steps_done, False) for stage, r in results] + [(stage, n, True) for stage, n in interrupted]
+    enc.provenance.setdefault("stages", []).extend(
+        {"stage": stage, "steps": n, "interrupted": cut, "dataset": dataset_label, "lr": config.lr,
+         "seed": config.seed} for stage, n, cut in steps)
     return str(enc.save(os.path.join(folder, name)))
 
 
@@ -401,14 +401,13 @@ class PhysMasterTrainDPO(io.ComfyNode):
         first = loaded[groups[0]]
         feats = first.get("features")
         summary = _preflight(encoder, int(first["context"].shape[-1]), None if feats is None else int(feats.shape[-1]),
-                             len(pairs), "preference dataset pairs", model, tuple(first["latents"].shape[1:]))
+                             len(pairs), "pairs", "preference dataset", model, tuple(first["latents"].shape[1:]))
         log.info("PhysMaster TrainDPO: %s", summary)
         index = {g: i for i, g in enumerate(groups)}
 
-        def make_data():
+        def make_inputs():
             positives = [comfy_conditioning({k: _clone(v) for k, v in loaded[g].items()}) for g in groups]
-            latents = torch.stack([_clone(loaded[groups[0]]["latents"][0])])
-            return positives, latents, build
+            return positives, _clone(loaded[groups[0]]["latents"][:1])
 
         def build(conds):
             items, constants, uses_mask = [], {}, False
@@ -425,8 +424,8 @@ class PhysMasterTrainDPO(io.ComfyNode):
             data = PreferenceSet(items)
             return {s: data for s in stages}, constants, uses_mask
 
-        enc, lora_sd, loss_map, text, histories = _run(cls, model, encoder, stages, make_data, config, lora_rank,
-                                                       dataset.name, len(pairs))
+        enc, lora_sd, loss_map, text, histories = _run(cls, model, encoder, stages, make_inputs, build, config,
+                                                       lora_rank, dataset.name, len(pairs))
         return _outputs_of(enc, lora_sd, loss_map, summary + "\n" + text, histories)
 
 
@@ -476,14 +475,13 @@ class PhysMasterTrainSFT(io.ComfyNode):
             entries.append((base, clean, record.get("features")))
         feats = entries[0][2]
         summary = _preflight(encoder, int(entries[0][0].shape[-1]),
-                             None if feats is None else int(feats.shape[-1]), n, "training videos", model,
+                             None if feats is None else int(feats.shape[-1]), n, "videos", "training videos", model,
                              tuple(samples.shape[1:]))
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=training_seed,
                              gradient_checkpointing=gradient_checkpointing)
 
-        def make_data():
-            positives = [[_clone(b), dict(c)] for b, c, _ in entries]
-            return positives, _clone(samples[:1]), build
+        def make_inputs():
+            return [[_clone(b), dict(c)] for b, c, _ in entries], _clone(samples[:1])
 
         def build(conds):
             items, constants, uses_mask = [], {}, False
@@ -495,6 +493,6 @@ class PhysMasterTrainSFT(io.ComfyNode):
                 items.append(VideoSample(latent=_clone(samples[i]), cond=cond, name=str(i)))
             return {"sft": VideoSet(items)}, constants, uses_mask
 
-        enc, lora_sd, loss_map, text, histories = _run(cls, model, encoder, ["sft"], make_data, config, lora_rank,
-                                                       "graph latents", n)
+        enc, lora_sd, loss_map, text, histories = _run(cls, model, encoder, ["sft"], make_inputs, build, config,
+                                                       lora_rank, "graph latents", n)
         return _outputs_of(enc, lora_sd, loss_map, summary + "\n" + text, histories)

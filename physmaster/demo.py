@@ -45,7 +45,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PhysMasterError
 
 HELP = "run the PhysMaster pipeline (Stage I SFT, Stage II/III Flow-DPO) on the drop proxy world, on CPU"
 

@@ -15,7 +15,6 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
-import types
 
 STUB_VERSION = "0.0.0+physmaster.host.stub"
 _ROOTS = ("torchvision", "torchaudio")
