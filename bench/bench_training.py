@@ -25,26 +25,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from physmaster.demo import (FRAMES, LORA_TARGETS, SIZE, ProxyBackbone, conditioning, new_head,  # noqa: E402
-                             new_model)
+from physmaster.demo.autoencoder import DOWN, LATENT_CHANNELS, FrameAutoencoder  # noqa: E402
+from physmaster.demo.backbone import GeometryBackbone  # noqa: E402
+from physmaster.demo.generator import LORA_TARGETS, VideoModel, new_dit  # noqa: E402
+from physmaster.demo.pipeline import Settings, new_head  # noqa: E402
+from physmaster.demo.world import FRAMES, SIZE  # noqa: E402
 from physmaster.training import (PreferencePair, PreferenceSet, StageTrainer, TrainConfig,  # noqa: E402
                                  VideoSample, VideoSet)
 
 
 def build(stage: str, device: str, frames: int = FRAMES, gc: bool = False, batch: int = 1):
     torch.manual_seed(0)
-    den = new_model(0)
+    den = new_dit(0)
     den.model.to(device)
     den.add_lora(16, targets=LORA_TARGETS, seed=0)
-    enc = new_head(0)
+    enc = new_head(Settings(), 0)
     enc.head.to(device)
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(batch, SIZE, SIZE, 3, generator=g).numpy()
-    cond = conditioning(imgs, ProxyBackbone())
+    cond = VideoModel(FrameAutoencoder(), den).conditioning(imgs, GeometryBackbone())
     if frames != FRAMES:
         from physmaster.backends.diffusers_wan import make_i2v_condition
         cond.image_cond = make_i2v_condition(cond.image_cond[:, 4:, 0], frames)
-    shape = (3, frames, SIZE, SIZE)
+    shape = (LATENT_CHANNELS, frames, SIZE // DOWN, SIZE // DOWN)
     if stage == "sft":
         data = VideoSet(VideoSample(torch.randn(shape, generator=g), cond.map(lambda x, i=i: x[i:i + 1]))
                         for i in range(batch))

@@ -1,61 +1,144 @@
-"""`python -m physmaster demo --fast`: the pipeline runs end to end and writes its table and GIF."""
+"""The demo package: its world, parts, figures and the `--fast` end-to-end run."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 
-pytest.importorskip("physmaster.physics")
+from physmaster.cli import main
+from physmaster.demo import bootstrap_ci, format_table
+from physmaster.demo.assets import ASSET_FILE, load_assets, save_assets
+from physmaster.demo.autoencoder import FrameAutoencoder
+from physmaster.demo.backbone import TARGETS, GeometryBackbone, geometry_targets
+from physmaster.demo.evaluation import coherence, score_video
+from physmaster.demo.world import FRAMES, SIZE, drop_scene, material_restitution
 
-from physmaster.cli import main  # noqa: E402
-from physmaster.demo import ProxyBackbone, bootstrap_ci, format_table  # noqa: E402
 
-
-@pytest.mark.slow
 def test_demo_fast(tmp_path, capsys):
     rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "1"])
     assert rc == 0
     out = capsys.readouterr().out
-    for row in ("base", "Stage I", "Stage II", "Stage III"):
-        assert f"\n{row:10s}|" in out
+    for row in ("base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"):
+        assert f"\n{row:22s}|" in out
+    assert "token influence" in out and "coherence" in out
     table = (tmp_path / "table.txt").read_text()
-    assert "Stage III - Stage II" in table
+    assert "Stage III - Stage II" in table and "Stage II - Stage I" in table and "Stage I - base" in table
     res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["per_scene"]) == {"base", "Stage I", "Stage II", "Stage III"}
-    for stage in res["per_scene"].values():
+    rows = res["runs"][0]["rows"]
+    assert list(rows) == ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
+    for row in rows.values():
         for metric in ("l2", "chamfer", "iou"):
-            assert len(stage[metric]) == 4 and np.all(np.isfinite(stage[metric]))
+            assert len(row["per_scene"][metric]) == 4 and np.all(np.isfinite(row["per_scene"][metric]))
+        assert 0.0 <= row["coherence"] <= 1.0
+    assert set(res["runs"][0]["token_influence"]) == {"Stage I", "Stage III"}
+    assert res["wall_seconds"] > 0 and res["settings"]["sft_steps"] == 2
     gif = tmp_path / "comparison.gif"
     assert gif.read_bytes()[:6] == b"GIF89a"
     from PIL import Image
     with Image.open(gif) as im:
-        assert im.n_frames == 8 and im.size[0] > 4 * 32
+        assert im.n_frames == FRAMES and im.size[0] > 4 * SIZE
     assert (tmp_path / "demo_encoder.safetensors").is_file()
 
 
+def test_eval_seed_draws_other_scenes(tmp_path):
+    from physmaster.demo.cli import held_out
+
+    a, b = held_out(3, 0), held_out(3, 1)
+    assert [s.meta["seed"] for s in a] != [s.meta["seed"] for s in b]
+    assert len(a) == 6 and [s.meta["split"] for s in a] == ["seen"] * 3 + ["unseen"] * 3
+
+
 def test_table_and_bootstrap():
-    r = {"base": {"l2": np.array([0.2, 0.2, 0.4, 0.4]), "chamfer": np.ones(4), "iou": np.zeros(4)},
-         "Stage I": {"l2": np.array([0.1, 0.1, 0.2, 0.2]), "chamfer": np.ones(4), "iou": np.ones(4)}}
+    r = {"base": {"l2": np.array([0.2, 0.2, 0.4, 0.4]), "chamfer": np.ones(4), "iou": np.zeros(4),
+                  "coherence": np.ones(4)},
+         "Stage I": {"l2": np.array([0.1, 0.1, 0.2, 0.2]), "chamfer": np.ones(4), "iou": np.ones(4),
+                     "coherence": np.full(4, 0.5)}}
     text = format_table(r, 2)
-    assert "base      |  0.2000" in text and "0.4000" in text and "0.3000" in text  # seen, unseen, average
-    assert "L2 -0.1500 (-50.0%)" in text
+    assert "0.2000" in text and "0.4000" in text and "0.3000" in text  # seen, unseen, average
+    assert "L2 -0.1500 (-50.0%)" in text and "Stage I - base" in text
+    assert "     0.500" in text  # coherence column
     lo, hi = bootstrap_ci(np.array([-1.0, -1.0, -1.0]))
     assert lo == hi == -1.0
 
 
-def test_backbone_is_deterministic_and_frozen():
-    img = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
-    import torch
-    a = ProxyBackbone()(torch.from_numpy(img))
-    b = ProxyBackbone()(torch.from_numpy(img))
-    assert a.shape == (2, 65, 64) and torch.equal(a, b) and not a.requires_grad
+def test_the_world_is_determined_by_the_start_image():
+    """Nominal gravity and a material law: equal colours bounce alike, the image fixes the motion."""
+    s = drop_scene(3)
+    assert s.meta["gravity_norm"] == pytest.approx(3.0)
+    assert s.meta["restitution"] == pytest.approx(material_restitution(s.meta["colours"][0]))
+    assert material_restitution("black") < material_restitution("white")
+    assert s.frames.shape == (FRAMES, SIZE, SIZE, 3)
+    assert np.array_equal(s.frames, drop_scene(3).frames)
+    assert 20 <= s.object_masks()[0].sum() <= 150  # objects big enough to be shapes at 32 px
+
+
+def test_geometry_targets_and_backbone_shapes():
+    s = drop_scene(5)
+    t = geometry_targets(s)
+    assert t.shape == (len(TARGETS),) and np.all(np.isfinite(t))
+    assert t[TARGETS.index("restitution")] == pytest.approx(s.meta["restitution"])
+    net = GeometryBackbone()
+    img = torch.from_numpy(np.stack([s.frames[0], drop_scene(6).frames[0]]))
+    h = net(img)
+    assert h.shape == (2, 17, 64) and not h.requires_grad
+    assert net.predict(img).shape == (2, len(TARGETS))
+
+
+def test_coherence_counts_whole_objects_only():
+    gt = np.zeros((4, 32, 32), bool)
+    gt[:, 10:16, 10:16] = True  # area 36
+    one = gt.copy()
+    frag = gt.copy()
+    frag[:, 25:29, 25:29] = True  # a second fragment of 16 px: the largest holds 36 / 52 < 90%
+    big = np.zeros_like(gt)
+    big[:, 5:20, 5:20] = True  # 225 px > 2 x 36
+    assert coherence({"foreground": one}, one, gt) == 1.0
+    assert coherence({"foreground": frag}, gt, gt) == 0.0
+    assert coherence({"foreground": big}, big, gt) == 0.0
+    mixed = {"foreground": np.concatenate([one[:2], frag[2:]])}
+    assert coherence(mixed, gt, gt) == 0.5
+
+
+def test_ground_truth_video_scores_as_perfect():
+    s = drop_scene(11)
+    r = score_video(s.frames, s.object_masks())
+    assert r["coherence"] == 1.0 and r["l2"] < 0.01 and r["iou"] > 0.8
+
+
+def test_assets_roundtrip_and_refuse_other_models(tmp_path):
+    from physmaster.demo.generator import new_dit
+    from physmaster.errors import CheckpointError
+
+    path = save_assets(tmp_path / "a.safetensors", FrameAutoencoder(), GeometryBackbone(), new_dit(0),
+                       {"ae": {"steps": 1}, "backbone": {"steps": 1}, "dit": {"steps": 1}})
+    vm, bb, info = load_assets(path)
+    assert info["ae"]["steps"] == 1 and not any(p.requires_grad for p in vm.den.model.parameters())
+    with pytest.raises(CheckpointError, match="--make-base"):
+        load_assets(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(CheckpointError, match="not a readable demo asset"):
+        load_assets(tmp_path / "bad.safetensors")
+
+
+def test_shipped_assets_record_how_they_were_made():
+    _, _, info = load_assets(ASSET_FILE)
+    for part in ("ae", "backbone", "dit"):
+        assert info[part]["command"].startswith("python -m physmaster demo --make-base")
+        for key in ("seed", "steps", "seconds", "final_loss"):
+            assert key in info[part]
+    assert ASSET_FILE.stat().st_size < 20e6
 
 
 def test_held_out_scenes_are_disjoint_from_training_and_candidates():
-    from physmaster.demo import DPO_SEED, EVAL_SEED, SFT_SEED, Settings
+    from physmaster.demo.assets import ASSET_SEEDS
+    from physmaster.demo.cli import held_out_base
+    from physmaster.demo.pipeline import DPO_SEED, SFT_SEED, Settings
 
     st = Settings()
     train = set(range(SFT_SEED, SFT_SEED + st.sft_scenes)) | set(range(DPO_SEED, DPO_SEED + st.dpo_scenes))
-    held_out = set(range(EVAL_SEED, EVAL_SEED + st.eval_scenes))
-    assert not train & held_out
-    assert st.candidates >= 2 and st.eval_seeds >= 1
+    assert held_out_base(0) == 900_000  # the default set is the one earlier versions used
+    for eval_seed in (0, 1, 7, 10, 123, 10**6):
+        held = set(range(held_out_base(eval_seed), held_out_base(eval_seed) + 1000))
+        assert not train & held and all(not 0 <= h - a < 10_000 for h in held for a in ASSET_SEEDS)
+    assert st.candidates >= 2 and st.eval_videos >= 1

@@ -222,7 +222,9 @@ def _penalty(name: str, value: float) -> float:
     return float(min(PENALTY_CAP, (max(0.0, abs(value) - free) / scale) ** 2))
 
 
-def _gt_score(metrics: dict) -> float:
+def gt_similarity(metrics: dict) -> float:
+    """Similarity to the ground truth in [0, 1] from PISA metrics: the mean of IoU, exp(-L2 / 0.05) and
+    exp(-Chamfer / 0.15) (1 = identical masks)."""
     return (metrics["iou"] + math.exp(-metrics["l2"] / 0.05) + math.exp(-metrics["chamfer"] / 0.15)) / 3.0
 
 
@@ -304,7 +306,7 @@ def judge(frames, gt_masks=None, fps: float = 16.0, gt_fps: float | None = None,
         penalties["gravity"] = PENALTY_CAP if g_norm <= 0 else 0.0
     total = sum(penalties.values())
     phys = float(math.exp(-total))
-    score = phys if not metrics else 0.5 * phys + 0.5 * _gt_score(metrics)
+    score = phys if not metrics else 0.5 * phys + 0.5 * gt_similarity(metrics)
     worst = max(penalties, key=penalties.get)
     reason = (f"plausible drop (gravity {g_norm:.2f} image heights/s^2, {len(taus)} impact(s))"
               if total < 1.0 else f"implausible: worst is {worst} = {components.get(worst, g_norm):.4g}")

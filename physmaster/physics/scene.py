@@ -305,7 +305,7 @@ def _second_colour(c) -> tuple[float, float, float]:
     return tuple(float(v) for v in out)
 
 
-def _sample(seed: int, split: str, size: int, frames: int, fps: float) -> dict:
+def _sample(seed: int, split: str, size: int, frames: int, fps: float, object_scale: float = 1.0) -> dict:
     rng = _rng(seed, split)
     S = float(size)
     duration = (frames - 1) / fps
@@ -340,7 +340,7 @@ def _sample(seed: int, split: str, size: int, frames: int, fps: float) -> dict:
     p["texture"] = texture
     p["gravity"] = float(NOMINAL_GRAVITY * S * math.exp(rng.uniform(*np.log(GRAVITY_RANGE))))
     p["restitution"] = float(rng.uniform(*RESTITUTION_RANGE))
-    radius = float(S * rng.uniform(0.06, 0.10))
+    radius = float(S * rng.uniform(0.06, 0.10) * object_scale)
     p["radius"] = radius
     hw, top, bot, _ = (radius * v for v in shape_extents(shape))
     y0 = top + S * rng.uniform(0.05, 0.16)
@@ -464,11 +464,13 @@ def _render_object(pos: np.ndarray, scales: np.ndarray, shape: str, radius: floa
 
 
 def render_scene(seed: int, split: str = "seen", size: int = 64, frames: int = 32, fps: float = 16.0,
-                 **overrides) -> Scene:
+                 object_scale: float = 1.0, **overrides) -> Scene:
     """Render one drop scene, deterministic by (seed, split, size, frames, fps, overrides).
 
     `overrides` (see OVERRIDES) change one physical or visual parameter while everything else stays as the
-    seed drew it; the corruptions in `corrupt.py` use them to break exactly one law.
+    seed drew it; the corruptions in `corrupt.py` use them to break exactly one law. `object_scale` multiplies
+    the sampled object size *before* the scene is laid out (start height, block, path), so a larger object
+    still starts inside the image (small renders, e.g. the demo's 32 px, use it to keep objects visible).
     """
     if split not in SPLITS:
         raise PhysMasterError(f"unknown split {split!r}; use 'seen' or 'unseen'")
@@ -482,10 +484,12 @@ def render_scene(seed: int, split: str = "seen", size: int = 64, frames: int = 3
         raise PhysMasterError(f"frames {frames} is out of range; use 2..4096")
     if not (math.isfinite(fps) and 1 <= fps <= 240):
         raise PhysMasterError(f"fps {fps} is out of range; use 1..240")
+    if not (isinstance(object_scale, (int, float)) and 0.25 <= object_scale <= 3.0):
+        raise PhysMasterError(f"object_scale {object_scale!r} is out of range; use 0.25..3")
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise PhysMasterError(f"unknown scene override(s) {unknown}; allowed: {sorted(OVERRIDES)}")
-    p = _sample(seed, split, size, frames, fps)
+    p = _sample(seed, split, size, frames, fps, float(object_scale))
     applied = {}
     for key, value in overrides.items():
         if value is None:

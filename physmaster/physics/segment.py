@@ -269,10 +269,11 @@ def segment_object(frames, return_details: bool = False):
         fg[ti, yi, xi] = best_c >= 0.5
     n = _neighbours(fg)
     fg = (fg & (n >= 2)) | (~fg & cand & (n >= 6))
+    cleaned = fg
     fg = largest_component(fg)
     fg = _per_frame(fg, fill_holes)
     if return_details:
-        return fg, {"background": bg, "distance": d, "noise": noise, "colours": colours}
+        return fg, {"background": bg, "distance": d, "noise": noise, "colours": colours, "foreground": cleaned}
     return fg
 
 

@@ -69,11 +69,12 @@ class TrainConfig:
     t_sampling: str = "uniform"  # or "logit_normal" (SD3/Wan training)
     shift: float = 1.0  # timestep shift t' = s t / (1 + (s − 1) t), as Wan's schedulers (1 = none)
     token_strength: float = 1.0
+    token_dropout: float = 0.0  # Stage I: fraction of samples whose physical tokens are zeroed (seeded per step)
     checkpoint_every: int = 0  # 0 = only at the end
     gradient_checkpointing: bool = False
 
     TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
-                         "t_min", "t_max", "t_sampling", "shift", "token_strength")
+                         "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout")
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,6 +90,8 @@ class TrainConfig:
             problems.append(f"t_sampling must be 'uniform' or 'logit_normal', got {self.t_sampling!r}")
         if self.shift <= 0:
             problems.append(f"shift must be > 0, got {self.shift}")
+        if not 0.0 <= self.token_dropout < 1.0:
+            problems.append(f"token_dropout must be in [0, 1), got {self.token_dropout}")
         if int(self.checkpoint_every) < 0:
             problems.append(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if problems:
@@ -249,7 +252,11 @@ class StageTrainer:
             t = sample_t(cfg, x0.shape[0], gen)
             noise = torch.randn(x0.shape, generator=gen)
             x0, noise, t, cond = x0.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
-            c = cond.with_tokens(self._tokens(head, cond), cfg.token_strength)
+            tokens = self._tokens(head, cond)
+            if tokens is not None and cfg.token_dropout > 0:  # condition dropout: zero some samples' tokens
+                keep = (torch.rand(x0.shape[0], generator=gen) >= cfg.token_dropout).to(tokens)
+                tokens = tokens * keep.view(-1, 1, 1)
+            c = cond.with_tokens(tokens, cfg.token_strength)
             x_t = self.denoiser.add_noise(x0, noise, t)
             v = self.denoiser.predict_velocity(x_t, t, c)
             loss = flow_matching_loss(v, self.denoiser.velocity_target(x0, noise, t))

@@ -1,0 +1,111 @@
+"""The stand-in for PhysMaster's frozen DINOv2 backbone (initialised from Depth Anything V2 in the paper).
+
+What the paper's backbone brings is not "more pixels" but *geometry the video model's latent does not spell
+out*: depth, support, scale, material. This stand-in plays that role on the proxy world: a small CNN pretrained
+(once, offline; frozen afterwards) to read from one start image the object's position and size, the floor line,
+the support under the object (floor or block), the height above it, the time to the first impact and the
+material (restitution, which the world shows as colour). Its hidden states are what a ComfyUI user's
+CLIPVisionEncode would give the head: a summary token (the regression MLP's hidden layer, from which every
+geometry target is a linear read-out) followed by 4x4 patch tokens of the last feature map (with fixed 2D
+positions), [B, 1 + 16, 64]. The physical head learns which of it the DiT needs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from .world import FPS, SIZE, material_restitution
+
+WIDTH = 64
+TARGETS = ("x", "y", "radius", "floor", "support", "height", "impact_time", "restitution", "block", "block_x0",
+           "block_x1", "block_top")
+
+
+def geometry_targets(scene) -> np.ndarray:
+    """The backbone's pretraining targets for a drop scene's start image (lengths / image size, seconds)."""
+    m = scene.meta
+    x, y = scene.trajectories[0, 0]
+    floor = m["floor_y"]
+    block = m["block"]
+    mask = scene.object_masks()[0]
+    rows = np.nonzero(mask.any(1))[0]
+    bottom = float(rows.max()) + 0.5 if len(rows) else float(y)
+    support = floor
+    if block is not None and m["block_kind"] == "under":
+        support = block[2]
+    height = max(0.0, support - bottom)
+    g = m["gravity"]
+    impact = math.sqrt(2 * height / g) if g > 0 else 0.0
+    b = block if block is not None else (0.0, 0.0, floor)
+    return np.array([x / SIZE, y / SIZE, m["radius"] / SIZE, floor / SIZE, support / SIZE, height / SIZE,
+                     impact * FPS / 8, material_restitution(m["colours"][0]), float(block is not None),
+                     b[0] / SIZE, b[1] / SIZE, b[2] / SIZE], np.float32)
+
+
+class GeometryBackbone(nn.Module):
+    """[B, H, W, 3] start images in [0, 1] -> hidden states [B, 1 + 16, WIDTH] (summary token, patch tokens)."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 48, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(48, 64, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(64, width, 4, stride=2, padding=1), nn.SiLU())
+        n = SIZE // 8
+        self.mlp = nn.Sequential(nn.Linear(width * n * n, 256), nn.SiLU(), nn.Linear(256, width), nn.SiLU())
+        self.readout = nn.Linear(width, len(TARGETS))
+        yy, xx = torch.meshgrid(torch.arange(n).float(), torch.arange(n).float(), indexing="ij")
+        freqs = 1.0 / (4.0 ** torch.arange(width // 4).float())
+        pos = torch.cat([torch.sin(yy[..., None] * freqs), torch.cos(yy[..., None] * freqs),
+                         torch.sin(xx[..., None] * freqs), torch.cos(xx[..., None] * freqs)], -1)
+        self.register_buffer("pos", pos.reshape(n * n, width) * 0.5)
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.float().permute(0, 3, 1, 2) * 2 - 1
+        fmap = self.conv(x)  # [B, C, 4, 4]
+        summary = self.mlp(fmap.flatten(1))
+        patches = fmap.flatten(2).transpose(1, 2) + self.pos
+        return torch.cat([summary[:, None], patches], 1), self.readout(summary)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._forward(images)[0]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """The geometry read-out [B, len(TARGETS)] (to check what the frozen features know)."""
+        return self._forward(images)[1]
+
+
+def train_backbone(images: torch.Tensor, targets: torch.Tensor, steps: int, seed: int = 0, batch: int = 128,
+                   lr: float = 2e-3, log=print) -> tuple[GeometryBackbone, dict]:
+    """Supervised pretraining on start images [N, H, W, 3] -> targets [N, len(TARGETS)]; frozen afterwards."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = GeometryBackbone()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
+    t0 = time.perf_counter()
+    loss_v = float("nan")
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        pred = net._forward(images[idx])[1]
+        loss = (pred - targets[idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_v = float(loss.detach())
+        if log and (step + 1) % max(1, steps // 5) == 0:
+            log(f"  [backbone] {step + 1}/{steps} loss {loss_v:.5f} ({time.perf_counter() - t0:.0f}s)")
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, {"steps": steps, "final_loss": loss_v, "seconds": time.perf_counter() - t0}

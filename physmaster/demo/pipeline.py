@@ -1,0 +1,148 @@
+"""PhysMaster's stages on the proxy world: Stage I SFT, on-policy candidates and their labels, Flow-DPO on the
+head and on a DiT LoRA, with the trainer in `physmaster.training` (the same loops the ComfyUI nodes drive).
+
+Stage I teaches the DiT to *use* the physical tokens: the head starts with a real gain, the LoRA reaches
+every projection, and the tokens are dropped (zeroed) for 10% of the samples, so the DiT also keeps a
+token-free path and "tokens zeroed" is a state it knows, which makes the token-influence figure an honest
+measure of what the tokens carry rather than of an input the model never saw.
+
+Candidates are on-policy: each DPO stage samples them from the model it starts from. Labels come from the
+ground truth (the paper's synthetic-data recipe): each candidate's similarity to the true masks
+(`physics.gt_similarity`: IoU, L2, Chamfer), and each start image gives the pairs (1st vs last, 2nd vs
+second-to-last, ...) whose similarity gap is at least `min_margin`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..physics import gt_similarity
+from .evaluation import score_video
+from .world import drop_scene
+
+SFT_SEED, DPO_SEED = 0, 500_000
+
+
+@dataclass
+class Settings:
+    """What a run does; `fast` shrinks everything to a smoke test."""
+
+    sft_scenes: int = 512
+    sft_steps: int = 600
+    token_dropout: float = 0.1
+    dpo_scenes: int = 96
+    candidates: int = 8  # per start image
+    pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
+    min_margin: float = 0.05
+    dpo_steps: int = 200
+    eval_scenes: int = 30  # per split
+    eval_videos: int = 2  # per held-out scene and row (the same noises for every row)
+    sample_steps: int = 12
+    batch: int = 16
+    dpo_batch: int = 8
+    lr_sft: float = 2e-3
+    lr_lora: float = 5e-4
+    lr_head: float = 2e-3
+    beta: float = 2000.0
+    lora_rank: int = 16
+    head_tokens: int = 4
+    head_gain: float = 1.0
+    gif_scenes: int = 6
+
+    @classmethod
+    def fast(cls) -> "Settings":
+        return cls(sft_scenes=4, sft_steps=2, dpo_scenes=3, candidates=2, pairs_per_image=1, dpo_steps=2,
+                   eval_scenes=2, eval_videos=1, sample_steps=2, batch=2, dpo_batch=2, gif_scenes=2)
+
+
+def new_head(settings: Settings, seed: int = 0):
+    from ..encoder import HeadConfig, PhysEncoder
+    from .backbone import WIDTH
+    from .generator import TEXT_DIM
+
+    cfg = HeadConfig(in_dim=WIDTH, context_dim=TEXT_DIM, num_tokens=settings.head_tokens, hidden_dim=64, depth=1,
+                     heads=4, init_gain=float(settings.head_gain),
+                     backbone="demo geometry backbone (stands in for DINOv2 / Depth Anything V2)")
+    return PhysEncoder.new(cfg, seed=seed, name="demo")
+
+
+def video_set(vm, scenes, backbone):
+    from ..training import VideoSample, VideoSet
+
+    cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
+    lat = vm.encode([s.frames for s in scenes])
+    return VideoSet(VideoSample(lat[i], cond.map(lambda x, i=i: x[i:i + 1]), f"scene{s.meta['seed']}")
+                    for i, s in enumerate(scenes))
+
+
+def progress(name: str, log, t0: float):
+    def cb(step, total, logs):
+        if step == total or step % max(1, total // 5) == 0:
+            extra = "".join(f" {k} {logs[k]:.3f}" for k in ("accuracy", "margin") if k in logs)
+            log(f"  [{name}] {step}/{total} loss {logs['loss']:.4f}{extra} ({time.perf_counter() - t0:.0f}s)")
+    return cb
+
+
+def stage_one(vm, backbone, st: Settings, seed: int, log):
+    """Stage I: flow matching on drops, training a fresh head and a DiT LoRA. Returns the encoder."""
+    from ..training import StageTrainer, TrainConfig
+
+    from .generator import LORA_TARGETS
+
+    encoder = new_head(st, seed)
+    vm.den.add_lora(st.lora_rank, targets=LORA_TARGETS, seed=seed)
+    data = video_set(vm, [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)], backbone)
+    cfg = TrainConfig(steps=st.sft_steps, lr=st.lr_sft, batch_size=st.batch, seed=seed,
+                      warmup_steps=min(30, st.sft_steps), token_dropout=st.token_dropout)
+    t0 = time.perf_counter()
+    StageTrainer("sft", vm.den, encoder, data, cfg).run(progress("Stage I", log, t0))
+    return encoder
+
+
+def make_pairs(vm, head, backbone, st: Settings, seed: int, log, tag: str):
+    """On-policy candidates from the current model (vm + head), labelled by similarity to the ground truth."""
+    from ..training import PreferencePair, PreferenceSet
+
+    t0 = time.perf_counter()
+    scenes = [drop_scene(DPO_SEED + i, "seen") for i in range(st.dpo_scenes)]
+    k = st.candidates
+    cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
+    rep = cond.map(lambda x: x.repeat_interleave(k, 0))
+    noise = [hash_seed(seed, tag, i) for i in range(len(scenes) * k)]
+    lat = vm.sample(head, rep, noise, st.sample_steps)
+    videos = vm.decode(lat)
+    pairs, gaps = [], []
+    for j, s in enumerate(scenes):
+        gt = s.object_masks()
+        sims = np.array([gt_similarity(score_video(videos[j * k + i], gt)) for i in range(k)])
+        order = np.argsort(-sims)
+        for r in range(min(st.pairs_per_image, k // 2)):
+            w, lo = int(order[r]), int(order[-1 - r])
+            if sims[w] - sims[lo] < st.min_margin:
+                break
+            gaps.append(sims[w] - sims[lo])
+            pairs.append(PreferencePair(cond.map(lambda x: x[j:j + 1]), lat[j * k + w], lat[j * k + lo],
+                                        "similarity", float(sims[w] - sims[lo]), f"scene{s.meta['seed']}"))
+    log(f"  {len(pairs)} pairs from {len(scenes)} start images x {k} candidates of the {tag} model "
+        f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {time.perf_counter() - t0:.0f}s)")
+    return PreferenceSet(pairs)
+
+
+def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str):
+    from ..training import StageTrainer, TrainConfig
+
+    lr = st.lr_lora if stage == "dpo-lora" else st.lr_head
+    cfg = TrainConfig(steps=st.dpo_steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
+                      warmup_steps=min(20, st.dpo_steps))
+    t0 = time.perf_counter()
+    StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
+
+
+def hash_seed(seed: int, tag: str, i: int) -> int:
+    from ..training.stages import _mix
+
+    return _mix(seed, sum(ord(c) * 31 ** n for n, c in enumerate(tag)) % (1 << 31), i) % (1 << 62)

@@ -1,0 +1,101 @@
+"""What a run prints and writes: the Table-1-style table with paired intervals, the GIF, results.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_path
+from .evaluation import bootstrap_ci
+from .world import FPS, FRAMES, SIZE
+
+ROWS = ("base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III")
+#: each row against the row it builds on (PhysMaster Table 1), and the paper's headline last
+COMPARISONS = (("Stage I", "base"), ("Stage I + DPO encoder", "Stage I"), ("Stage II", "Stage I"),
+               ("Stage III", "Stage II"), ("Stage III", "Stage I"))
+COLUMNS = (("l2", "L2"), ("chamfer", "CD"), ("iou", "IoU"))
+
+
+def split_means(values: np.ndarray, n_seen: int) -> tuple[float, float, float]:
+    seen, unseen = float(values[:n_seen].mean()), float(values[n_seen:].mean())
+    return seen, unseen, 0.5 * (seen + unseen)
+
+
+def format_table(results: dict, n_seen: int) -> str:
+    """Seen / unseen / average L2, CD, IoU and coherence per row, then the paired differences."""
+    lines = [f"{'':22s}|{'seen':^27s}|{'unseen':^27s}|{'average':^27s}|{'coherence':>10s}",
+             f"{'model':22s}|" + "|".join(f"{'L2':>9s}{'CD':>9s}{'IoU':>9s}" for _ in range(3)) + "|"]
+    lines.append("-" * len(lines[1]) + "-" * 10)
+    for name, r in results.items():
+        cells = []
+        for part in range(3):
+            cells.append("".join(f"{split_means(r[k], n_seen)[part]:9.4f}" for k, _ in COLUMNS))
+        coh = f"{r['coherence'].mean():10.3f}" if "coherence" in r else ""
+        lines.append(f"{name:22s}|" + "|".join(cells) + "|" + coh)
+    lines += ["", "paired per-scene difference against the row it builds on (all held-out scenes), "
+              "mean (relative) [bootstrap 95% interval]:"]
+    for cur, prev in COMPARISONS:
+        if cur not in results or prev not in results:
+            continue
+        parts = []
+        for k, label in COLUMNS:
+            d = results[cur][k] - results[prev][k]
+            lo, hi = bootstrap_ci(d)
+            base = results[prev][k].mean()
+            rel = 100 * d.mean() / base if base else float("nan")
+            parts.append(f"{label} {d.mean():+.4f} ({rel:+.1f}%) [{lo:+.4f}, {hi:+.4f}]")
+        lines.append(f"  {cur} - {prev}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def format_influence(influence: dict) -> str:
+    if not influence:
+        return ""
+    parts = [f"{name} {v['l2_zeroed'] - v['l2']:+.4f} (L2 {v['l2']:.4f} with tokens, {v['l2_zeroed']:.4f} zeroed)"
+             for name, v in influence.items()]
+    return "token influence (held-out avg L2 with the physical tokens zeroed minus with them): " + "; ".join(parts)
+
+
+def write_gif(path: Path, gt_videos, columns: dict, n: int, scale: int = 3) -> Path:
+    from PIL import Image, ImageDraw
+
+    names = ["ground truth"] + list(columns)
+    vids = [gt_videos] + list(columns.values())
+    n = min(n, len(gt_videos))
+    label_h = 12
+    cell = SIZE * scale
+    frames = []
+    for t in range(FRAMES):
+        canvas = Image.new("RGB", (cell * len(vids) + 2 * (len(vids) - 1), label_h + n * (cell + 2)), (24, 24, 24))
+        draw = ImageDraw.Draw(canvas)
+        for c, name in enumerate(names):
+            draw.text((c * (cell + 2) + 2, 0), name, fill=(230, 230, 230))
+            for r in range(n):
+                img = (np.clip(vids[c][r][t], 0, 1) * 255).astype(np.uint8)
+                canvas.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST),
+                             (c * (cell + 2), label_h + r * (cell + 2)))
+        frames.append(canvas)
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / FPS * 1.5),
+                       loop=0)
+    return path
+
+
+def write_results(path: Path, summary: dict) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
+    return path
+
+
+def seeds_table(runs: list[dict], n_seen: int) -> str:
+    """Each row's average metrics as mean ± sd across training seeds (`--seeds K`)."""
+    lines = [f"{'model':22s}" + "".join(f"{label:>20s}" for _, label in COLUMNS) + f"{'coherence':>18s}"]
+    for name in runs[0]:
+        cells = []
+        for k, _ in COLUMNS + (("coherence", ""),):
+            vals = [split_means(r[name][k], n_seen)[2] for r in runs]
+            cells.append(f"{np.mean(vals):11.4f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.4f}")
+        lines.append(f"{name:22s}" + "".join(f"{c:>20s}" for c in cells[:3]) + f"{cells[3]:>18s}")
+    return "\n".join(lines)

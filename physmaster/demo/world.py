@@ -1,0 +1,67 @@
+"""The demo's proxy world: PisaBench-style drops, rendered small enough to train and sample on a CPU.
+
+What the world is (and why):
+- 32x32 RGB, 8 frames at 6 fps (1.17 s: a fall, the first impact and its rebound fit in every clip). Objects are
+  drawn 1.6x the physics module's default size (`object_scale`), so that at 32 px an object is 6-10 px wide
+  and its mask is a real shape, not a few pixels.
+- Drops start from rest: a start image cannot show a velocity.
+- Gravity is the world's nominal one (no hidden per-scene draw) and the restitution of an object is its
+  *material*, which shows in its colour: `restitution = 0.3 + 0.5 x luminance` (dark clay barely bounces,
+  bright rubber bounces high). So the start image determines the whole motion, and a model that reads the image
+  well can be exact; ground truth is an instrument, not a lottery. Reading the material and the height above the
+  support from a 32-px image is what the stand-in backbone (`backbone.py`) is pretrained for and what a tiny
+  video model's first-frame condition does not spell out: the physical tokens' job.
+- The base video model learned *generic* motion instead (`generic_scene`): the same objects thrown in random
+  directions under random, even upward, gravity, sometimes passing through the floor, any restitution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..physics import NOMINAL_GRAVITY, render_scene
+from ..physics.scene import COLOURS
+
+SIZE, FRAMES, FPS = 32, 8, 6.0
+OBJECT_SCALE = 1.6
+ALL_COLOURS = {**COLOURS["seen"], **COLOURS["unseen"]}
+
+
+def material_restitution(colour: str) -> float:
+    """The world's material law: restitution from the object's colour (luminance in [0, 1])."""
+    r, g, b = ALL_COLOURS[colour]
+    return float(0.3 + 0.5 * (0.3 * r + 0.59 * g + 0.11 * b))
+
+
+def render(seed: int, split: str = "seen", **overrides):
+    return render_scene(seed, split, size=SIZE, frames=FRAMES, fps=FPS, object_scale=OBJECT_SCALE, **overrides)
+
+
+def drop_scene(seed: int, split: str = "seen"):
+    """A drop from rest under nominal gravity, bouncing as its material (colour) says."""
+    first = render(seed, split, initial_velocity=(0.0, 0.0))
+    return render(seed, split, initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE,
+                  restitution=material_restitution(first.meta["colours"][0]))
+
+
+def generic_scene(seed: int):
+    """The base model's world: the same objects moving in random directions under random gravity."""
+    rng = np.random.default_rng([seed, 77])
+    duration = (FRAMES - 1) / FPS
+    split = "seen" if rng.random() < 0.5 else "unseen"
+    g = float(rng.uniform(-1.0, 1.0) * 3.0 * SIZE)
+    v = rng.uniform(-0.5, 0.5, 2) * SIZE / duration
+    return render(seed, split, gravity=g, initial_velocity=(float(v[0]), float(v[1])),
+                  floor_collisions=bool(rng.random() < 0.5), restitution=float(rng.uniform(0.1, 0.9)))
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """[..., H, W, 3] in [0, 1] (numpy) -> [..., 3, H, W] float tensor in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float()
+    return x.movedim(-1, -3)
+
+
+def to_frames(pixels: torch.Tensor) -> np.ndarray:
+    """[T, 3, H, W] in [0, 1] -> [T, H, W, 3] float32 numpy (what the segmenter and metrics read)."""
+    return pixels.clamp(0, 1).movedim(-3, -1).numpy().astype(np.float32)
