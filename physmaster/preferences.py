@@ -36,8 +36,9 @@ from .fileio import atomic_path, atomic_write_text
 
 FORMAT_VERSION = 1
 SOURCES = ("human", "judge")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_GROUP_ID = re.compile(r"^[0-9a-f]{32}$")
+# always `fullmatch`: with `match`, "$" also matches before a final newline ("evil\n" would pass)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_GROUP_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class DatasetError(PhysMasterError):
@@ -46,7 +47,7 @@ class DatasetError(PhysMasterError):
 
 def validate_name(name: str) -> str:
     """A dataset name from a user or a browser: letters, digits, '.', '_', '-'; no separators, no '..'."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise DatasetError(f"invalid dataset name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting "
                            "with a letter or digit (no path separators, no '..')")
     return name
@@ -242,12 +243,12 @@ class PreferenceDataset:
 
     # -- reading -----------------------------------------------------------------------------------------------
     def group_path(self, group: str) -> Path:
-        if not isinstance(group, str) or not _GROUP_ID.match(group):
+        if not isinstance(group, str) or not _GROUP_ID.fullmatch(group):
             raise DatasetError(f"invalid group id {group!r}")
         return self.path / "groups" / f"{group}.safetensors"
 
     def group_ids(self) -> list[str]:
-        return sorted(p.stem for p in (self.path / "groups").glob("*.safetensors") if _GROUP_ID.match(p.stem))
+        return sorted(p.stem for p in (self.path / "groups").glob("*.safetensors") if _GROUP_ID.fullmatch(p.stem))
 
     def group_meta(self, group: str) -> dict[str, Any]:
         from safetensors import safe_open

@@ -26,13 +26,20 @@ def test_roundtrip_and_stats(tmp_path):
     assert "2 usable pairs (1 human, 1 judge)" in stats.summary()
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "a/b", "a\\b", "..", "x..y", ".hidden", "a" * 65, "name with space"])
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "a\\b", "..", "x..y", ".hidden", "a" * 65, "name with space",
+                                 "evil\n", "evil\r\n", "\nevil", "evil\x00"])
 def test_names_validated(bad, tmp_path):
     with pytest.raises(DatasetError, match="invalid dataset name"):
         validate_name(bad)
     with pytest.raises(DatasetError):
         PreferenceDataset.open(tmp_path, bad, create=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_group_ids_are_matched_in_full(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    with pytest.raises(DatasetError, match="invalid group id"):
+        ds.group_path("a" * 32 + "\n")
 
 
 def test_missing_dataset_is_named(tmp_path):
