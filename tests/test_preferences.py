@@ -142,3 +142,141 @@ def test_group_with_shared_tensors(tmp_path):
                      extras={"features": hidden, "clip_vision.penultimate_hidden_states": hidden})
     t = ds.load_group(g)
     assert torch.equal(t["features"], t["clip_vision.penultimate_hidden_states"])
+
+
+# -- a write completes or raises (issue 9, item 2) -----------------------------------------------------------------
+def _fake_write(monkeypatch, path, behave):
+    """Replace os.write for the file at `path` only (matched by inode); `behave(real_write, fd, data)` decides."""
+    import os
+
+    real, ino = os.write, os.stat(path).st_ino
+    calls = []
+
+    def fake(fd, data):
+        if os.fstat(fd).st_ino != ino:
+            return real(fd, data)
+        calls.append(bytes(data))
+        return behave(real, fd, bytes(data))
+
+    monkeypatch.setattr(os, "write", fake)
+    return calls
+
+
+def test_short_writes_are_continued(tmp_path, monkeypatch):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds, n=4)
+    ds.add_pair(g, 0, 1, "human")
+    calls = _fake_write(monkeypatch, ds.pairs_path, lambda real, fd, data: real(fd, data[:7]))
+    ds.add_pair(g, 2, 3, "judge", 0.5)
+    ds.add_pairs(g, [(3, 0), (3, 1), (0, 1, 2.0)], "human")
+    assert len(calls) > 20  # every line went out 7 bytes at a time
+    pairs, stats = ds.read_pairs()
+    assert [(p.winner, p.loser, p.margin) for p in pairs] == [(0, 1, 0.0), (2, 3, 0.5), (3, 0, 0.0), (3, 1, 0.0),
+                                                              (0, 1, 2.0)]
+    assert stats.problems == []
+
+
+@pytest.mark.parametrize("failure", ["enospc after a short write", "no progress", "fsync fails"])
+def test_a_full_disk_raises_and_leaves_nothing_behind(failure, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds, n=4)
+    ds.add_pair(g, 0, 1, "human")
+    before = ds.pairs_path.read_bytes()
+    if failure == "fsync fails":
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error"))
+                            if os.fstat(fd).st_ino == os.stat(ds.pairs_path).st_ino else real_fsync(fd))
+        match = "I/O error"
+    else:
+        state = {"written": 0}
+
+        def behave(real, fd, data):
+            if failure == "no progress":
+                return 0
+            if state["written"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            state["written"] = real(fd, data[:10])  # part of the first line reaches the disk
+            return state["written"]
+
+        _fake_write(monkeypatch, ds.pairs_path, behave)
+        match = "[Nn]o space left"
+    with pytest.raises(DatasetError, match=match) as e:
+        ds.add_pairs(g, [(3, 0), (3, 1), (0, 1)], "human")
+    assert "nothing of this answer was saved" in str(e.value) and "pairs.jsonl" in str(e.value)
+    with pytest.raises(DatasetError, match=match):
+        ds.add_pair(g, 2, 1, "human")
+    assert ds.pairs_path.read_bytes() == before  # rolled back to the previous size: no torn line
+    monkeypatch.undo()
+    ds.add_pair(g, 2, 3, "human")  # the disk has room again
+    pairs, stats = ds.read_pairs()
+    assert [(p.winner, p.loser) for p in pairs] == [(0, 1), (2, 3)] and stats.problems == []
+
+
+# -- a person's answer is saved whole or not at all (issue 9, item 3) ------------------------------------------------
+def test_an_answer_is_read_whole_or_not_at_all(tmp_path):
+    from physmaster.picker import choice_to_pairs
+
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds, n=4)
+    ds.add_pair(g, 0, 1, "judge")
+    start = ds.pairs_path.stat().st_size
+    ranking = choice_to_pairs({"ranking": [3, 1, 0, 2]})
+    written = ds.add_pairs(g, ranking, "human")
+    assert len(written) == 6 and len({p.created for p in written}) == 1
+    data = ds.pairs_path.read_bytes()
+    assert data.count(b"\n") == 7  # one line per pair, the answer's 6 in one append
+    seen = set()
+    for cut in range(start, len(data) + 1):  # a kill or a crash can leave any prefix of the append on disk
+        ds.pairs_path.write_bytes(data[:cut])
+        pairs, stats = ds.read_pairs()
+        humans = [(p.winner, p.loser) for p in pairs if p.source == "human"]
+        assert humans in ([], ranking), cut
+        assert [(p.winner, p.loser) for p in pairs if p.source == "judge"] == [(0, 1)]
+        if not humans and data[start:cut].count(b"\n"):
+            assert any("of an answer's 6 pairs are saved" in p for p in stats.problems), (cut, stats.problems)
+        seen.add(len(humans))
+    assert seen == {0, 6}
+    ds.pairs_path.write_bytes(data[:start + 700])  # torn mid-answer, then the next answer arrives
+    ds.add_pairs(g, [(2, 3), (2, 0)], "human")
+    pairs, stats = ds.read_pairs()
+    assert [(p.winner, p.loser, p.source) for p in pairs] == [(0, 1, "judge"), (2, 3, "human"), (2, 0, "human")]
+
+
+def test_group_with_pairs_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    latents, context = torch.randn(3, 4, 2, 8, 8), torch.randn(1, 5, 16)
+    with pytest.raises(DatasetError, match="out of range"):
+        ds.add_group_with_pairs(latents, context, [(0, 1), (0, 3)], "human")
+    assert ds.group_ids() == []  # checked before anything was written
+    g, pairs = ds.add_group_with_pairs(latents, context, [(0, 1), (0, 2), (1, 2)], "human", meta={"prompt": "x"})
+    assert [(p.group, p.winner, p.loser) for p in pairs] == [(g, 0, 1), (g, 0, 2), (g, 1, 2)]
+    assert ds.group_meta(g)["prompt"] == "x" and ds.read_pairs()[1].pairs == 3
+    before = ds.pairs_path.read_bytes()
+
+    def full(real, fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _fake_write(monkeypatch, ds.pairs_path, full)
+    with pytest.raises(DatasetError, match="No space left"):
+        ds.add_group_with_pairs(latents, context, [(2, 1)], "human")
+    assert ds.group_ids() == [g] and ds.pairs_path.read_bytes() == before  # the new group was removed again
+
+
+def test_writers_share_one_filelock(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    import physmaster.preferences as prefs
+
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+    monkeypatch.setattr(prefs, "LOCK_TIMEOUT", 0.2)
+    with FileLock(str(ds.path / ".lock")):  # another writer holds the dataset
+        with pytest.raises(DatasetError, match="stayed locked by another writer"):
+            ds.add_pair(g, 0, 1, "human")
+    ds.add_pair(g, 0, 1, "human")
+    assert ds.read_pairs()[1].pairs == 1
