@@ -15,9 +15,11 @@ line ended (a writer killed mid-line leaves one torn line that is reported and s
 An append completes or raises: a short write is continued, a failed one (a full disk) cuts the file back to its old
 size and raises DatasetError. Readers count an answer only when all its lines are there, so a kill mid-answer
 leaves none of its pairs, never some.
-Reading never trusts a line: an over-long line, bad JSON, a CRC mismatch, a value of the wrong type, an unknown
-group or an index out of range is reported in `Stats.problems` and skipped. A dataset folder can be zipped and
-shared as it is.
+Reading never trusts a line: an over-long line, bad JSON, a CRC mismatch, a value of the wrong type (refused, never
+coerced), an unknown group or an index out of range is reported in `Stats.problems` and skipped. Nor a group: its
+header is checked the way training will use it (`check_group`: metadata, candidate count, latent shape, context
+width), and an unusable group is named in `Stats.bad_groups` and its pairs skipped. A dataset folder can be zipped
+and shared as it is.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ SOURCES = ("human", "judge")
 LOCK_TIMEOUT = 120.0
 #: longest pairs.jsonl line read (ours are ~250 bytes); longer lines are reported and skipped unparsed
 MAX_LINE = 4096
+#: bounds on what a dataset's files may claim, checked before anything is read or allocated
+MAX_INFO = 64 * 1024  # bytes of dataset.json
+MAX_GROUP_META = 1 << 20  # characters of a group's physmaster.group metadata
+MAX_CANDIDATES = 4096
+MAX_DIM = 1 << 20  # any one latent or context dimension
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+GROUP_KEY = "physmaster.group"
 #: most pairs one answer may hold (a ranking of N candidates is N(N-1)/2 pairs; a merge is one answer too)
 MAX_ANSWER = 10_000_000
 # always `fullmatch`: with `match`, "$" also matches before a final newline ("evil\n" would pass)
@@ -69,11 +78,9 @@ def validate_name(name: str) -> str:
     return name
 
 
-_GROUP_PLACEHOLDER = "0" * 32
-
-
-def _make_pairs(group: str, n: int, pairs: Iterable[tuple], source: str) -> list["Pair"]:
-    """Checked Pairs of one answer for a group of `n` candidates, sharing one `created` time."""
+def _make_pairs(group: str | None, n: int, pairs: Iterable[tuple], source: str) -> list["Pair"]:
+    """Checked Pairs of one answer for a group of `n` candidates (None: a group not written yet; its Pairs get the
+    group "" until it is), sharing one `created` time."""
     if source not in SOURCES:
         raise DatasetError(f"source must be one of {SOURCES}, got {source!r}")
     created = _now()
@@ -84,12 +91,13 @@ def _make_pairs(group: str, n: int, pairs: Iterable[tuple], source: str) -> list
         winner, loser, margin = (*item, 0.0) if len(item) == 2 else item
         for what, i in (("winner", winner), ("loser", loser)):
             if type(i) is not int or not 0 <= i < n:
-                raise DatasetError(f"{what} index {i!r} is out of range for group {group} with {n} candidates")
+                raise DatasetError(f"{what} index {i!r} is out of range for {f'group {group}' if group else 'a group'} "
+                                   f"with {n} candidates")
         if winner == loser:
             raise DatasetError("winner and loser must be different candidates")
         if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or not math.isfinite(margin):
             raise DatasetError(f"margin must be a finite number, got {margin!r}")
-        out.append(Pair(group, winner, loser, source, float(margin), created))
+        out.append(Pair(group or "", winner, loser, source, float(margin), created))
     return out
 
 
@@ -214,10 +222,15 @@ class Stats:
     pairs: int = 0
     human: int = 0
     judge: int = 0
+    #: every skipped entry (unusable group, bad line, cut-short answer), named: what the Dataset node shows
     problems: list[str] = field(default_factory=list)
+    #: group id -> why it is unusable (its pairs are skipped too); training would fail on these groups
+    bad_groups: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         text = f"{self.groups} groups, {self.pairs} usable pairs ({self.human} human, {self.judge} judge)"
+        if self.bad_groups:
+            text += f"; {len(self.bad_groups)} unusable group{'s' if len(self.bad_groups) > 1 else ''}"
         if self.problems:
             text += f"; {len(self.problems)} entries skipped: " + "; ".join(self.problems[:5])
             if len(self.problems) > 5:
@@ -255,12 +268,34 @@ class PreferenceDataset:
         return self.path / "dataset.json"
 
     def info(self) -> dict[str, Any] | None:
+        """dataset.json, checked: {format_version, latent_shape, context_dim, ...}; None before the first group."""
         if not self.info_path.is_file():
             return None
+        fix = "restore it from a copy of the dataset, or delete it to take the shapes from the next group"
         try:
-            return json.loads(self.info_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DatasetError(f"{self.info_path} is unreadable ({e}); restore it from a copy of the dataset") from None
+            size = self.info_path.stat().st_size
+            if size > MAX_INFO:
+                raise ValueError(f"{size} bytes, more than dataset.json can be ({MAX_INFO})")
+            info = _loads(self.info_path.read_bytes(), "its text")
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{self.info_path} is unreadable ({e}); {fix}") from None
+        if not isinstance(info, dict):
+            raise DatasetError(f"{self.info_path} must hold a JSON object, not {_show(info)}; {fix}")
+        shape, width, version = info.get("latent_shape"), info.get("context_dim"), info.get("format_version")
+        problems = []
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 8
+                and all(type(d) is int and 1 <= d <= MAX_DIM for d in shape)):
+            problems.append(f"latent_shape must be a list of 1-8 sizes 1..{MAX_DIM}, got {_show(shape)}")
+        if type(width) is not int or not 1 <= width <= MAX_DIM:
+            problems.append(f"context_dim must be a whole number 1..{MAX_DIM}, got {_show(width)}")
+        if version is not None and (type(version) is not int or version < 1):
+            problems.append(f"format_version must be a whole number >= 1, got {_show(version)}")
+        elif version is not None and version > FORMAT_VERSION:
+            raise DatasetError(f"{self.info_path} has format_version {version}, newer than this PhysMaster reads "
+                               f"({FORMAT_VERSION}): update the PhysMaster node pack")
+        if problems:
+            raise DatasetError(f"{self.info_path} is invalid: " + "; ".join(problems) + f"; {fix}")
+        return info
 
     # -- writing -----------------------------------------------------------------------------------------------
     def _check_or_set_info(self, latent_shape: list[int], context_dim: int) -> None:
@@ -307,6 +342,8 @@ class PreferenceDataset:
         if latents.ndim < 2 or latents.shape[0] < 2:
             raise DatasetError(f"a group needs at least 2 candidate latents, got shape {list(latents.shape)}: sample "
                                "with batch_size >= 2")
+        if latents.shape[0] > MAX_CANDIDATES:
+            raise DatasetError(f"a group holds at most {MAX_CANDIDATES} candidates, got {latents.shape[0]}")
         if context.ndim != 3:
             raise DatasetError(f"context must be [batch, length, width], got {list(context.shape)}")
         self._check_or_set_info(list(latents.shape[1:]), int(context.shape[-1]))
@@ -318,8 +355,8 @@ class PreferenceDataset:
             tensors[k] = v
         from safetensors.torch import save_file
 
-        metadata = {"physmaster.group": json.dumps({"id": group_id, "candidates": int(latents.shape[0]),
-                                                    "created": _now(), **(meta or {})}, default=str)}
+        metadata = {GROUP_KEY: json.dumps({**(meta or {}), "id": group_id, "candidates": int(latents.shape[0]),
+                                           "created": _now()}, default=str)}
         with atomic_path(self.path / "groups" / f"{group_id}.safetensors") as tmp:
             # clone: two entries may share storage (e.g. the backbone features and the CLIP vision output they
             # were read from), which safetensors refuses
@@ -350,7 +387,7 @@ class PreferenceDataset:
         The pairs are checked before anything is written; if writing the pairs fails, the new group file is
         removed again and DatasetError is raised."""
         n = int(latents.shape[0]) if latents.ndim else 0
-        checked = _make_pairs(_GROUP_PLACEHOLDER, n, pairs, source)
+        checked = _make_pairs(None, n, pairs, source)
         group = self.add_group(latents, context, extras, meta)
         out = [dataclasses.replace(p, group=group) for p in checked]
         try:
@@ -406,7 +443,8 @@ class PreferenceDataset:
     def group_ids(self) -> list[str]:
         return sorted(p.stem for p in (self.path / "groups").glob("*.safetensors") if _GROUP_ID.fullmatch(p.stem))
 
-    def group_meta(self, group: str) -> dict[str, Any]:
+    def _group_header(self, group: str) -> tuple[Path, dict[str, Any], dict[str, tuple[list[int], str]]]:
+        """(path, checked physmaster.group metadata, {tensor: (shape, dtype)}) from the header only."""
         from safetensors import safe_open
 
         path = self.group_path(group)
@@ -414,12 +452,64 @@ class PreferenceDataset:
             raise DatasetError(f"group {group} is missing from dataset {self.name!r}")
         try:
             with safe_open(str(path), framework="pt") as f:
-                return json.loads((f.metadata() or {}).get("physmaster.group", "{}"))
+                text = (f.metadata() or {}).get(GROUP_KEY, "{}")
+                tensors = {}
+                for k in f.keys():
+                    view = f.get_slice(k)
+                    tensors[k] = (list(view.get_shape()), str(view.get_dtype()))
         except Exception as e:
             raise DatasetError(f"group file {path.name} is unreadable ({e})") from None
+        where = f"group file groups/{path.name} in dataset {self.name!r}"
+        try:
+            if len(text) > MAX_GROUP_META:
+                raise ValueError(f"metadata is {len(text)} characters, more than a group's can be ({MAX_GROUP_META})")
+            meta = _loads(text, "metadata")
+        except ValueError as e:
+            raise DatasetError(f"{where}: its {GROUP_KEY} {e}") from None
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{where}: its {GROUP_KEY} metadata must be a JSON object, not {_show(meta)}")
+        n = meta.get("candidates")
+        if type(n) is not int or not 2 <= n <= MAX_CANDIDATES:
+            raise DatasetError(f"{where}: its metadata field 'candidates' must be a whole number 2..{MAX_CANDIDATES}, "
+                               f"got {_show(n)}")
+        return path, meta, tensors
+
+    def group_meta(self, group: str) -> dict[str, Any]:
+        """A group's metadata (id, candidates, created, prompt, ...), checked; DatasetError if unusable."""
+        return self._group_header(group)[1]
 
     def group_size(self, group: str) -> int:
-        return int(self.group_meta(group).get("candidates", 0))
+        return self._group_header(group)[1]["candidates"]
+
+    def check_group(self, group: str, latent_shape: Sequence[int] | None = None,
+                    context_dim: int | None = None) -> tuple[int, list[int], int]:
+        """Check a group the way training will use it, from its header only (nothing is loaded).
+
+        Returns (candidates, latent shape per candidate, context width). Raises DatasetError naming the group
+        file and the problem: metadata that is not an object or a bad `candidates`, no or non-float `latents`, a
+        latent count other than `candidates`, a latent shape other than `latent_shape` (the dataset's), no 3-D
+        `context`, or a context width other than `context_dim`."""
+        path, meta, tensors = self._group_header(group)
+        where = f"group file groups/{path.name} in dataset {self.name!r}"
+        n = meta["candidates"]
+        if "latents" not in tensors:
+            raise DatasetError(f"{where} has no 'latents' tensor")
+        shape, dtype = tensors["latents"]
+        if dtype not in FLOAT_DTYPES:
+            raise DatasetError(f"{where}: its latents are {dtype}, not floating point")
+        if len(shape) < 2:
+            raise DatasetError(f"{where}: its latents are shaped {shape}, not [candidates, ...]")
+        if shape[0] != n:
+            raise DatasetError(f"{where} holds {shape[0]} candidate latents but its metadata says {n} candidates")
+        if latent_shape is not None and shape[1:] != list(latent_shape):
+            raise DatasetError(f"{where}: its latents are shaped {shape[1:]} per candidate, but the dataset's are "
+                               f"{list(latent_shape)}")
+        if "context" not in tensors or len(tensors["context"][0]) != 3:
+            raise DatasetError(f"{where} has no 'context' tensor [batch, length, width]")
+        width = tensors["context"][0][-1]
+        if context_dim is not None and width != context_dim:
+            raise DatasetError(f"{where}: its context is {width} wide, but the dataset's is {context_dim}")
+        return n, shape[1:], width
 
     def load_group(self, group: str, device: str = "cpu") -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -433,12 +523,19 @@ class PreferenceDataset:
     def read_pairs(self) -> tuple[list[Pair], Stats]:
         """All usable pairs, and stats with every skipped entry named. Never raises on what is in the files."""
         stats = Stats()
+        try:
+            info = self.info()
+        except DatasetError as e:
+            stats.problems.append(str(e))
+            info = None
+        shape, width = (info["latent_shape"], info["context_dim"]) if info else (None, None)
         sizes: dict[str, int] = {}
         for g in self.group_ids():
-            try:
-                sizes[g] = self.group_size(g)
+            try:  # without a dataset.json, the first usable group sets the shapes
+                sizes[g], shape, width = self.check_group(g, shape, width)
             except DatasetError as e:
                 stats.problems.append(str(e))
+                stats.bad_groups[g] = str(e)
         stats.groups = len(sizes)
         pairs: list[Pair] = []
         if not self.pairs_path.is_file():
@@ -478,7 +575,8 @@ class PreferenceDataset:
                 continue
             n = sizes.get(pair.group)
             if n is None:
-                problems.append((lineno, f"pairs.jsonl line {lineno}: group {pair.group} is missing"))
+                why = "is unusable (see above)" if pair.group in stats.bad_groups else "is missing"
+                problems.append((lineno, f"pairs.jsonl line {lineno}: group {pair.group} {why}"))
                 continue
             if not (0 <= pair.winner < n and 0 <= pair.loser < n) or pair.winner == pair.loser:
                 problems.append((lineno, f"pairs.jsonl line {lineno}: indices {pair.winner}/{pair.loser} invalid "
@@ -495,16 +593,17 @@ class PreferenceDataset:
         return self.read_pairs()[1]
 
     def merge_from(self, other: "PreferenceDataset") -> Stats:
-        """Copy another dataset's groups and pairs into this one (same model only); duplicates are skipped."""
+        """Copy another dataset's usable groups and pairs into this one (same model only); duplicates are skipped.
+        Returns the other dataset's stats (what was skipped there is named in its problems)."""
         info = other.info()
         if info is not None:
             self._check_or_set_info(list(info["latent_shape"]), int(info["context_dim"]))
+        theirs, their_stats = other.read_pairs()
         for g in other.group_ids():
             dst = self.group_path(g)
-            if not dst.exists():
+            if g not in their_stats.bad_groups and not dst.exists():
                 with atomic_path(dst) as tmp:
                     shutil.copyfile(other.group_path(g), tmp)
         have = {p.key() for p in self.read_pairs()[0]}
-        theirs, their_stats = other.read_pairs()
         self._append([p for p in theirs if p.key() not in have])  # one answer: merged whole or not at all
         return their_stats

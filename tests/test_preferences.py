@@ -1,4 +1,5 @@
 import json
+import re
 import multiprocessing as mp
 
 import pytest
@@ -96,7 +97,11 @@ def test_missing_or_corrupt_group_skips_its_pairs(tmp_path):
     ds.group_path(g2).write_bytes(b"garbage")
     pairs, stats = ds.read_pairs()
     assert [p.group for p in pairs] == [g1]
-    assert any("unreadable" in p for p in stats.problems) and any("missing" in p for p in stats.problems)
+    assert any("unreadable" in p for p in stats.problems)
+    assert any(f"group {g2} is unusable" in p for p in stats.problems) and list(stats.bad_groups) == [g2]
+    ds.group_path(g1).unlink()
+    pairs, stats = ds.read_pairs()
+    assert pairs == [] and any(f"group {g1} is missing" in p for p in stats.problems)
 
 
 def _writer(path, group, start, count):
@@ -280,3 +285,142 @@ def test_writers_share_one_filelock(tmp_path, monkeypatch):
             ds.add_pair(g, 0, 1, "human")
     ds.add_pair(g, 0, 1, "human")
     assert ds.read_pairs()[1].pairs == 1
+
+
+# -- untrusted lines and groups are reported and skipped, never raised (issue 9, item 4) -----------------------------
+def _line(**record):
+    """A pairs.jsonl line with a valid checksum, as a forger (or a newer writer) would make it."""
+    from physmaster.preferences import _crc
+
+    record = {"source": "human", "margin": 0.0, "created": "2025-01-01T00:00:00+00:00", **record}
+    record["crc"] = _crc(record)
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def test_hostile_lines_are_reported_and_skipped(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+    ds.add_pair(g, 0, 1, "human")
+    hostile = [
+        (b"[" * 100_000, "100000 bytes, longer than a pair line can be (4096)"),
+        (b"[" * 3000, "nested too deeply"),
+        (_line(group=g, winner=float("inf"), loser=1).replace(b"Infinity", b"1e999"),
+         "winner must be a whole number (a candidate index), got inf"),
+        (_line(group=g, winner=2.7, loser=1), "winner must be a whole number (a candidate index), got 2.7"),
+        (_line(group=g, winner=True, loser=0), "winner must be a whole number (a candidate index), got True"),
+        (_line(group=g, winner=2, loser=1.0), "loser must be a whole number (a candidate index), got 1.0"),
+        (_line(group=g, winner=2, loser=1, source=["human"]), "source must be one of ('human', 'judge'), got a JSON list"),
+        (_line(group=g, winner=2, loser=1, margin=10**400), "int too large to convert to float"),
+        (_line(group=g, winner=2, loser=1).replace(b'"margin": 0.0', b'"margin": NaN'), "NaN is not a number"),
+        (_line(group=[g], winner=2, loser=1), "group must be a group id, got a JSON list"),
+        (_line(group=g, winner=2, loser=1, answer="x", answer_size=2), "answer must be an answer id"),
+        (_line(group=g, winner=10**50, loser=1), "indices 100000000000000000000000000000000000000000000000000/1 invalid"),
+        (b"[1, 2]", "not a JSON object but a JSON list"),
+        (b'{"group": "' + g.encode() + b'", "winner": 2, "loser": 1}', "checksum mismatch"),
+    ]
+    with open(ds.pairs_path, "ab") as f:
+        for line, _ in hostile:
+            f.write(line + b"\n")
+    ds.add_pair(g, 2, 1, "judge", 0.25)
+    pairs, stats = ds.read_pairs()
+    assert [(p.winner, p.loser, p.source) for p in pairs] == [(0, 1, "human"), (2, 1, "judge")]
+    assert len(stats.problems) == len(hostile)
+    for lineno, ((_, want), got) in enumerate(zip(hostile, stats.problems), 2):
+        assert got.startswith(f"pairs.jsonl line {lineno}: ") and want in got, (want, got)
+
+
+@pytest.mark.parametrize("meta, want", [
+    ('{"candidates": "abc"}', "field 'candidates' must be a whole number 2..4096, got 'abc'"),
+    ('{"candidates": null}', "field 'candidates' must be a whole number 2..4096, got None"),
+    ('{"candidates": 1e999}', "field 'candidates' must be a whole number 2..4096, got inf"),
+    ('{"candidates": 3.0}', "got 3.0"),
+    ('{"candidates": true}', "got True"),
+    ('{"candidates": 100000000}', "got 100000000"),
+    ('{"id": "x"}', "got None"),
+    ("[3, 3]", "metadata must be a JSON object, not a JSON list"),
+    ('"text"', "metadata must be a JSON object, not 'text'"),
+    ("[" * 100_000, "metadata is nested too deeply"),
+    ("{nope", "metadata is not valid JSON"),
+])
+def test_hostile_group_metadata_is_reported_and_skipped(meta, want, tmp_path):
+    from safetensors.torch import save_file
+
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    good = _group(ds)
+    ds.add_pair(good, 0, 1, "human")
+    bad = "f" * 32
+    save_file({"latents": torch.zeros(3, 4, 2, 8, 8), "context": torch.zeros(1, 5, 16)},
+              str(ds.group_path(bad)), metadata={"physmaster.group": meta})
+    with open(ds.pairs_path, "ab") as f:
+        f.write(_line(group=bad, winner=0, loser=1) + b"\n")
+    pairs, stats = ds.read_pairs()
+    assert [p.group for p in pairs] == [good] and stats.groups == 1
+    assert list(stats.bad_groups) == [bad]
+    assert want in stats.bad_groups[bad] and f"groups/{bad}.safetensors in dataset 'd'" in stats.bad_groups[bad]
+    assert stats.problems == [stats.bad_groups[bad], f"pairs.jsonl line 2: group {bad} is unusable (see above)"]
+    with pytest.raises(DatasetError, match="group file"):
+        ds.add_pair(bad, 0, 1, "human")
+
+
+# -- the Dataset node's stats check what training will (issue 9, item 11) ----------------------------------------
+def _forge(ds, latents, context, candidates, group="e" * 32):
+    from safetensors.torch import save_file
+
+    save_file({"latents": latents, "context": context}, str(ds.group_path(group)),
+              metadata={"physmaster.group": json.dumps({"id": group, "candidates": candidates})})
+    return group
+
+
+@pytest.mark.parametrize("case", ["fewer latents", "other latent shape", "other context width", "no context",
+                                  "integer latents"])
+def test_groups_are_checked_as_training_will(case, tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    good = _group(ds, n=3)
+    ds.add_pair(good, 2, 0, "human")
+    latents, context, want = torch.zeros(3, 4, 2, 8, 8), torch.zeros(1, 5, 16), None
+    if case == "fewer latents":  # training failed with "index 2 is out of bounds"
+        latents = latents[:2]
+        want = "holds 2 candidate latents but its metadata says 3 candidates"
+    elif case == "other latent shape":
+        latents = torch.zeros(3, 4, 2, 8, 16)
+        want = "its latents are shaped [4, 2, 8, 16] per candidate, but the dataset's are [4, 2, 8, 8]"
+    elif case == "other context width":
+        context = torch.zeros(1, 5, 32)
+        want = "its context is 32 wide, but the dataset's is 16"
+    elif case == "no context":
+        context = torch.zeros(5, 16)
+        want = "has no 'context' tensor [batch, length, width]"
+    else:
+        latents = torch.zeros(3, 4, 2, 8, 8, dtype=torch.int64)
+        want = "its latents are I64, not floating point"
+    bad = _forge(ds, latents, context, candidates=3)
+    with open(ds.pairs_path, "ab") as f:
+        f.write(_line(group=bad, winner=2, loser=0) + b"\n")
+    pairs, stats = ds.read_pairs()
+    assert [p.group for p in pairs] == [good]
+    message = stats.bad_groups[bad]
+    assert message.startswith(f"group file groups/{bad}.safetensors in dataset 'd'") and want in message
+    assert "1 groups, 1 usable pairs (1 human, 0 judge); 1 unusable group; 2 entries skipped" in stats.summary()
+    with pytest.raises(DatasetError, match=re.escape(want)):
+        ds.check_group(bad, [4, 2, 8, 8], 16)
+    assert ds.check_group(good, [4, 2, 8, 8], 16) == (3, [4, 2, 8, 8], 16)
+
+
+def test_groups_agree_without_dataset_json_and_a_broken_one_is_reported(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    first = _group(ds)
+    ds.info_path.unlink()  # e.g. a hand-assembled dataset: the first group sets the shapes
+    other = _forge(ds, torch.zeros(3, 4, 2, 8, 16), torch.zeros(1, 5, 16), 3, group="f" * 32)
+    _, stats = ds.read_pairs()
+    assert stats.groups == 1 and list(stats.bad_groups) == [other] and first not in stats.bad_groups
+    for text, want in [("[1]", "must hold a JSON object, not a JSON list"),
+                       ('{"latent_shape": [4, 2, 8, 8], "context_dim": "abc"}',
+                        "context_dim must be a whole number 1..1048576, got 'abc'"),
+                       ('{"latent_shape": [4, 2.5], "context_dim": 16}', "latent_shape must be a list"),
+                       ('{"latent_shape": ' + "[" * 5000, "nested too deeply"),
+                       ('{"latent_shape": [4, 2, 8, 8], "context_dim": 16, "format_version": 7}', "newer")]:
+        ds.info_path.write_text(text)
+        with pytest.raises(DatasetError, match=re.escape(want)):
+            ds.info()
+        pairs, stats = ds.read_pairs()  # reported, and the groups are still checked against each other
+        assert want in stats.problems[0] and stats.groups == 1 and list(stats.bad_groups) == [other]
