@@ -44,7 +44,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from .errors import PhysMasterError
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, remove_stale_temps
 
 FORMAT_VERSION = 1
 SOURCES = ("human", "judge")
@@ -247,12 +247,18 @@ class PreferenceDataset:
     # -- opening -----------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, root: str | os.PathLike, name: str, create: bool = False) -> "PreferenceDataset":
+        """Open dataset `name` in `root`. With `create`, a dataset that does not exist yet is allowed: its folder is
+        made by the first write (`add_group`), so opening and then writing nothing (a cancelled picker) leaves
+        nothing behind. Temp files that killed writers left behind (over an hour old) are removed."""
         path = Path(root) / validate_name(name)
-        if not path.is_dir():
-            if not create:
-                raise DatasetError(f"preference dataset {name!r} not found in {root}; mark pairs with "
-                                   "PhysMasterPreferencePicker first, or check the name")
-            (path / "groups").mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            for folder in (path, path / "groups"):
+                remove_stale_temps(folder)
+        elif path.exists():
+            raise DatasetError(f"{path} is a file, not a preference dataset folder: choose another dataset name")
+        elif not create:
+            raise DatasetError(f"preference dataset {name!r} not found in {root}; mark pairs with "
+                               "PhysMasterPreferencePicker first, or check the name")
         return cls(path)
 
     @property

@@ -424,3 +424,56 @@ def test_groups_agree_without_dataset_json_and_a_broken_one_is_reported(tmp_path
             ds.info()
         pairs, stats = ds.read_pairs()  # reported, and the groups are still checked against each other
         assert want in stats.problems[0] and stats.groups == 1 and list(stats.bad_groups) == [other]
+
+
+# -- no litter (issue 9, item 13) -----------------------------------------------------------------------------------
+def test_a_dataset_folder_is_made_only_by_a_write(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "later", create=True)  # the picker opens, then the person cancels
+    ds.check_compatible([4, 2, 8, 8], 16)
+    pairs, stats = ds.read_pairs()
+    assert (pairs, stats.groups, stats.problems) == ([], 0, [])
+    with pytest.raises(DatasetError, match="missing"):
+        ds.add_pair("a" * 32, 0, 1, "human")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DatasetError, match="'later' not found"):
+        PreferenceDataset.open(tmp_path, "later")
+    g = _group(ds)
+    assert {p.name for p in ds.path.iterdir()} - {".lock"} == {"dataset.json", "groups"}  # .lock: filelock's
+    assert PreferenceDataset.open(tmp_path, "later").group_ids() == [g]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetError, match="is a file, not a preference dataset folder"):
+        PreferenceDataset.open(tmp_path, "afile", create=True)
+
+
+def test_stale_temp_files_of_killed_writers_are_removed_on_open(tmp_path):
+    import os
+    import time
+
+    from physmaster.fileio import atomic_path
+
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+
+    def killed_write(target):  # what a writer SIGKILLed inside atomic_path leaves: its temp file, never renamed
+        tmp = atomic_path(target).__enter__()
+        tmp.write_bytes(b"x" * 1000)
+        return tmp
+
+    old_group = killed_write(ds.path / "groups" / ("b" * 32 + ".safetensors"))
+    old_info = killed_write(ds.info_path)
+    live = killed_write(ds.path / "groups" / ("c" * 32 + ".safetensors"))  # a writer still at work
+    keep = [ds.path / ".notes.tmp", ds.path / "groups" / "x.safetensors.abcdefgh.tmp"]  # not named by atomic_path
+    for p in keep:
+        p.write_text("mine")
+    odd = ds.path / ".link.abcdefgh.tmp"
+    odd.symlink_to(ds.info_path)
+    two_hours_ago = time.time() - 7200
+    for p in [old_group, old_info, *keep]:
+        os.utime(p, (two_hours_ago, two_hours_ago))
+    os.utime(odd, (two_hours_ago, two_hours_ago), follow_symlinks=False)
+    assert old_group.name.startswith("." + "b" * 32 + ".safetensors.") and old_group.name.endswith(".tmp")
+
+    PreferenceDataset.open(tmp_path, "d")
+    assert not old_group.exists() and not old_info.exists()
+    assert live.exists() and all(p.exists() for p in keep) and odd.is_symlink()
+    assert ds.group_ids() == [g] and ds.info() is not None
