@@ -44,6 +44,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from .errors import PhysMasterError
+from .errors import describe as _show
 from .fileio import atomic_path, atomic_write_text, remove_stale_temps
 
 FORMAT_VERSION = 1
@@ -193,14 +194,6 @@ def _loads(text: str | bytes, what: str) -> Any:
         raise ValueError(f"{what} is nested too deeply to be a PhysMaster entry") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers
         raise ValueError(f"{what} is not valid JSON ({e})") from None
-
-
-def _show(value: Any) -> str:
-    """A short description of an untrusted value for an error message (never a repr of a deep structure)."""
-    if isinstance(value, (list, dict)):
-        return f"a JSON {'list' if isinstance(value, list) else 'object'}"
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
