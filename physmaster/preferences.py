@@ -345,7 +345,6 @@ class PreferenceDataset:
             raise DatasetError(f"a group holds at most {MAX_CANDIDATES} candidates, got {latents.shape[0]}")
         if context.ndim != 3:
             raise DatasetError(f"context must be [batch, length, width], got {list(context.shape)}")
-        self._check_or_set_info(list(latents.shape[1:]), int(context.shape[-1]))
         group_id = uuid.uuid4().hex
         tensors = {"latents": latents, "context": context}
         for k, v in (extras or {}).items():
@@ -356,11 +355,18 @@ class PreferenceDataset:
 
         metadata = {GROUP_KEY: json.dumps({**(meta or {}), "id": group_id, "candidates": int(latents.shape[0]),
                                            "created": _now()}, default=str)}
-        with atomic_path(self.path / "groups" / f"{group_id}.safetensors") as tmp:
-            # clone: two entries may share storage (e.g. the backbone features and the CLIP vision output they
-            # were read from), which safetensors refuses
-            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp),
-                      metadata=metadata)
+        try:
+            self._check_or_set_info(list(latents.shape[1:]), int(context.shape[-1]))
+            with atomic_path(self.path / "groups" / f"{group_id}.safetensors") as tmp:
+                # clone: two entries may share storage (e.g. the backbone features and the CLIP vision output they
+                # were read from), which safetensors refuses
+                save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                          metadata=metadata)
+        except DatasetError:
+            raise
+        except Exception as e:  # OSError, or safetensors' own error for a full disk
+            raise DatasetError(f"could not save a group to {self.path} ({e}); nothing of it was saved. Free disk "
+                               "space (or fix the folder's permissions) and try again") from e
         return group_id
 
     def add_pair(self, group: str, winner: int, loser: int, source: str, margin: float = 0.0) -> Pair:
@@ -542,7 +548,12 @@ class PreferenceDataset:
         problems: list[tuple[int, str]] = []
         entries: list[tuple[int, Pair, str | None]] = []
         answers: dict[str, dict[str, Any]] = {}
-        with open(self.pairs_path, "rb") as f:
+        try:
+            f = open(self.pairs_path, "rb")
+        except OSError as e:
+            stats.problems.append(f"pairs.jsonl cannot be read ({e.strerror or e}); no pairs are used")
+            return pairs, stats
+        with f:
             for lineno, line, length in _lines(f, MAX_LINE):
                 if line is None:
                     problems.append((lineno, f"pairs.jsonl line {lineno}: {length} bytes, longer than a pair line "

@@ -477,3 +477,20 @@ def test_stale_temp_files_of_killed_writers_are_removed_on_open(tmp_path):
     assert not old_group.exists() and not old_info.exists()
     assert live.exists() and all(p.exists() for p in keep) and odd.is_symlink()
     assert ds.group_ids() == [g] and ds.info() is not None
+
+
+def test_a_group_that_cannot_be_written_is_a_dataset_error(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # as safetensors
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(DatasetError, match="could not save a group to .*No space left on device.*nothing of it"):
+        ds.add_group_with_pairs(torch.randn(3, 4, 2, 8, 8), torch.randn(1, 5, 16), [(0, 1)], "human")
+    assert ds.group_ids() == [g] and sorted(p.name for p in (ds.path / "groups").iterdir()) == [f"{g}.safetensors"]
