@@ -449,7 +449,7 @@ class PreferenceDataset:
         return sorted(p.stem for p in (self.path / "groups").glob("*.safetensors") if _GROUP_ID.fullmatch(p.stem))
 
     def _group_header(self, group: str) -> tuple[Path, dict[str, Any], dict[str, tuple[list[int], str]]]:
-        """(path, checked physmaster.group metadata, {tensor: (shape, dtype)}) from the header only."""
+        """(path, checked physmaster.group metadata, {"latents"/"context": (shape, dtype)}) from the header only."""
         from safetensors import safe_open
 
         path = self.group_path(group)
@@ -458,10 +458,11 @@ class PreferenceDataset:
         try:
             with safe_open(str(path), framework="pt") as f:
                 text = (f.metadata() or {}).get(GROUP_KEY, "{}")
-                tensors = {}
-                for k in f.keys():
-                    view = f.get_slice(k)
-                    tensors[k] = (list(view.get_shape()), str(view.get_dtype()))
+                tensors, names = {}, set(f.keys())
+                for k in ("latents", "context"):  # what training reads; the others are checked when loaded
+                    if k in names:
+                        view = f.get_slice(k)
+                        tensors[k] = (list(view.get_shape()), str(view.get_dtype()))
         except Exception as e:
             raise DatasetError(f"group file {path.name} is unreadable ({e})") from None
         where = f"group file groups/{path.name} in dataset {self.name!r}"

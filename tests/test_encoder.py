@@ -273,7 +273,8 @@ def test_config_within_bounds_is_checked_against_the_header_before_allocating(tm
 
 
 @pytest.mark.parametrize("text, want", [
-    (_config_text().replace('"mlp_ratio": 4.0', '"mlp_ratio": 1e999'), "mlp_ratio must be a number > 0 and <= 64.0, got inf"),
+    (_config_text().replace('"mlp_ratio": 4.0', '"mlp_ratio": 1e999'),
+     "mlp_ratio must be a number > 0 and <= 64.0, got inf"),
     (_config_text(mlp_ratio=0.001), "mlp_ratio 0.001 leaves the MLP of a 32-wide head no width"),
     (_config_text(init_gain="abc"), "init_gain must be a finite number, got 'abc'"),
     (_config_text().replace('"init_gain": 0.1', '"init_gain": NaN'), "NaN is not allowed"),
