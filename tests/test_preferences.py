@@ -1,6 +1,6 @@
 import json
-import re
 import multiprocessing as mp
+import re
 
 import pytest
 import torch
