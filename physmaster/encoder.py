@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, WidthMismatchError
+from .errors import describe as _show
 from .fileio import atomic_path
 
 FORMAT_VERSION = 1
@@ -79,23 +80,37 @@ class HeadConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        # A config comes from a user's widgets or from a file someone may have edited: check every field's type
+        # (no coercion: bool is not an int, "1" is not 1) and bound it, so no config can ask for absurd memory.
         problems = []
-        for name in ("in_dim", "context_dim", "num_tokens", "hidden_dim", "depth", "heads"):
+        for name, most in INT_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.hidden_dim, int) and isinstance(self.heads, int) and self.heads > 0 \
-                and self.hidden_dim % self.heads:
+            if type(value) is not int or not 1 <= value <= most:
+                problems.append(f"{name} must be a whole number 1..{most}, got {_show(value)}")
+        if type(self.hidden_dim) is int and type(self.heads) is int and self.heads > 0 and self.hidden_dim % self.heads:
             problems.append(f"hidden_dim ({self.hidden_dim}) must be a multiple of heads ({self.heads})")
-        if self.feature not in FEATURES:
-            problems.append(f"feature must be one of {', '.join(FEATURES)}, got {self.feature!r}")
-        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
-            problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-        if self.format_version > FORMAT_VERSION:
+        if type(self.feature) is not str or self.feature not in FEATURES:
+            problems.append(f"feature must be one of {', '.join(FEATURES)}, got {_show(self.feature)}")
+        if type(self.backbone) is not str or len(self.backbone) > 256:
+            problems.append(f"backbone must be a short text (a hint like 'clip_vision_h'), got {_show(self.backbone)}")
+        if not (_is_number(self.mlp_ratio) and 0 < self.mlp_ratio <= MAX_MLP_RATIO):
+            problems.append(f"mlp_ratio must be a number > 0 and <= {MAX_MLP_RATIO}, got {_show(self.mlp_ratio)}")
+        elif type(self.hidden_dim) is int and int(self.hidden_dim * self.mlp_ratio) < 1:
+            problems.append(f"mlp_ratio {self.mlp_ratio} leaves the MLP of a {self.hidden_dim}-wide head no width")
+        if not _is_number(self.init_gain):
+            problems.append(f"init_gain must be a finite number, got {_show(self.init_gain)}")
+        if type(self.format_version) is not int or self.format_version < 1:
+            problems.append(f"format_version must be a whole number >= 1, got {_show(self.format_version)}")
+        elif self.format_version > FORMAT_VERSION:
             problems.append(f"format_version {self.format_version} is newer than this PhysMaster reads "
                             f"({FORMAT_VERSION}); update the PhysMaster node pack")
         if problems:
             raise CheckpointError("invalid PhysMaster head config: " + "; ".join(problems))
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight of a head with this config and its shape, computed on the meta device (nothing is
+        allocated): what a checkpoint must hold, and (times 4 bytes each) what a new head will take."""
+        return {k: tuple(v.shape) for k, v in _meta_head(self).state_dict().items()}
 
     @property
     def in_layers(self) -> int:
@@ -106,16 +121,19 @@ class HeadConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "HeadConfig":
+        if not isinstance(text, str) or len(text) > MAX_CONFIG_CHARS:
+            raise CheckpointError(f"physmaster.config metadata must be JSON text of at most {MAX_CONFIG_CHARS} "
+                                  f"characters, got {len(text) if isinstance(text, str) else type(text).__name__}")
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
+            data = _loads(text)
+        except ValueError as e:
             raise CheckpointError(f"physmaster.config metadata is not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise CheckpointError("physmaster.config metadata must be a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise CheckpointError(f"physmaster.config has unknown fields {unknown}; it was written by a newer "
+            raise CheckpointError(f"physmaster.config has unknown fields {unknown[:10]}; it was written by a newer "
                                   "PhysMaster: update the node pack")
         missing = [n for n in ("in_dim",) if n not in data]
         if missing:
@@ -124,6 +142,32 @@ class HeadConfig:
             return cls(**data)
         except TypeError as e:
             raise CheckpointError(f"physmaster.config is malformed: {e}") from None
+
+
+#: bounds on a head config (far above any real head; they keep a forged config from asking for absurd memory)
+INT_LIMITS = {"in_dim": 65536, "context_dim": 65536, "num_tokens": 4096, "hidden_dim": 16384, "depth": 64,
+              "heads": 256}
+MAX_MLP_RATIO = 64.0
+MAX_CONFIG_CHARS = 64 * 1024
+MAX_PROVENANCE_CHARS = 4 * 1024 * 1024
+#: safetensors dtypes a head's weights may have
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _loads(text: str) -> Any:
+    """json.loads for metadata from a file: no NaN/Infinity; nesting too deep is a ValueError, not a crash."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 class _Block(nn.Module):
@@ -200,6 +244,12 @@ class PhysHead(nn.Module):
         for block in self.blocks:
             q = block(q, kv)
         return self.out_proj(self.out_norm(q)) * self.gain
+
+
+def _meta_head(config: HeadConfig) -> PhysHead:
+    """A head with this config on the meta device: shapes only, no memory and no time (the config is bounded)."""
+    with torch.device("meta"):
+        return PhysHead(config)
 
 
 def select_features(hidden_states: dict[str, Any], feature: str) -> torch.Tensor:
@@ -322,7 +372,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> PhysEncoder:
-    """Load and validate a PhysEncoder checkpoint."""
+    """Load and validate a PhysEncoder checkpoint.
+
+    Everything the file claims is checked before memory is allocated for it: the config's fields (types and
+    bounds), then the header's tensor names, shapes and dtypes against the config (on the meta device); only then
+    are the weights read, and non-finite weights are refused."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -331,23 +386,33 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise CheckpointError(f"{path.name} is a .safetensors file but not a PhysMaster encoder (it has no "
                               f"{CONFIG_KEY} metadata). Put model, LoRA or CLIP vision files in their own "
                               "folders; models/physmaster/ holds encoders made by PhysMasterEncoderSave.")
-    config = HeadConfig.from_json(meta[CONFIG_KEY])
     try:
-        provenance = json.loads(meta.get(PROVENANCE_KEY, "{}"))
-    except json.JSONDecodeError as e:
+        config = HeadConfig.from_json(meta[CONFIG_KEY])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.name}: {e}") from None
+    text = meta.get(PROVENANCE_KEY, "{}")
+    try:
+        if len(text) > MAX_PROVENANCE_CHARS:
+            raise ValueError(f"{len(text)} characters, more than {MAX_PROVENANCE_CHARS}")
+        provenance = _loads(text)
+    except ValueError as e:
         raise CheckpointError(f"{path.name}: {PROVENANCE_KEY} metadata is not valid JSON ({e})") from None
     if not isinstance(provenance, dict):
         raise CheckpointError(f"{path.name}: {PROVENANCE_KEY} metadata must be a JSON object")
+
+    head = _meta_head(config)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     try:
-        tensors = load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt") as f:
+            header = {}
+            for k in f.keys():
+                view = f.get_slice(k)
+                header[k] = (tuple(view.get_shape()), str(view.get_dtype()))
     except Exception as e:
-        raise CheckpointError(f"{path.name}: the weights cannot be read ({e}); the file is probably truncated: "
-                              "copy it again.") from None
-    head = PhysHead(config)
-    expected = head.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+        raise CheckpointError(f"{path.name}: the tensor header cannot be read ({e}); copy the file again") from None
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(header) if header[k][0] != expected[k])
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -356,8 +421,23 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
             parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         if wrong:
             parts.append("wrong shapes " + ", ".join(
-                f"{k} {list(tensors[k].shape)} (config says {list(expected[k].shape)})" for k in wrong[:5]))
+                f"{k} {list(header[k][0])} (config says {list(expected[k])})" for k in wrong[:5]))
         raise CheckpointError(f"{path.name}: weights do not match its physmaster.config: " + "; ".join(parts))
-    head.load_state_dict(tensors)
+    not_float = sorted(k for k, (_, dtype) in header.items() if dtype not in FLOAT_DTYPES)
+    if not_float:
+        raise CheckpointError(f"{path.name}: weights {not_float[:5]} are {header[not_float[0]][1]}, not floating "
+                              "point; this is not a PhysMaster encoder's file")
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path.name}: the weights cannot be read ({e}); the file is probably truncated: "
+                              "copy it again.") from None
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if bad:
+        raise CheckpointError(f"{path.name}: weights {bad[:5]} hold NaN or infinite values (a damaged file, or "
+                              "one saved from a training run that diverged); use an earlier encoder file")
+    params = head.state_dict()
+    head.load_state_dict({k: v.to(params[k].dtype) for k, v in tensors.items()}, assign=True)
     head.to(device)
     return PhysEncoder(head, provenance, path.stem)

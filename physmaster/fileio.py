@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
+
+#: a temp file older than this (by mtime) has no live writer: `atomic_path` writes and renames within seconds
+STALE_TEMP_SECONDS = 3600.0
+#: the names `atomic_path` gives its temp files: ".<target name>.<8 random characters>.tmp"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 @contextlib.contextmanager
@@ -17,7 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # see _TEMP_NAME
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -54,3 +62,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temps(folder: str | os.PathLike, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete the temp files `atomic_path` left in `folder` when its writer was killed; returns what was deleted.
+
+    Only regular files named like `atomic_path`'s temps and not modified for `older_than` seconds are touched (a
+    live writer's temp is seconds old). Errors (a read-only folder, a file deleted meanwhile) are ignored."""
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed

@@ -7,47 +7,91 @@ well-formed choice are accepted; everything else is rejected with a reason (and 
 
 A choice is either `{"best": i, "worst": j}` or `{"ranking": [i, j, k, ...]}` (best first, every candidate once), or
 `{"skip": true}`. `choice_to_pairs` turns it into (winner, loser) pairs.
+
+The route hands the raw body to `parse_answer` (or `PendingChoices.answer_body`). Every way a body can be wrong
+raises a `ChoiceRejected`: `MalformedAnswer` for a body that is not a well-formed answer (too large, not JSON,
+nested too deeply, wrong fields or types: HTTP 400) and `StaleAnswer` for an id that is unknown, expired or already
+answered (HTTP 404). Nothing else escapes, so a forged body can never make the route fail with a 500.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import PhysMasterError
+from .errors import PhysMasterError, describe
+
+#: largest POST body accepted: an answer is tens of bytes (a ranking of 64 candidates about 300)
+MAX_BODY = 4096
 
 
 class ChoiceRejected(PhysMasterError):
-    pass
+    """An answer that is not accepted (nothing is stored); the message says why."""
+
+
+class MalformedAnswer(ChoiceRejected):
+    """The body or the choice is not a well-formed answer: the route answers 400."""
+
+
+class StaleAnswer(ChoiceRejected):
+    """The request id is unknown, expired, cancelled or already answered: the route answers 404."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def parse_answer(body: bytes | str) -> tuple[str, Any]:
+    """(request_id, choice) from a POST body `{"request_id": "...", "choice": {...}}`, bounded in size and depth.
+    Raises MalformedAnswer for anything else; the choice itself is checked by `PendingChoices.answer`."""
+    if not isinstance(body, (bytes, bytearray, str)):
+        raise MalformedAnswer(f"body must be JSON text, got {type(body).__name__}")
+    if len(body) > MAX_BODY:
+        raise MalformedAnswer(f"request body is {len(body)} bytes, more than an answer can be ({MAX_BODY})")
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise MalformedAnswer("body is nested too deeply to be an answer: send {\"request_id\": ..., "
+                              "\"choice\": ...}") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, NaN, over-long integers
+        raise MalformedAnswer("body must be JSON: {\"request_id\": ..., \"choice\": ...}") from None
+    if not isinstance(data, dict) or set(data) != {"request_id", "choice"}:
+        raise MalformedAnswer("send exactly {\"request_id\": ..., \"choice\": ...}")
+    request_id = data["request_id"]
+    if not isinstance(request_id, str) or len(request_id) > 64:
+        raise MalformedAnswer(f"request_id must be the id the picker sent, got {describe(request_id)}")
+    return request_id, data["choice"]
 
 
 def validate_choice(choice: Any, n: int) -> dict:
     """Check a choice posted by a browser for a request with `n` candidates; return it normalised."""
     if not isinstance(choice, dict):
-        raise ChoiceRejected("choice must be an object like {\"best\": 0, \"worst\": 1} or {\"ranking\": [...]}")
+        raise MalformedAnswer("choice must be an object like {\"best\": 0, \"worst\": 1} or {\"ranking\": [...]}")
     keys = set(choice)
     if keys == {"skip"} and choice["skip"] is True:
         return {"skip": True}
 
     def index(v, what):
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n:
-            raise ChoiceRejected(f"{what} must be a candidate index 0..{n - 1}, got {v!r}")
+        if type(v) is not int or not 0 <= v < n:
+            raise MalformedAnswer(f"{what} must be a candidate index 0..{n - 1}, got {describe(v)}")
         return v
 
     if keys == {"best", "worst"}:
         best, worst = index(choice["best"], "best"), index(choice["worst"], "worst")
         if best == worst:
-            raise ChoiceRejected("best and worst must be different candidates")
+            raise MalformedAnswer("best and worst must be different candidates")
         return {"best": best, "worst": worst}
     if keys == {"ranking"}:
         ranking = choice["ranking"]
         if not isinstance(ranking, list) or sorted(index(v, "ranking entry") for v in ranking) != list(range(n)):
-            raise ChoiceRejected(f"ranking must list every candidate 0..{n - 1} exactly once, best first")
+            raise MalformedAnswer(f"ranking must list every candidate 0..{n - 1} exactly once, best first")
         return {"ranking": list(ranking)}
-    raise ChoiceRejected(f"unexpected fields {sorted(keys)}; send best+worst, ranking, or skip")
+    fields = ", ".join(describe(k) for k in sorted(map(str, keys))[:5]) or "none"
+    raise MalformedAnswer(f"unexpected fields {fields}; send best+worst, ranking, or skip")
 
 
 def choice_to_pairs(choice: dict) -> list[tuple[int, int]]:
@@ -90,19 +134,25 @@ class PendingChoices:
             return list(self._pending)
 
     def answer(self, request_id: Any, choice: Any) -> dict:
-        """Accept a browser's answer. Raises ChoiceRejected for an unknown/stale id or a malformed choice."""
+        """Accept a browser's answer. Raises StaleAnswer for an unknown/stale id, MalformedAnswer for a malformed
+        choice (both are ChoiceRejected)."""
         if not isinstance(request_id, str):
-            raise ChoiceRejected("request_id must be a string")
+            raise MalformedAnswer("request_id must be a string")
         with self._lock:
             pending = self._pending.get(request_id)
             if pending is None:
-                raise ChoiceRejected("unknown or expired request id (the picker stopped waiting for it)")
+                raise StaleAnswer("unknown or expired request id (the picker stopped waiting for it)")
             normalised = validate_choice(choice, pending.n)
             if pending.choice is not None:
-                raise ChoiceRejected("this request was already answered")
+                raise StaleAnswer("this request was already answered")
             pending.choice = normalised
             pending.event.set()
             return normalised
+
+    def answer_body(self, body: bytes | str) -> dict:
+        """`parse_answer` then `answer`: what the route calls with the raw POST body. Raises only ChoiceRejected
+        (MalformedAnswer -> 400, StaleAnswer -> 404)."""
+        return self.answer(*parse_answer(body))
 
     def wait(self, request_id: str, timeout: float, check_interrupt: Callable[[], None] | None = None,
              poll: float = 0.1) -> dict | None:

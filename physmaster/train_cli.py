@@ -126,7 +126,9 @@ def read_preference_folder(folder: str | Path):
             continue
         try:
             rec = json.loads(line)
-            g, w, l = str(rec["group"]), int(rec["winner"]), int(rec["loser"])
+            g, w, l = rec["group"], rec["winner"], rec["loser"]
+            if type(g) is not str or type(w) is not int or type(l) is not int:  # refused, never coerced
+                raise ValueError("group must be a name, winner and loser whole numbers")
             if "/" in g or "\\" in g or ".." in g:
                 raise ValueError(f"bad group name {g!r}")
             if g not in groups:
@@ -138,7 +140,9 @@ def read_preference_folder(folder: str | Path):
             margin = float(rec.get("margin", 1.0))
             pairs.append(PreferencePair(cond, lat[w].float(), lat[l].float(), str(rec.get("source", "judge")),
                                         margin if math.isfinite(margin) else 1.0, g))
-        except (ValueError, KeyError, TypeError, CheckpointError) as e:
+        except RecursionError:
+            bad.append(f"line {n}: nested too deeply")
+        except (ValueError, KeyError, TypeError, OverflowError, CheckpointError) as e:
             bad.append(f"line {n}: {e}")
     for b in bad:
         print(f"warning: pairs.jsonl {b}; skipped", file=sys.stderr)

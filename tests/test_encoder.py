@@ -194,3 +194,135 @@ def test_encoder_id_of_a_head_made_in_inference_mode():
         enc = PhysEncoder.new(SMALL, seed=1)
         inside = enc.encoder_id
     assert enc.encoder_id == inside == PhysEncoder.new(SMALL, seed=1).encoder_id
+
+
+# -- a file's claims are checked before anything is allocated for them (issue 9, item 5) ----------------------------
+class _LargestAllocation:
+    """Records the largest tensor storage any torch op makes (meta tensors excluded) while active."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        outer.largest = max(outer.largest, t.untyped_storage().nbytes())
+                return out
+
+        self.largest = 0
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def _forged(tmp_path, config_text, name="forged.safetensors"):
+    """A small real encoder file whose physmaster.config is replaced by `config_text`."""
+    enc = PhysEncoder.new(SMALL)
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in enc.head.state_dict().items()}, str(path),
+              metadata={CONFIG_KEY: config_text})
+    return path
+
+
+def _config_text(**overrides):
+    data = json.loads(SMALL.to_json())
+    data.update(overrides)
+    return json.dumps(data)
+
+
+def test_tracker_sees_a_real_head_being_built():
+    with _LargestAllocation() as alloc:
+        PhysHead(HeadConfig(in_dim=48, context_dim=512, hidden_dim=1024, heads=4))
+    assert alloc.largest >= 512 * 1024 * 4  # out_proj.weight: the tracker would see the old load_encoder's head
+
+
+@pytest.mark.parametrize("field, value, want", [
+    ("num_tokens", 10**7, "num_tokens must be a whole number 1..4096, got 10000000"),
+    ("depth", 10**6, "depth must be a whole number 1..64, got 1000000"),
+    ("hidden_dim", 2**40, "hidden_dim must be a whole number 1..16384"),
+    ("context_dim", 10**40, "context_dim must be a whole number 1..65536, got a huge number"),
+])
+def test_absurd_config_fails_fast_without_allocating(field, value, want, tmp_path):
+    import time
+
+    path = _forged(tmp_path, _config_text(**{field: value}))
+    assert path.stat().st_size < 200_000
+    start = time.perf_counter()
+    with _LargestAllocation() as alloc, pytest.raises(CheckpointError) as e:
+        load_encoder(path)
+    assert time.perf_counter() - start < 2.0
+    assert alloc.largest < 1 << 20
+    assert str(e.value).startswith("forged.safetensors: ") and want in str(e.value)
+
+
+def test_config_within_bounds_is_checked_against_the_header_before_allocating(tmp_path):
+    # a real head of this config would take 16 MB per weight matrix; the file holds SMALL's 5-token head
+    path = _forged(tmp_path, _config_text(num_tokens=4096, hidden_dim=1024, heads=4, context_dim=4096))
+    with _LargestAllocation() as alloc, pytest.raises(CheckpointError) as e:
+        load_encoder(path)
+    assert alloc.largest < 1 << 20
+    assert "forged.safetensors: weights do not match its physmaster.config: wrong shapes" in str(e.value)
+    assert "blocks.0.mlp.0.weight [128, 32] (config says [4096, 1024])" in str(e.value)
+
+
+@pytest.mark.parametrize("text, want", [
+    (_config_text().replace('"mlp_ratio": 4.0', '"mlp_ratio": 1e999'),
+     "mlp_ratio must be a number > 0 and <= 64.0, got inf"),
+    (_config_text(mlp_ratio=0.001), "mlp_ratio 0.001 leaves the MLP of a 32-wide head no width"),
+    (_config_text(init_gain="abc"), "init_gain must be a finite number, got 'abc'"),
+    (_config_text().replace('"init_gain": 0.1', '"init_gain": NaN'), "NaN is not allowed"),
+    (_config_text(format_version="1"), "format_version must be a whole number >= 1, got '1'"),
+    (_config_text(format_version=True), "format_version must be a whole number >= 1, got True"),
+    (_config_text(depth=True), "depth must be a whole number 1..64, got True"),
+    (_config_text(num_tokens=5.0), "num_tokens must be a whole number 1..4096, got 5.0"),
+    (_config_text(feature=["last"]), "feature must be one of penultimate, last, penultimate+last, got a JSON list"),
+    (_config_text(backbone=7), "backbone must be a short text"),
+    ("[" * 10_000, "nested too deeply"),
+    ("{" + " " * 70_000 + "}", "at most 65536 characters"),
+])
+def test_bad_config_values_name_the_file_and_field(text, want, tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        load_encoder(_forged(tmp_path, text))
+    assert str(e.value).startswith("forged.safetensors: ") and want in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(bad, tmp_path):
+    enc = PhysEncoder.new(SMALL)
+    with torch.no_grad():
+        enc.head.blocks[1].mlp[0].weight[3, 4] = bad
+    path = save_encoder(enc, tmp_path / "diverged.safetensors")
+    with pytest.raises(CheckpointError, match=r"diverged.safetensors: weights \['blocks.1.mlp.0.weight'\] hold NaN"):
+        load_encoder(path)
+
+
+def test_integer_weights_are_refused(tmp_path):
+    enc = PhysEncoder.new(SMALL)
+    tensors = {k: v.contiguous() for k, v in enc.head.state_dict().items()}
+    tensors["gain"] = torch.tensor(1, dtype=torch.int64)
+    path = tmp_path / "ints.safetensors"
+    save_file(tensors, str(path), metadata={CONFIG_KEY: SMALL.to_json()})
+    with pytest.raises(CheckpointError, match=r"ints.safetensors: weights \['gain'\] are I64, not floating point"):
+        load_encoder(path)
+
+
+def test_weight_shapes_match_a_real_head_and_loaded_weights_train():
+    assert SMALL.weight_shapes() == {k: tuple(v.shape) for k, v in PhysHead(SMALL).state_dict().items()}
+
+
+def test_loaded_head_is_trainable(tmp_path):
+    path = save_encoder(PhysEncoder.new(SMALL, seed=2), tmp_path / "enc.safetensors")
+    head = load_encoder(path).head
+    params = list(head.parameters())
+    assert params and all(isinstance(p, torch.nn.Parameter) and p.requires_grad and p.dtype == torch.float32
+                          for p in params)
+    assert len(params) == len(PhysHead(SMALL).state_dict())
+    head(torch.randn(1, 7, 48)).pow(2).mean().backward()
+    assert all(p.grad is not None for p in params)

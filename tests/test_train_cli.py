@@ -98,3 +98,19 @@ def test_cli_errors_are_clear(tmp_path, model_dir, capsys):
     (empty / "pairs.jsonl").write_text("")
     rc = main(["train-dpo", "--model", str(model_dir), "--pairs", str(empty), "--out", str(tmp_path / "o")])
     assert rc == 2 and "no usable pairs" in capsys.readouterr().err
+
+
+def test_hostile_pair_lines_are_skipped_not_raised(tmp_path, capsys):
+    from physmaster.train_cli import read_preference_folder
+
+    folder = write_pairs(tmp_path / "prefs")
+    with open(folder / "pairs.jsonl", "a") as f:
+        f.write("[" * 100_000 + "\n")
+        f.write('{"group": "g0", "winner": 1e999, "loser": 1}\n')
+        f.write('{"group": "g0", "winner": 2.7, "loser": 1}\n')
+        f.write('{"group": "g0", "winner": true, "loser": 1}\n')
+        f.write('{"group": ["g0"], "winner": 0, "loser": 1}\n')
+    data = read_preference_folder(folder)
+    assert len(data) == 2
+    err = capsys.readouterr().err
+    assert all(f"line {n}" in err for n in (3, 4, 5, 6, 7, 8, 9)) and "nested too deeply" in err
