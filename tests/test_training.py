@@ -305,3 +305,30 @@ def test_conditioning_batches_extra_tensors():
     assert both.repeat(2).extra["kw.clip_fea"].shape == (4, 5, 2)
     with pytest.raises(ValueError, match="only some have extra"):
         Conditioning.cat([a, Conditioning(context=torch.ones(1, 3, 4))])
+
+
+def test_token_dropout_zeroes_some_samples_tokens_reproducibly():
+    """Condition dropout in Stage I: seeded per step, so the same seed gives the same samples dropped; 0 is
+    the plain loss (no extra random draw)."""
+    den, enc = setup()
+    vs = videos(8)
+    seen = []
+    orig = den.predict_velocity
+
+    def spy(x_t, t, cond):
+        seen.append(cond.context[:, -2:].abs().sum((1, 2)).detach())  # the 2 physical tokens per sample
+        return orig(x_t, t, cond)
+
+    den.predict_velocity = spy
+    plain = StageTrainer("sft", den, enc, vs, TrainConfig(steps=0, batch_size=8, seed=3))
+    loss0 = plain.compute_loss(0)[0].item()
+    assert (seen[-1] > 0).all()
+    drop = StageTrainer("sft", den, enc, vs, TrainConfig(steps=0, batch_size=8, seed=3, token_dropout=0.5))
+    losses = [drop.compute_loss(s)[0].item() for s in range(6)]
+    zeroed = torch.stack(seen[-6:]) == 0
+    assert 0 < zeroed.float().mean() < 1
+    again = [drop.compute_loss(s)[0].item() for s in range(6)]
+    assert torch.equal(torch.stack(seen[-6:]) == 0, zeroed) and losses == again
+    assert drop.compute_loss(0)[0].item() != loss0 or not zeroed[0].any()
+    with pytest.raises(TrainingError, match="token_dropout"):
+        TrainConfig(token_dropout=1.0)
