@@ -1,5 +1,6 @@
-"""The PhysMaster nodes inside a real ComfyUI: schema, the shipped workflow, tokens on three model families,
-the strength-0 bypass, save/load, clear errors, and the proxy-task nodes."""
+"""The PhysMaster nodes inside a real ComfyUI: schema, the shipped workflow, tokens on four model families (Wan 2.1
+I2V, Wan 2.2 TI2V, LTX-Video, HunyuanVideo I2V), the strength-0 bypass, save/load, clear errors, the proxy-task
+nodes, and settings that would need more memory than the machine has."""
 
 from __future__ import annotations
 

@@ -8,8 +8,11 @@ produce (checked against ComfyUI's comfy/sd1_clip.py and comfy/text_encoders):
   ``[[cond [B, >=128, 4096], {"pooled_output": None, "attention_mask": int64 [B, L]}]]``, padded tokens not
   zeroed. The LTXV DiT *requires* the mask (``LTXBaseModel.forward`` takes it positionally) and converts only
   an integer mask (1 = keep) into an additive one; a float mask is taken as already additive.
-``PhysMasterTest_RandomConditioning`` mirrors both: ``attention_mask`` adds an int64 mask (ones for
-``valid_length`` tokens, zeros after), ``zero_out_masked`` zeroes the padded tokens like umT5.
+- HunyuanVideo (LLaVA-Llama-3 + CLIP-L, ``text_encoders/hunyuan_video.py``): ``[[cond [B, L, 4096],
+  {"pooled_output": CLIP-L [B, 768]}]]``; the attention_mask is dropped when no token is padded (one prompt).
+``PhysMasterTest_RandomConditioning`` mirrors them: ``attention_mask`` adds an int64 mask (ones for
+``valid_length`` tokens, zeros after), ``zero_out_masked`` zeroes the padded tokens like umT5, ``pooled_width`` adds
+a pooled output.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class RandomConditioning:
                 "valid_length": ("INT", {"default": 0, "min": 0, "max": 4096,
                                           "tooltip": "Tokens before padding; 0 = all valid."}),
                 "zero_out_masked": ("BOOLEAN", {"default": False}),
+                "pooled_width": ("INT", {"default": 0, "min": 0, "max": 16384,
+                                         "tooltip": "Width of a random pooled_output (768 = CLIP-L, which "
+                                                    "HunyuanVideo's vector_in takes); 0 = None."}),
             },
         }
 
@@ -51,7 +57,7 @@ class RandomConditioning:
     CATEGORY = _CATEGORY
 
     def execute(self, seed, length, width, batch, scale, attention_mask=False, valid_length=0,
-                zero_out_masked=False):
+                zero_out_masked=False, pooled_width=0):
         cond = torch.randn((batch, length, width), generator=_generator(seed), dtype=torch.float32) * scale
         valid = length if valid_length <= 0 else min(valid_length, length)
         mask = torch.zeros((batch, length), dtype=torch.long)  # what sd1_clip returns
@@ -59,6 +65,8 @@ class RandomConditioning:
         if zero_out_masked:
             cond = cond * mask.unsqueeze(-1).float()
         extra = {"pooled_output": None}
+        if pooled_width:
+            extra["pooled_output"] = torch.randn((batch, pooled_width), generator=_generator(seed + 1))
         if attention_mask:
             extra["attention_mask"] = mask
         return ([[cond, extra]],)
