@@ -99,8 +99,12 @@ def hunyuan_i2v_prompt(prefix: str) -> dict:
                                                                          "batch": 1}},
         # like HunyuanVideo's LLaVA-Llama-3 + CLIP-L encoder on one prompt: no padding (so no attention_mask),
         # the CLIP-L pooled output for vector_in
-        "pos": _cond(1, 32, pooled_width=tm.HUNYUAN_POOLED_DIM),
-        "neg": _cond(2, 32, pooled_width=tm.HUNYUAN_POOLED_DIM),
+        "pos_text": _cond(1, 32),
+        "neg_text": _cond(2, 32),
+        "pos": {"class_type": "PhysMasterTest_AddPooledOutput", "inputs": {
+            "conditioning": ["pos_text", 0], "seed": 3, "width": tm.HUNYUAN_POOLED_DIM}},
+        "neg": {"class_type": "PhysMasterTest_AddPooledOutput", "inputs": {
+            "conditioning": ["neg_text", 0], "seed": 4, "width": tm.HUNYUAN_POOLED_DIM}},
         "i2v": {"class_type": "HunyuanImageToVideo", "inputs": {
             "positive": ["pos", 0], "vae": ["vae", 0], "width": SIZE, "height": SIZE, "length": 5,
             "batch_size": 1, "guidance_type": "v1 (concat)", "start_image": ["image", 0]}},

@@ -10,9 +10,11 @@ produce (checked against ComfyUI's comfy/sd1_clip.py and comfy/text_encoders):
   an integer mask (1 = keep) into an additive one; a float mask is taken as already additive.
 - HunyuanVideo (LLaVA-Llama-3 + CLIP-L, ``text_encoders/hunyuan_video.py``): ``[[cond [B, L, 4096],
   {"pooled_output": CLIP-L [B, 768]}]]``; the attention_mask is dropped when no token is padded (one prompt).
-``PhysMasterTest_RandomConditioning`` mirrors them: ``attention_mask`` adds an int64 mask (ones for
-``valid_length`` tokens, zeros after), ``zero_out_masked`` zeroes the padded tokens like umT5, ``pooled_width`` adds
-a pooled output.
+``PhysMasterTest_RandomConditioning`` mirrors Wan and LTX-Video; ``PhysMasterTest_AddPooledOutput`` adds the
+pooled output HunyuanVideo's ``vector_in`` takes (a separate node: adding a widget to RandomConditioning would break
+the UI-format workflows that use it, whose widget values are positional).
+RandomConditioning's ``attention_mask`` adds an int64 mask (ones for ``valid_length`` tokens, zeros after),
+``zero_out_masked`` zeroes the padded tokens like umT5.
 """
 
 from __future__ import annotations
@@ -46,9 +48,6 @@ class RandomConditioning:
                 "valid_length": ("INT", {"default": 0, "min": 0, "max": 4096,
                                           "tooltip": "Tokens before padding; 0 = all valid."}),
                 "zero_out_masked": ("BOOLEAN", {"default": False}),
-                "pooled_width": ("INT", {"default": 0, "min": 0, "max": 16384,
-                                         "tooltip": "Width of a random pooled_output (768 = CLIP-L, which "
-                                                    "HunyuanVideo's vector_in takes); 0 = None."}),
             },
         }
 
@@ -57,7 +56,7 @@ class RandomConditioning:
     CATEGORY = _CATEGORY
 
     def execute(self, seed, length, width, batch, scale, attention_mask=False, valid_length=0,
-                zero_out_masked=False, pooled_width=0):
+                zero_out_masked=False):
         cond = torch.randn((batch, length, width), generator=_generator(seed), dtype=torch.float32) * scale
         valid = length if valid_length <= 0 else min(valid_length, length)
         mask = torch.zeros((batch, length), dtype=torch.long)  # what sd1_clip returns
@@ -65,11 +64,32 @@ class RandomConditioning:
         if zero_out_masked:
             cond = cond * mask.unsqueeze(-1).float()
         extra = {"pooled_output": None}
-        if pooled_width:
-            extra["pooled_output"] = torch.randn((batch, pooled_width), generator=_generator(seed + 1))
         if attention_mask:
             extra["attention_mask"] = mask
         return ([[cond, extra]],)
+
+
+class AddPooledOutput:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "conditioning": ("CONDITIONING",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "width": ("INT", {"default": 768, "min": 1, "max": 16384}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "execute"
+    CATEGORY = _CATEGORY
+
+    def execute(self, conditioning, seed, width):
+        out = []
+        for cond, extra in conditioning:
+            pooled = torch.randn((cond.shape[0], width), generator=_generator(seed), dtype=torch.float32)
+            out.append([cond, dict(extra, pooled_output=pooled)])
+        return (out,)
 
 
 class RandomImage:
@@ -201,6 +221,7 @@ class Barrier:
 
 NODE_CLASS_MAPPINGS = {
     "PhysMasterTest_RandomConditioning": RandomConditioning,
+    "PhysMasterTest_AddPooledOutput": AddPooledOutput,
     "PhysMasterTest_RandomImage": RandomImage,
     "PhysMasterTest_SaveTensors": SaveTensors,
     "PhysMasterTest_RandomClipVisionOutput": RandomClipVisionOutput,
