@@ -30,8 +30,13 @@ async def _pick(request: web.Request) -> web.Response:
     """Every malformed body is a 4xx with a sentence; nothing a client sends can make it a 500."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         return _bad(f"request too large: at most {MAX_BODY} bytes", 413)
-    try:
-        raw = await request.content.read(MAX_BODY + 1)
+    try:  # read(n) returns what has arrived (up to n): read until the end or past the bound
+        raw = b""
+        while len(raw) <= MAX_BODY:
+            chunk = await request.content.read(MAX_BODY + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
     except Exception as e:  # a client that hangs up or sends a broken chunked body
         return _bad(f"could not read the request body ({type(e).__name__}): {SHAPE}")
     if len(raw) > MAX_BODY:  # chunked bodies have no Content-Length
