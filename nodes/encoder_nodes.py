@@ -12,10 +12,19 @@ from comfy_api.latest import io
 from ..physmaster.conditioning import PhysTokens, apply_to_conditioning
 from ..physmaster.encoder import FEATURES, HeadConfig, PhysEncoder, load_encoder, select_features
 from ..physmaster.errors import PhysMasterError
+from ..physmaster.memory import check_fits, head_bytes, head_parameter_count
 from . import paths
 from .types import CATEGORY, PhysEncoderType, PhysTokensType
 
 log = logging.getLogger("physmaster")
+
+
+def free_cpu_memory() -> int:
+    """Bytes of RAM free now, as ComfyUI's memory manager counts them (new heads and scenes are made on the CPU)."""
+    import comfy.model_management
+    import torch
+
+    return int(comfy.model_management.get_free_memory(torch.device("cpu")))
 
 
 class PhysMasterEncoderLoader(io.ComfyNode):
@@ -92,6 +101,11 @@ class PhysMasterEncoderNew(io.ComfyNode):
             in_dim = int(select_features(clip_vision_output, feature).shape[-1])
         config = HeadConfig(in_dim=in_dim, context_dim=context_dim, num_tokens=num_tokens, hidden_dim=hidden_dim,
                             depth=depth, heads=heads, feature=feature)
+        check_fits(f"a PhysMaster head with hidden_dim {hidden_dim}, depth {depth}, in_dim {in_dim}, context_dim "
+                   f"{context_dim} and {num_tokens} tokens ({head_parameter_count(config) / 1e6:,.0f} M parameters)",
+                   head_bytes(config), free_cpu_memory(),
+                   "lower hidden_dim and depth first (the default head, hidden_dim 512 and depth 2, needs about "
+                   "43 MiB).")
         return io.NodeOutput(PhysEncoder.new(config, seed=init_seed, name=f"new-seed{init_seed}"))
 
 
@@ -116,12 +130,8 @@ class PhysMasterEncoderSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoder: PhysEncoder, filename_prefix: str) -> io.NodeOutput:
-        root = paths.save_dir()
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        filename = f"{name}_{counter:05}_.safetensors"
-        full = os.path.join(folder, filename)
+        full, rel = paths.unique_save_path(paths.FOLDER, filename_prefix)  # unique across ALL physmaster folders
         encoder.save(full)
-        rel = os.path.join(subfolder, filename) if subfolder else filename
         log.info("PhysMaster: saved encoder to %s", full)
         summary = {"saved": rel, "config": json.loads(encoder.config.to_json()),
                    "stages": [s.get("stage") for s in encoder.provenance.get("stages", [])]}

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
+from ..physmaster.memory import check_fits, scene_bytes
 from ..physmaster.physics import judge, mask_centroids, render_scene, trajectory_overlay
+from .encoder_nodes import free_cpu_memory
 from .types import CATEGORY
 
 SPLITS = ["seen", "unseen"]
@@ -43,6 +45,8 @@ class PhysMasterDropScene(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed: int, split: str, size: int, frames: int, fps: float) -> io.NodeOutput:
+        check_fits(f"a drop scene of {frames} frames at {size}x{size}", scene_bytes(size, frames), free_cpu_memory(),
+                   "lower size or frames (64 px and 32 frames need about 24 MiB; the proxy task uses 64-128 px).")
         scene = render_scene(seed, split=split, size=size, frames=frames, fps=fps)
         video = torch.from_numpy(np.ascontiguousarray(scene.frames, dtype=np.float32))
         masks = torch.from_numpy(scene.object_masks().astype(np.float32))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
+import re
 import time
 
 import torch
@@ -23,15 +23,17 @@ import comfy.clip_vision
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
-import folder_paths
 from comfy.weight_adapter import adapter_maps
 from server import PromptServer
 
 from ..physmaster.conditioning import RECORD_KEY, strip_tokens
 from ..physmaster.encoder import PhysEncoder
 from ..physmaster.errors import PhysMasterError, WidthMismatchError
+from ..physmaster.fileio import atomic_path
 from ..physmaster.training import (Conditioning, PreferencePair, PreferenceSet, StageTrainer, TrainConfig,
-                                   VideoSample, VideoSet, X0Denoiser, record_stage)
+                                   VideoSample, VideoSet, X0Denoiser, describe_skips, nonfinite_group,
+                                   plottable_losses, record_stage, screen_dataset_pairs, stage_entry)
+from . import paths
 from .preference_nodes import PhysPreferencesType
 from .types import CATEGORY, PhysEncoderType
 
@@ -216,7 +218,10 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_inputs, 
 
     `make_inputs()` -> (the groups' ComfyUI conditioning, one latent): called with inference mode off, so its
     clones are trainable tensors. `build(processed_conds)` -> ({stage: data}, constants, uses_mask) once the
-    guider has prepared the conditioning."""
+    guider has prepared the conditioning.
+
+    Cancel keeps everything trained so far as files a person can load (see `_save_interrupted`), then re-raises
+    so ComfyUI reports the interruption."""
     from comfy_extras.nodes_train import TrainGuider
 
     node_id = getattr(node_cls.hidden, "unique_id", None)
@@ -226,7 +231,12 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_inputs, 
         mp.model.requires_grad_(False)
         enc = encoder.clone() if encoder is not None else None
         needs_lora = any(s in ("sft", "dpo-lora") for s in stages) and lora_rank > 0
-        lora, lora_state = add_lora(mp, lora_rank) if needs_lora else ({}, None)
+        # the LoRA's random init follows the training seed too, so a run is reproducible end to end (and an
+        # interrupted LoRA equals the LoRA of an uninterrupted run of that many steps)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(config.seed)
+            lora, lora_state = add_lora(mp, lora_rank) if needs_lora else ({}, None)
         positives, dummy = make_inputs()
         comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
         guider = TrainGuider(mp)
@@ -236,12 +246,15 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_inputs, 
         started = time.monotonic()
         results = []
         interrupted: list[tuple[str, int]] = []
+        skips: list[tuple[str, str]] = []  # (reason, group) of items the data sets skipped
 
         class _Sampler(comfy.samplers.Sampler):
             def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                        disable_pbar=False):
                 conds = model_wrap.conds["positive"]
                 data, constants, uses_mask = build(conds)
+                for d in {id(d): d for d in data.values()}.values():
+                    skips.extend(d.skips)
                 denoiser = ComfyDenoiser(model_wrap.inner_model, lora, lora_state, constants, uses_mask,
                                          extra_args.get("model_options", {}))
                 done = 0
@@ -260,11 +273,14 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_inputs, 
                         comfy.model_management.throw_exception_if_processing_interrupted()
 
                     try:
-                        results.append((stage, trainer.run(progress)))
+                        result = trainer.run(progress)
                     except comfy.model_management.InterruptProcessingException:
                         interrupted.append((stage, trainer.step))
                         raise
+                    results.append((stage, result))
                     done += config.steps
+                    if result.stopped:  # a later stage would start from weights that just failed
+                        break
                 denoiser.enable_gradient_checkpointing(False)
                 return torch.zeros_like(latent_image)
 
@@ -272,10 +288,13 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_inputs, 
             comfy.model_management.in_training = True
             guider.sample(torch.zeros_like(dummy), dummy, _Sampler(), torch.ones(2), seed=config.seed)
         except comfy.model_management.InterruptProcessingException:
-            if enc is not None:
-                path = _save_interrupted(enc, results, interrupted, config, dataset_label)
-                log.warning("PhysMaster: training interrupted; the encoder after the last completed step is in %s",
-                            path)
+            saved = _save_interrupted(enc, lora, results, interrupted, config, dataset_label, n_items,
+                                      _model_name(model))
+            if saved:
+                text = "training cancelled; kept what was trained so far: " + ", ".join(saved)
+                log.warning("PhysMaster: %s", text)
+                if node_id is not None and server is not None:
+                    server.send_progress_text(text, node_id)
             raise
         finally:
             comfy.model_management.in_training = False
@@ -291,8 +310,17 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_inputs, 
             histories.append({"stage": stage, "history": result.history, "stopped": result.stopped,
                               "seconds": result.seconds})
             lines.append(_summary_line(stage, result))
-        loss_map.setdefault("loss", [])
-        return enc, lora_sd, loss_map, "\n".join(lines), histories
+        stopped = [(stage, r.stopped) for stage, r in results if r.stopped]
+        skipped_stages = stages[len(results):]
+        if stopped:
+            stage, why = stopped[0]
+            lines.insert(0, f"TRAINING STOPPED EARLY in {stage}: {why}"
+                         + (f" Not run: {', '.join(skipped_stages)}." if skipped_stages else "")
+                         + " The outputs hold the weights after the last good step.")
+        # core LossGraph needs two different finite values; the raw per-step values stay under "steps_loss"
+        loss_map["steps_loss"] = list(loss_map.get("loss", []))
+        loss_map["loss"] = plottable_losses(loss_map.get("loss", []))
+        return enc, lora_sd, loss_map, "\n".join(lines), histories, skips
 
 
 def _summary_line(stage: str, result) -> str:
@@ -318,14 +346,72 @@ def _model_name(model) -> str:
     return type(getattr(model, "model", model)).__name__
 
 
-def _save_interrupted(enc: PhysEncoder, results, interrupted, config: TrainConfig, dataset_label: str) -> str:
-    folder = os.path.join(folder_paths.get_output_directory(), "physmaster", "interrupted")
-    name = f"{enc.name}_{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
-    steps = [(stage, r.steps_done, False) for stage, r in results] + [(stage, n, True) for stage, n in interrupted]
-    enc.provenance.setdefault("stages", []).extend(
-        {"stage": stage, "steps": n, "interrupted": cut, "dataset": dataset_label, "lr": config.lr,
-         "seed": config.seed} for stage, n, cut in steps)
-    return str(enc.save(os.path.join(folder, name)))
+def _safe_label(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))[:60].strip("._")
+    return keep or "run"
+
+
+def _save_interrupted(enc: PhysEncoder | None, lora: dict, results, interrupted, config: TrainConfig,
+                      dataset_label: str, n_items: int, base_model: str) -> list[str]:
+    """On Cancel: save what the run trained so far where the loaders find it, with provenance that says exactly
+    what each file holds. The encoder (the head after the last finished step) goes to
+    models/physmaster/interrupted/ (PhysMasterEncoderLoader lists it); the DiT LoRA, when a stage trained one, to
+    models/loras/physmaster_interrupted/ in core SaveLoRA's format (LoraLoaderModelOnly lists it). Names are
+    unique across every registered folder. Returns the saved names (nothing is written when no step finished)."""
+    done = [(stage, r.steps_done, r.stopped, False) for stage, r in results]
+    done += [(stage, n, None, True) for stage, n in interrupted]
+    lora_steps = sum(n for stage, n, _, _ in done if "lora" in _trains(stage))
+    head_steps = sum(n for stage, n, _, _ in done if "head" in _trains(stage))
+    if lora_steps + head_steps == 0:
+        return []
+    label = _safe_label(dataset_label)
+    saved = []
+    lora_rel = enc_rel = None
+    if lora and lora_steps > 0:
+        lora_full, lora_rel = paths.unique_save_path("loras", f"physmaster_interrupted/{label}")
+        saved.append(f"LoRA {lora_rel} (models/loras; LoraLoaderModelOnly)")
+    if enc is not None:
+        enc_full, enc_rel = paths.unique_save_path(paths.FOLDER, f"interrupted/{label}")
+        saved.append(f"encoder {enc_rel} (models/physmaster; PhysMasterEncoderLoader)")
+    entries = [stage_entry(stage, n, config, interrupted=cut, stopped=stopped, base_model=base_model,
+                           dataset=dataset_label, dataset_size=n_items,
+                           lora_file=lora_rel if lora_steps > 0 else None)
+               for stage, n, stopped, cut in done]
+    if lora_rel is not None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora.items()}
+        provenance = {"kind": "dit lora", "holds": "the DiT LoRA after the steps below",
+                      "stages": [e for e in entries if "lora" in e["trains"]], "encoder_file": enc_rel,
+                      "base_model": base_model, "interrupted": True}
+        with atomic_path(lora_full) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "physmaster.provenance": json.dumps(provenance)})
+    if enc is not None:
+        enc.provenance.setdefault("stages", []).extend(entries)
+        if base_model:
+            enc.provenance["base_model"] = base_model
+        enc.save(enc_full)
+    return saved
+
+
+def _trains(stage: str) -> str:
+    from ..physmaster.training import STAGE_TRAINS
+
+    return STAGE_TRAINS.get(stage, "")
+
+
+def _with_skips(preflight: str, n: int, noun: str, problems: list[str], skips: list[tuple[str, str]],
+                text: str) -> str:
+    """'6 pairs, 3 skipped: non-finite latents in group …; latents [...], ...' then the per-stage lines.
+    `problems`: sentences from the group header checks (they say how many pairs each cost); `skips`: (reason,
+    group) per pair or video skipped for its data."""
+    count = sum(int(m.group(1)) for m in (re.search(r"its (\d+) pairs? skipped", p) for p in problems) if m)
+    count += len(skips)
+    head = f"{n} {noun}"
+    if count and preflight.startswith(head):
+        reasons = "; ".join(problems + ([describe_skips(skips, count=False)] if skips else []))
+        preflight = f"{head}, {count} skipped: {reasons} |" + preflight[len(head):].lstrip(",")
+    return preflight + "\n" + text
 
 
 def _outputs_of(enc, lora_sd, loss_map, text: str, histories: list) -> io.NodeOutput:
@@ -393,15 +479,34 @@ class PhysMasterTrainDPO(io.ComfyNode):
         if "dpo-lora" in stages and lora_rank < 1:
             raise PhysMasterError("Stage II trains a DiT LoRA: set lora_rank >= 1")
         dataset = preferences["dataset"]
-        pairs = preferences["pairs"]
+        given = preferences["pairs"]
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=training_seed, beta=beta,
                              gradient_checkpointing=gradient_checkpointing)
+        # the groups may have changed since the Dataset node read them: the same header checks again
+        pairs, problems = screen_dataset_pairs(dataset, given)
+        # then the data itself: a pair whose latents or conditioning hold NaN/inf is skipped and named
+        loaded = {g: dataset.load_group(g) for g in sorted({p.group for p in pairs})}
+        checks = {g: nonfinite_group(t) for g, t in loaded.items()}
+        nonfinite: list[tuple[str, str]] = []
+        usable = []
+        for p in pairs:
+            parts, bad = checks[p.group]
+            why = parts + (["latents"] if p.winner in bad or p.loser in bad else [])
+            if why:
+                nonfinite.append(("non-finite " + ", ".join(why), p.group))
+            else:
+                usable.append(p)
+        pairs = usable
+        if not pairs:
+            raise PhysMasterError(f"none of the {len(given)} pairs of dataset {dataset.name!r} can be trained on: "
+                                  + "; ".join(problems + [describe_skips(nonfinite, count=False)]).strip("; ")
+                                  + ". Re-mark those groups with PhysMasterPreferencePicker or remove them.")
         groups = sorted({p.group for p in pairs})
-        loaded = {g: dataset.load_group(g) for g in groups}
+        loaded = {g: loaded[g] for g in groups}
         first = loaded[groups[0]]
         feats = first.get("features")
         summary = _preflight(encoder, int(first["context"].shape[-1]), None if feats is None else int(feats.shape[-1]),
-                             len(pairs), "pairs", "preference dataset", model, tuple(first["latents"].shape[1:]))
+                             len(given), "pairs", "preference dataset", model, tuple(first["latents"].shape[1:]))
         log.info("PhysMaster TrainDPO: %s", summary)
         index = {g: i for i, g in enumerate(groups)}
 
@@ -424,9 +529,10 @@ class PhysMasterTrainDPO(io.ComfyNode):
             data = PreferenceSet(items)
             return {s: data for s in stages}, constants, uses_mask
 
-        enc, lora_sd, loss_map, text, histories = _run(cls, model, encoder, stages, make_inputs, build, config,
-                                                       lora_rank, dataset.name, len(pairs))
-        return _outputs_of(enc, lora_sd, loss_map, summary + "\n" + text, histories)
+        enc, lora_sd, loss_map, text, histories, skips = _run(cls, model, encoder, stages, make_inputs, build,
+                                                              config, lora_rank, dataset.name, len(pairs))
+        return _outputs_of(enc, lora_sd, loss_map, _with_skips(summary, len(given), "pairs", problems,
+                                                               nonfinite + skips, text), histories)
 
 
 class PhysMasterTrainSFT(io.ComfyNode):
@@ -493,6 +599,6 @@ class PhysMasterTrainSFT(io.ComfyNode):
                 items.append(VideoSample(latent=_clone(samples[i]), cond=cond, name=str(i)))
             return {"sft": VideoSet(items)}, constants, uses_mask
 
-        enc, lora_sd, loss_map, text, histories = _run(cls, model, encoder, ["sft"], make_inputs, build, config,
-                                                       lora_rank, "graph latents", n)
-        return _outputs_of(enc, lora_sd, loss_map, summary + "\n" + text, histories)
+        enc, lora_sd, loss_map, text, histories, skips = _run(cls, model, encoder, ["sft"], make_inputs, build,
+                                                              config, lora_rank, "graph latents", n)
+        return _outputs_of(enc, lora_sd, loss_map, _with_skips(summary, n, "videos", [], skips, text), histories)

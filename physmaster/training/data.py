@@ -50,6 +50,57 @@ class PreferencePair:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def nonfinite_parts(cond: Conditioning, latents: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Names of the parts of one training item that hold NaN or inf: 'latents', 'text context', 'features',
+    'attention mask', 'image conditioning (<name>)'. Empty when everything is finite."""
+    parts = []
+    for name, t in (latents or {}).items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            parts.append(name)
+    for name, t in (("text context", cond.context), ("features", cond.features), ("image_cond", cond.image_cond),
+                    ("image_embeds", cond.image_embeds), ("attention mask", cond.attention_mask)):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            parts.append(name if " " in name or name == "features" else f"image conditioning ({name})")
+    for key, t in cond.extra.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            parts.append(f"image conditioning ({key[3:] if key.startswith('kw.') else key})")
+    return list(dict.fromkeys(parts))
+
+
+def nonfinite_group(tensors: dict[str, torch.Tensor]) -> tuple[list[str], set[int]]:
+    """A stored group's non-finite parts: (names of shared parts with NaN/inf: 'text context', 'features',
+    'attention mask', 'image conditioning (<name>)'; indices of the candidate latents with NaN/inf)."""
+    parts = []
+    for key, t in tensors.items():
+        if key == "latents" or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        if not torch.isfinite(t).all():
+            name = {"context": "text context", "features": "features", "cond.attention_mask": "attention mask"}.get(key)
+            parts.append(name or f"image conditioning ({key.split('.', 1)[-1]})")
+    bad: set[int] = set()
+    lat = tensors.get("latents")
+    if isinstance(lat, torch.Tensor) and lat.is_floating_point() and lat.ndim >= 1:
+        finite = torch.isfinite(lat.reshape(lat.shape[0], -1)).all(dim=1)
+        bad = {int(i) for i in torch.nonzero(~finite).flatten()}
+    return parts, bad
+
+
+def describe_skips(skips: Sequence[tuple[str, str]], limit: int = 4, count: bool = True) -> str:
+    """'3 skipped: non-finite latents in group 1a2b3c4d (2 pairs); non-finite features in group ...' from
+    (reason, group) per skipped item ('' when nothing was skipped; without the '3 skipped: ' when not count)."""
+    if not skips:
+        return ""
+    counts: dict[tuple[str, str], int] = {}
+    for reason, group in skips:
+        counts[(reason, group)] = counts.get((reason, group), 0) + 1
+    parts = []
+    for (reason, group), n in counts.items():
+        where = f" in group {group[:8]}" if group else ""
+        parts.append(f"{reason}{where}" + (f" ({n} pairs)" if n > 1 else ""))
+    more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+    return (f"{len(skips)} skipped: " if count else "") + "; ".join(parts[:limit]) + more
+
+
 def _check_cond(cond: Conditioning, what: str) -> None:
     if not isinstance(cond, Conditioning):
         raise DataError(f"{what}: cond must be a physmaster.training.Conditioning, got {type(cond).__name__}")
@@ -58,22 +109,34 @@ def _check_cond(cond: Conditioning, what: str) -> None:
 
 
 class VideoSet:
-    """A list of `VideoSample`s of one latent shape, validated."""
+    """A list of `VideoSample`s of one latent shape, validated. Samples with NaN/inf in the latent or the
+    conditioning are skipped and named in `skips` (as PreferenceSet does); none usable is an error."""
 
     def __init__(self, samples: Iterable[VideoSample]):
-        self.samples = list(samples)
-        if not self.samples:
+        given = list(samples)
+        if not given:
             raise DataError("the video set is empty: Stage I needs at least one video latent")
-        shape = tuple(self.samples[0].latent.shape)
-        for i, s in enumerate(self.samples):
+        self.samples: list[VideoSample] = []
+        self.skips: list[tuple[str, str]] = []
+        shape = tuple(given[0].latent.shape)
+        for i, s in enumerate(given):
             _check_cond(s.cond, f"video {i}")
             if s.latent.ndim != 4:
                 raise DataError(f"video {i}: latent must be [C, T, H, W], got {list(s.latent.shape)}")
             if tuple(s.latent.shape) != shape:
                 raise BatchMismatchError(f"video {i} latent is {list(s.latent.shape)} but video 0 is {list(shape)}; "
                                          "batch videos of one size (resize or crop them to one resolution/length)")
-            if not torch.isfinite(s.latent).all():
-                raise DataError(f"video {i} ({s.name or 'unnamed'}) has non-finite values")
+            bad = ([] if bool(torch.isfinite(s.latent).all()) else ["latent"]) + nonfinite_parts(s.cond)
+            if bad:
+                self.skips.append((f"non-finite {', '.join(bad)} in video {s.name or i}", ""))
+                continue
+            self.samples.append(s)
+        if not self.samples:
+            raise DataError(f"no usable video among {len(given)} ({self.skip_summary()}); check the latents and "
+                            "conditioning fed to the trainer")
+
+    def skip_summary(self) -> str:
+        return describe_skips(self.skips)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -91,17 +154,25 @@ class VideoSet:
 
 
 class PreferenceSet:
-    """Usable preference pairs, validated: same winner/loser shape, finite latents, winner ≠ loser.
+    """Usable preference pairs, validated: same winner/loser shape, finite data, winner ≠ loser.
 
-    Pairs that are unusable for a *soft* reason (identical videos, non-finite values) are skipped and counted in
-    `skipped`; a shape mismatch is an error (it means the data is wired wrong). Zero usable pairs is an error.
+    Pairs that are unusable for a *soft* reason (identical videos, NaN/inf in the latents, the text context, the
+    features or the image conditioning, a bad margin) are skipped: counted in `skipped` by kind, and named in
+    `skips` as (reason, group) so a summary can say which group to fix (`skip_summary()`). A shape mismatch is an
+    error (it means the data is wired wrong). Zero usable pairs is an error that names why.
     """
 
     def __init__(self, pairs: Iterable[PreferencePair]):
         self.pairs: list[PreferencePair] = []
         self.skipped: dict[str, int] = {}
+        self.skips: list[tuple[str, str]] = []
         shape = None
         n_in = 0
+
+        def skip(kind: str, reason: str, p: PreferencePair) -> None:
+            self.skipped[kind] = self.skipped.get(kind, 0) + 1
+            self.skips.append((reason, p.group))
+
         for i, p in enumerate(pairs):
             n_in += 1
             _check_cond(p.cond, f"pair {i}")
@@ -115,23 +186,31 @@ class PreferenceSet:
             if shape is None:
                 shape = tuple(p.winner.shape)
             elif tuple(p.winner.shape) != shape:
-                raise BatchMismatchError(f"pair {i} latents are {list(p.winner.shape)} but pair 0's are "
-                                         f"{list(shape)}; use one resolution and length per training run")
-            if not (torch.isfinite(p.winner).all() and torch.isfinite(p.loser).all()):
-                self.skipped["non-finite"] = self.skipped.get("non-finite", 0) + 1
+                raise BatchMismatchError(f"pair {i}{' (group ' + p.group + ')' if p.group else ''} latents are "
+                                         f"{list(p.winner.shape)} but pair 0's are {list(shape)}; use one "
+                                         "resolution and length per training run")
+            finite = bool(torch.isfinite(p.winner).all()) and bool(torch.isfinite(p.loser).all())
+            bad = ([] if finite else ["latents"]) + nonfinite_parts(p.cond)
+            if bad:
+                skip("non-finite", "non-finite " + ", ".join(bad), p)
                 continue
             if torch.equal(p.winner, p.loser):
-                self.skipped["identical"] = self.skipped.get("identical", 0) + 1
+                skip("identical", "identical winner and loser", p)
                 continue
             if not (isinstance(p.margin, (int, float)) and math.isfinite(p.margin) and p.margin >= 0):
-                self.skipped["bad margin"] = self.skipped.get("bad margin", 0) + 1
+                skip("bad margin", f"bad margin {p.margin!r}", p)
                 continue
             self.pairs.append(p)
         if not self.pairs:
             why = ", ".join(f"{v} {k}" for k, v in self.skipped.items()) or "none given"
-            raise DataError(f"the preference set has no usable pairs ({n_in} pairs in, {why}). Flow-DPO needs "
-                            "pairs of different candidates from the same start image; pick more pairs "
-                            "(PhysMasterPreferencePicker) or lower the judge's min_margin.")
+            detail = f"; {self.skip_summary()}" if self.skips else ""
+            raise DataError(f"the preference set has no usable pairs ({n_in} pairs in, {why}{detail}). Flow-DPO "
+                            "needs pairs of different candidates from the same start image with finite data; "
+                            "pick more pairs (PhysMasterPreferencePicker) or lower the judge's min_margin.")
+
+    def skip_summary(self) -> str:
+        """'3 skipped: non-finite latents in group 1a2b3c4d (2 pairs); ...' ('' when none was skipped)."""
+        return describe_skips(self.skips)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -147,3 +226,64 @@ class PreferenceSet:
         items = [self.pairs[i] for i in indices]
         return (torch.stack([p.winner for p in items]), torch.stack([p.loser for p in items]),
                 Conditioning.cat([p.cond for p in items]))
+
+
+def screen_dataset_pairs(dataset, pairs: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """Check, from the group files' headers only (nothing is loaded), what training will need of each pair's
+    group: the file opens, it holds `latents` and `context`, at least as many latents as its metadata says and as
+    the pair's indices need, the dataset's latent shape and context width. Returns the pairs whose group passes,
+    and one sentence per failing group naming the group, its file and the problem (its pairs are skipped).
+
+    `dataset` is a `physmaster.preferences.PreferenceDataset` (uses `group_path`, `group_meta`, `info`); `pairs`
+    are its `Pair`s (`group`, `winner`, `loser`)."""
+    from safetensors import safe_open
+
+    try:
+        info = dataset.info() or {}
+    except Exception:  # noqa: BLE001 - an unreadable dataset.json is reported by the dataset itself
+        info = {}
+    want_shape = info.get("latent_shape") if isinstance(info, dict) else None
+    want_ctx = info.get("context_dim") if isinstance(info, dict) else None
+    verdict: dict[str, str | None] = {}
+    counts: dict[str, int] = {}
+    need: dict[str, int] = {}
+    for p in pairs:
+        need[p.group] = max(need.get(p.group, 0), int(p.winner) + 1, int(p.loser) + 1)
+    for group in need:
+        problem = None
+        try:
+            path = dataset.group_path(group)
+            meta = dataset.group_meta(group)
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+                missing = [k for k in ("latents", "context") if k not in keys]
+                if missing:
+                    raise DataError(f"it has no {' or '.join(missing)} tensor")
+                shape = list(f.get_slice("latents").get_shape())
+                ctx = list(f.get_slice("context").get_shape())
+        except Exception as e:  # noqa: BLE001 - any unreadable group is reported and its pairs skipped
+            problem = f"is unreadable ({e})"
+        else:
+            said = meta.get("candidates") if isinstance(meta, dict) else None
+            n = shape[0] if shape else 0
+            if len(shape) < 2:
+                problem = f"holds latents shaped {shape}, not [candidates, C, T, H, W]"
+            elif isinstance(said, int) and not isinstance(said, bool) and n < said:
+                problem = f"holds {n} latents but its metadata says {said} candidates"
+            elif n < need[group]:
+                problem = f"holds {n} latents but its pairs use candidate {need[group] - 1}"
+            elif isinstance(want_shape, list) and shape[1:] != list(want_shape):
+                problem = f"holds latents shaped {shape[1:]} but the dataset's are {list(want_shape)}"
+            elif want_ctx is not None and (len(ctx) != 3 or ctx[-1] != want_ctx):
+                problem = f"holds a text context shaped {ctx} but the dataset's width is {want_ctx}"
+            elif want_shape is None:
+                want_shape = shape[1:]  # no dataset.json: the first group sets the shape
+        verdict[group] = problem
+    kept = [p for p in pairs if verdict.get(p.group) is None]
+    problems = []
+    for group, problem in verdict.items():
+        if problem is not None:
+            counts[group] = sum(1 for p in pairs if p.group == group)
+            problems.append(f"group {group[:8]} (groups/{group}.safetensors) {problem}: its "
+                            f"{counts[group]} pair{'s' if counts[group] != 1 else ''} skipped")
+    return kept, problems

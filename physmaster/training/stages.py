@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -437,16 +437,52 @@ def train_dpo(denoiser: Denoiser, encoder: PhysEncoder | None, pairs: Preference
     return StageTrainer(stage, denoiser, encoder, pairs, config, checkpoint_dir, resume).run(callback)
 
 
-def record_stage(encoder: PhysEncoder, result: TrainResult, config: TrainConfig, *, base_model: str = "",
-                 dataset: str = "", dataset_size: int | None = None, extra: dict | None = None) -> None:
-    """Append this stage to the encoder's provenance (saved in its safetensors header)."""
-    entry = {"stage": result.stage, "steps": result.steps_done, "lr": config.lr, "seed": config.seed,
-             "batch_size": config.batch_size, "base_model": base_model, "dataset": dataset,
-             "dataset_size": dataset_size, "stopped": result.stopped,
+#: what each stage changes: the head lives in the encoder file, the DiT LoRA in a LoRA file
+STAGE_TRAINS = {"sft": "head and dit lora", "dpo-lora": "dit lora", "dpo-head": "head"}
+
+
+def stage_entry(stage: str, steps: int, config: TrainConfig, *, planned: int | None = None,
+                interrupted: bool = False, stopped: str | None = None, base_model: str = "", dataset: str = "",
+                dataset_size: int | None = None, lora_file: str | None = None, extra: dict | None = None) -> dict:
+    """One provenance entry that says exactly what a stage left: which weights it trained (`trains`), how many
+    optimizer steps it really did (`steps`, of `steps_planned`), whether Cancel (`interrupted`) or a non-finite
+    loss (`stopped`) ended it early, and where its DiT LoRA is (`lora_file`, when it trained one and it was saved:
+    an encoder file holds only the head, so a `dpo-lora` entry in an encoder's history changed nothing in it)."""
+    if stage not in STAGE_TRAINS:
+        raise TrainingError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    entry = {"stage": stage, "trains": STAGE_TRAINS[stage], "steps": int(steps),
+             "steps_planned": int(config.steps if planned is None else planned), "interrupted": bool(interrupted),
+             "stopped": stopped, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
+             "base_model": base_model, "dataset": dataset, "dataset_size": dataset_size,
              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if result.stage != "sft":
+    if stage != "sft":
         entry["beta"] = config.beta
+    if "lora" in STAGE_TRAINS[stage]:
+        entry["lora_file"] = lora_file
     entry.update(extra or {})
+    return entry
+
+
+def record_stage(encoder: PhysEncoder, result: TrainResult, config: TrainConfig, *, base_model: str = "",
+                 dataset: str = "", dataset_size: int | None = None, extra: dict | None = None,
+                 interrupted: bool = False, lora_file: str | None = None) -> dict:
+    """Append this stage to the encoder's provenance (saved in its safetensors header); returns the entry."""
+    entry = stage_entry(result.stage, result.steps_done, config, interrupted=interrupted, stopped=result.stopped,
+                        base_model=base_model, dataset=dataset, dataset_size=dataset_size, lora_file=lora_file,
+                        extra=extra)
     encoder.provenance.setdefault("stages", []).append(entry)
     if base_model:
         encoder.provenance["base_model"] = base_model
+    return entry
+
+
+def plottable_losses(values: Sequence[float]) -> list[float]:
+    """Per-step losses that core LossGraph can draw: it scales by (max − min), so it needs two different finite
+    values (an empty list fails with `min() arg is an empty sequence`, one value or a flat run with a division by
+    zero). Non-finite values are dropped; a run with fewer than two different finite losses (stopped at step 1 or
+    2) is drawn from a 0 baseline: [0, loss...], or [0, 1] when no step finished (the summary says why)."""
+    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if len(set(finite)) >= 2:
+        return finite
+    padded = [0.0] + finite
+    return padded if len(set(padded)) >= 2 else [0.0, 1.0]

@@ -19,12 +19,56 @@ if str(HOST_DIR) not in sys.path:  # so `import harness` works whatever the impo
 SKIP_REASON = "host tests need a real ComfyUI checkout: set COMFYUI_PATH (see tests/host/conftest.py)"
 
 
+# ComfyUI's requirements that the harness stubs (tests/host/stubs): not needed in the test Python
+STUBBED = {"torchvision", "torchaudio"}
+
+
 def comfyui_path_or_none() -> str | None:
     return os.environ.get("COMFYUI_PATH") or None
 
 
+def missing_requirements(comfyui_path: str | os.PathLike) -> list[str]:
+    """ComfyUI's essential requirements (its requirements.txt up to '#non essential') not installed in this
+    Python. The server runs with this Python, so each one would fail every host test."""
+    import re
+    from importlib import metadata
+
+    path = Path(comfyui_path).expanduser() / "requirements.txt"
+    if not path.is_file():
+        return []
+    missing = []
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line.lower().startswith("#non essential") or line.lower().startswith("# non essential"):
+            break
+        if not line or line.startswith(("#", "-")):
+            continue
+        name = re.split(r"[\s<>=!~;\[@]", line, maxsplit=1)[0]
+        if not name or name.lower() in STUBBED:
+            continue
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def host_skip_reason() -> str | None:
+    """Why the host tests cannot run in this Python (None when they can)."""
+    value = comfyui_path_or_none()
+    if value is None:
+        return SKIP_REASON
+    missing = missing_requirements(value)
+    if missing:
+        return (f"host tests need ComfyUI's requirements in the Python that runs pytest ({sys.executable} lacks "
+                f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}): run them with ComfyUI's own "
+                f"Python, e.g. COMFYUI_PATH={value} /path/to/comfyui-venv/bin/python -m pytest tests/host")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    skip = None if comfyui_path_or_none() else pytest.mark.skip(reason=SKIP_REASON)
+    reason = host_skip_reason()
+    skip = None if reason is None else pytest.mark.skip(reason=reason)
     for item in items:
         if HOST_DIR in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.host)
@@ -35,8 +79,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def comfyui_path() -> Path:
     value = comfyui_path_or_none()
-    if value is None:
-        pytest.skip(SKIP_REASON)
+    reason = host_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
     path = Path(value).expanduser().resolve()
     if not (path / "main.py").is_file():
         raise pytest.UsageError(f"COMFYUI_PATH={value!r} is not a ComfyUI checkout (no main.py there)")

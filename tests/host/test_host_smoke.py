@@ -91,12 +91,37 @@ def ltxv_i2v_prompt(prefix: str) -> dict:
     }
 
 
+def hunyuan_i2v_prompt(prefix: str) -> dict:
+    p = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": _name("hunyuan_i2v"), "weight_dtype": "default"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": _name("hunyuan_vae")}},
+        "image": {"class_type": "PhysMasterTest_RandomImage", "inputs": {"seed": 7, "width": SIZE, "height": SIZE,
+                                                                         "batch": 1}},
+        # like HunyuanVideo's LLaVA-Llama-3 + CLIP-L encoder on one prompt: no padding (so no attention_mask),
+        # the CLIP-L pooled output for vector_in
+        "pos_text": _cond(1, 32),
+        "neg_text": _cond(2, 32),
+        "pos": {"class_type": "PhysMasterTest_AddPooledOutput", "inputs": {
+            "conditioning": ["pos_text", 0], "seed": 3, "width": tm.HUNYUAN_POOLED_DIM}},
+        "neg": {"class_type": "PhysMasterTest_AddPooledOutput", "inputs": {
+            "conditioning": ["neg_text", 0], "seed": 4, "width": tm.HUNYUAN_POOLED_DIM}},
+        "i2v": {"class_type": "HunyuanImageToVideo", "inputs": {
+            "positive": ["pos", 0], "vae": ["vae", 0], "width": SIZE, "height": SIZE, "length": 5,
+            "batch_size": 1, "guidance_type": "v1 (concat)", "start_image": ["image", 0]}},
+        "sampler": _ksampler(["unet", 0], ["i2v", 0], ["neg", 0], ["i2v", 1]),
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": prefix}},
+    }
+    p["sampler"]["inputs"]["cfg"] = 1.0  # guidance-distilled, as ComfyUI's HunyuanVideo workflows (embedded 6.0)
+    return p
+
+
 FAMILIES = {
     # family -> (prompt builder, expected latent shape [B, C, T, H, W]). Wan 2.1 runs without CLIP vision here:
     # a CLIP-H encode costs ~17 s on 2 CPU cores; test_clip_vision_h_encode_and_wan21_uses_it covers it once.
     "wan21_i2v": (lambda prefix: wan21_i2v_prompt(prefix, clip_vision=False), (1, 16, 2, SIZE // 8, SIZE // 8)),
     "wan22_ti2v": (wan22_ti2v_prompt, (1, 48, 2, SIZE // 16, SIZE // 16)),
     "ltxv_i2v": (ltxv_i2v_prompt, (1, 128, 2, SIZE // 32, SIZE // 32)),
+    "hunyuan_i2v": (hunyuan_i2v_prompt, (1, 16, 2, SIZE // 8, SIZE // 8)),
 }
 
 
@@ -112,10 +137,10 @@ def _run_and_load(host, prompt, timeout=600):
 def test_object_info_has_core_nodes(host):
     info = host.object_info()
     for node in ("KSampler", "UNETLoader", "VAELoader", "CLIPVisionLoader", "CLIPVisionEncode", "SaveLatent",
-                 "WanImageToVideo", "Wan22ImageToVideoLatent", "LTXVImgToVideo",
+                 "WanImageToVideo", "Wan22ImageToVideoLatent", "LTXVImgToVideo", "HunyuanImageToVideo",
                  "PhysMasterTest_RandomConditioning", "PhysMasterTest_RandomImage", "PhysMasterTest_SaveTensors"):
         assert node in info, f"{node} missing from /object_info"
-    for key in ("wan21_i2v", "wan22_ti2v", "ltxv"):
+    for key in ("wan21_i2v", "wan22_ti2v", "ltxv", "hunyuan_i2v"):
         assert _name(key) in info["UNETLoader"]["input"]["required"]["unet_name"][0]
     assert host.import_failures() == [], "\n".join(host.import_failures())
 

@@ -1,5 +1,6 @@
-"""The PhysMaster nodes inside a real ComfyUI: schema, the shipped workflow, tokens on three model families,
-the strength-0 bypass, save/load, clear errors, and the proxy-task nodes."""
+"""The PhysMaster nodes inside a real ComfyUI: schema, the shipped workflow, tokens on four model families (Wan 2.1
+I2V, Wan 2.2 TI2V, LTX-Video, HunyuanVideo I2V), the strength-0 bypass, save/load, clear errors, the proxy-task
+nodes, and settings that would need more memory than the machine has."""
 
 from __future__ import annotations
 
@@ -194,6 +195,36 @@ def test_save_then_load_gives_the_same_tokens(host):
     assert torch.equal(fresh, loaded)
 
 
+def test_save_never_shadows_an_encoder_in_another_physmaster_folder(host, tmp_path):
+    """Issue 9 item 12: with X_00001_ in the extra_model_paths folder, saving prefix X wrote X_00001_ in the first
+    folder, and the Loader then loaded the new file for workflows that named the old one."""
+    extra = host.models_dir / "physmaster"  # registered by extra_model_paths.yaml: the second folder
+    first = host.base_dir / "models" / "physmaster"
+    old = PhysEncoder.new(HeadConfig(in_dim=1280, context_dim=4096, num_tokens=3, hidden_dim=64, depth=1, heads=4),
+                          seed=1, name="old")
+    for rel in ("hosttest_shadow/X_00001_.safetensors", "hosttest_shadow/X_00002_.safetensors",
+                "hosttestshadowtop_00001_.safetensors"):
+        (extra / rel).parent.mkdir(parents=True, exist_ok=True)
+        old.save(extra / rel)
+    for prefix, want in (("hosttest_shadow/X", "hosttest_shadow/X_00003_.safetensors"),
+                         ("hosttestshadowtop", "hosttestshadowtop_00002_.safetensors")):
+        p = _encoder_nodes(seed=4)
+        p["save"] = {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["enc", 0],
+                                                                       "filename_prefix": prefix}}
+        saved = json.loads(host.run(p, timeout=300)["outputs"]["save"]["text"][0])["saved"]
+        assert saved == want
+        assert (first / saved).is_file() and not (extra / saved).exists()
+    assert not (first / "hosttest_shadow" / "X_00001_.safetensors").exists()
+    assert not (first / "hosttestshadowtop_00001_.safetensors").exists()
+    # a workflow that names the old file still gets the old encoder (3 tokens), the new name the new one (8)
+    for name, tokens in (("hosttest_shadow/X_00001_.safetensors", 3), ("hosttest_shadow/X_00003_.safetensors", TOKENS)):
+        p = {"enc": {"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": name}},
+             "save": {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["enc", 0],
+                                                                        "filename_prefix": "hosttest_shadow_copy/c"}}}
+        summary = json.loads(host.run(p, timeout=300)["outputs"]["save"]["text"][0])
+        assert summary["config"]["num_tokens"] == tokens, (name, summary)
+
+
 def _expect_failure(host, prompt, node: str, *needles: str):
     with pytest.raises(harness.ExecutionFailed) as err:
         host.run(prompt, timeout=300)
@@ -252,3 +283,34 @@ def test_drop_scene_and_physics_score(host):
     assert len(previews) == 24 and all(i["type"] == "temp" for i in previews)
     start = harness.load_tensors(next(f for f in host.output_files(entry) if f.suffix == ".safetensors"))["image"]
     assert tuple(start.shape) == (1, 64, 64, 3)
+
+
+def test_widget_maxima_are_refused_up_front_with_the_estimate(host):
+    """Issue 9 item 6: EncoderNew at its maxima needs ~74 GiB, DropScene > 12 GiB; both died in the allocator."""
+    import psutil
+
+    from physmaster.memory import head_bytes, scene_bytes
+
+    info = host.object_info()
+    req = info["PhysMasterEncoderNew"]["input"]["required"]
+    top = {k: req[k][1]["max"] for k in ("in_dim", "context_dim", "num_tokens", "hidden_dim", "depth", "heads")}
+    need = head_bytes(HeadConfig(feature="penultimate", **top))
+    scene = info["PhysMasterDropScene"]["input"]["required"]
+    size, frames = scene["size"][1]["max"], scene["frames"][1]["max"]
+    if psutil.virtual_memory().available > min(need, scene_bytes(size, frames)):
+        pytest.skip("this machine has the memory the widget maxima need")
+    rss_before = psutil.Process(host.proc.pid).memory_info().rss
+    p = {"enc": {"class_type": "PhysMasterEncoderNew", "inputs": dict(top, feature="penultimate", init_seed=0)},
+         "save": {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["enc", 0],
+                                                                    "filename_prefix": "hosttest/huge"}}}
+    msg = _expect_failure(host, p, "enc", f"{need / 2**30:.1f} GiB", "free", "hidden_dim 8192", "depth 24",
+                          "lower hidden_dim")
+    assert "M parameters" in msg
+    p = {"scene": {"class_type": "PhysMasterDropScene", "inputs": {"seed": 0, "split": "seen", "size": size,
+                                                                   "frames": frames, "fps": 16.0}},
+         "save": {"class_type": "PhysMasterTest_SaveTensors", "inputs": {"filename_prefix": "pm/huge",
+                                                                         "image": ["scene", 0]}}}
+    _expect_failure(host, p, "scene", f"{scene_bytes(size, frames) / 2**30:.1f} GiB", f"{frames} frames",
+                    f"{size}x{size}", "lower size or frames")
+    # refused before allocating: the server did not grow by anything like those sizes
+    assert psutil.Process(host.proc.pid).memory_info().rss - rss_before < 2**30

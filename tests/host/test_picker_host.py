@@ -119,6 +119,63 @@ def test_forged_and_malformed_answers_are_rejected(host):
     assert not (host.output_dir.parent / "evil").exists()
 
 
+def post_raw(host, data: bytes, chunked: bool = False) -> tuple[int, dict]:
+    """POST raw bytes to the pick route (chunked: no Content-Length); the status and the JSON answer."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", host.port, timeout=30)
+    try:
+        if chunked:
+            conn.request("POST", "/physmaster/pick", body=iter([data[i:i + 1000] for i in range(0, len(data), 1000)]),
+                         headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+                         encode_chunked=True)
+        else:
+            conn.request("POST", "/physmaster/pick", body=data, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_hostile_bodies_get_a_4xx_with_a_sentence_never_a_500(host):
+    """Issue 9 item 7: 4000 nested '[' answered 500. Every malformed body is a 400 (413 when too large)."""
+    log_start = len(host.log())
+    with host.listen() as ws:
+        prompt_id = host.queue(picker_prompt("hostile"))
+        rid = ws.wait_for("physmaster.pick", timeout=300)["request_id"]
+        deep = b"[" * 4000
+        cases = [
+            (deep, 400, "nested too deeply"),
+            (b"{" * 3000, 400, "JSON"),
+            (b'{"request_id": "' + rid.encode() + b'", "choice": ' + b"[" * 1500 + b"]" * 1500 + b"}", 400, ""),
+            (b'{"request_id": "' + rid.encode() + b'", "choice": {"best": ' + b"[" * 1900 + b"]" * 1900 + b"}}",
+             400, ""),
+            (b'{"request_id": "' + rid.encode() + b'", "choice": {"best": 1e999, "worst": 0}}', 400, ""),
+            (b'{"request_id": "' + rid.encode() + b'", "choice": {"best": NaN, "worst": 0}}', 400, ""),
+            (b'{"request_id": "' + rid.encode() + b'", "choice": {"ranking": {"a": 1}}}', 400, ""),
+            (b'{"request_id": ["' + rid.encode() + b'"], "choice": {"best": 0, "worst": 1}}', 400, "string"),
+            (b"\xff\xfe{}", 400, "UTF-8 JSON"),
+            (b"null", 400, "exactly"), (b"[]", 400, "exactly"), (b'"x"', 400, "exactly"), (b"17", 400, "exactly"),
+            (b"", 400, "JSON"),
+            (b" " * 5000, 413, "too large"),
+        ]
+        for body, code, needle in cases:
+            status, answer = post_raw(host, body)
+            assert status == code and needle in answer.get("error", ""), (body[:60], status, answer)
+            assert len(answer["error"]) > 10
+        status, answer = post_raw(host, b'{"request_id": "x", "choice": ' + b"[" * 9000 + b"}", chunked=True)
+        assert status == 413 and "too large" in answer["error"], (status, answer)
+        status, answer = post_raw(host, deep, chunked=True)
+        assert status == 400 and "nested too deeply" in answer["error"], (status, answer)
+        assert pairs_on_disk(host, "hostile") == []
+        # the request is still waiting and a good answer still lands
+        assert post_pick(host, {"request_id": rid, "choice": {"best": 2, "worst": 0}})[0] == 200
+        host.wait(prompt_id, timeout=300)
+    assert [(p["winner"], p["loser"]) for p in pairs_on_disk(host, "hostile")] == [(2, 0)]
+    new_log = host.log()[log_start:]
+    assert "Traceback" not in new_log and "Error handling request" not in new_log, new_log[-3000:]
+
+
 def test_timeout_policies(host):
     t0 = time.monotonic()
     entry = host.run(picker_prompt("timeout_skip", timeout=2, on_timeout="skip"), timeout=300)

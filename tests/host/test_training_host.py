@@ -148,23 +148,198 @@ def test_empty_dataset_is_a_clear_error(host):
     assert err.value.node_id == "prefs" and "no usable" in err.value.exception_message
 
 
-def test_cancel_mid_training_keeps_a_usable_encoder(host, marked_dataset):
-    folder = host.output_dir / "physmaster" / "interrupted"
-    before = set(folder.glob("*.safetensors")) if folder.exists() else set()
+def _new_files(folder, before):
+    return sorted(set(folder.rglob("*.safetensors")) - before) if folder.exists() else []
+
+
+def _cancel_after(host, prompt, progress_value: int):
+    """Queue, wait until the train node's progress bar reaches `progress_value`, Cancel; the run must fail."""
     with host.listen() as ws:
-        prompt_id = host.queue(dpo_prompt(marked_dataset, "head (Stage III)", steps=5000))
-        # the training node's progress bar reaches the browser: wait for a few completed steps, then Cancel
-        ws.wait_for("progress", timeout=300, where=lambda d: d.get("node") == "train" and d.get("value", 0) >= 3)
+        prompt_id = host.queue(prompt)
+        ws.wait_for("progress", timeout=600,
+                    where=lambda d: d.get("node") == "train" and d.get("value", 0) >= progress_value)
         host.interrupt()
         with pytest.raises(harness.HostError):
-            host.wait(prompt_id, timeout=120)
-    new = sorted(set(folder.glob("*.safetensors")) - before)
-    assert len(new) == 1, f"no interrupted encoder written in {folder}"
+            host.wait(prompt_id, timeout=300)
+
+
+def _interrupted_folders(host):
+    # the first registered folders: ComfyUI's own models/physmaster and models/loras
+    return host.base_dir / "models" / "physmaster" / "interrupted", \
+        host.base_dir / "models" / "loras" / "physmaster_interrupted"
+
+
+def _lora_provenance(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["physmaster.provenance"])
+
+
+def test_cancel_mid_training_keeps_a_usable_encoder(host, marked_dataset):
+    enc_dir, lora_dir = _interrupted_folders(host)
+    before = set(enc_dir.rglob("*.safetensors")) if enc_dir.exists() else set()
+    lora_before = set(lora_dir.rglob("*.safetensors")) if lora_dir.exists() else set()
+    # the training node's progress bar reaches the browser: wait for a few completed steps, then Cancel
+    _cancel_after(host, dpo_prompt(marked_dataset, "head (Stage III)", steps=5000), 3)
+    new = _new_files(enc_dir, before)
+    assert len(new) == 1, f"no interrupted encoder written in {enc_dir}"
+    assert _new_files(lora_dir, lora_before) == []  # Stage III trains no LoRA: none written
     from physmaster.encoder import load_encoder
     enc = load_encoder(new[0])
     stage = enc.provenance["stages"][-1]
-    assert stage["stage"] == "dpo-head" and stage["interrupted"] and 1 <= stage["steps"] < 5000
+    assert stage["stage"] == "dpo-head" and stage["trains"] == "head" and stage["interrupted"]
+    assert 3 <= stage["steps"] < 5000 and stage["steps_planned"] == 5000
     assert enc.config.num_tokens == TOKENS
+
+
+def test_cancel_in_stage_two_keeps_the_lora_loadable_and_the_provenance_exact(host, marked_dataset):
+    """Issue 9 item 1: Cancel in Stage II wrote the unchanged encoder claiming 'dpo-lora, 26 steps' and no LoRA."""
+    enc_dir, lora_dir = _interrupted_folders(host)
+    before, lora_before = (set(d.rglob("*.safetensors")) if d.exists() else set() for d in (enc_dir, lora_dir))
+    _cancel_after(host, dpo_prompt(marked_dataset, "dit lora (Stage II)", steps=5000), 3)
+    (lora_file,) = _new_files(lora_dir, lora_before)
+    (enc_file,) = _new_files(enc_dir, before)
+    lora_name = lora_file.relative_to(host.base_dir / "models" / "loras").as_posix()
+    enc_name = enc_file.relative_to(host.base_dir / "models" / "physmaster").as_posix()
+    prov = _lora_provenance(lora_file)
+    (entry,) = prov["stages"]
+    steps = entry["steps"]
+    assert entry["stage"] == "dpo-lora" and entry["interrupted"] and 3 <= steps < 5000
+    assert prov["encoder_file"] == enc_name and prov["kind"] == "dit lora"
+    from physmaster.encoder import load_encoder
+    enc = load_encoder(enc_file)
+    last = enc.provenance["stages"][-1]
+    assert last == dict(last, stage="dpo-lora", trains="dit lora", steps=steps, interrupted=True, lora_file=lora_name)
+    # the file holds exactly `steps` steps: the same as an uninterrupted run of that many steps (same seed)
+    p = dpo_prompt(marked_dataset, "dit lora (Stage II)", steps=steps)
+    p["save_lora"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["train", 1], "prefix": "loras/hosttest_k_steps"}}
+    host.run(p, timeout=900)
+    reference = harness.load_tensors(sorted((host.output_dir / "loras").glob("hosttest_k_steps*.safetensors"))[-1])
+    kept = harness.load_tensors(lora_file)
+    assert set(kept) == set(reference) and any(k.endswith("lora_up.weight") for k in kept)
+    assert all(torch.equal(kept[k], reference[k]) for k in kept), "the interrupted LoRA is not the k-step LoRA"
+    # and the person's loaders take both: core LoraLoaderModelOnly lists and applies the LoRA ...
+    build, _ = FAMILIES["wan21_i2v"]
+    base, _ = _run_and_load(host, build("train/cut_base"))
+    with_lora = build("train/cut_lora")
+    with_lora["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["unet", 0], "lora_name": lora_name, "strength_model": 1.0}}
+    with_lora["sampler"]["inputs"]["model"] = ["lora", 0]
+    log_start = len(host.log())
+    latent, _ = _run_and_load(host, with_lora)
+    assert "lora key not loaded" not in host.log()[log_start:]
+    assert latent.shape == base.shape and not torch.equal(latent, base)
+    # ... and PhysMasterEncoderLoader the encoder
+    p = {"enc": {"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": enc_name}},
+         "save": {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["enc", 0],
+                                                                    "filename_prefix": "hosttest/cut_copy"}}}
+    saved = json.loads(host.run(p, timeout=300)["outputs"]["save"]["text"][0])
+    assert saved["stages"][-1] == "dpo-lora"
+
+
+def test_cancel_in_stage_three_of_lora_then_head_keeps_the_finished_lora(host, marked_dataset):
+    enc_dir, lora_dir = _interrupted_folders(host)
+    before, lora_before = (set(d.rglob("*.safetensors")) if d.exists() else set() for d in (enc_dir, lora_dir))
+    steps = 12
+    _cancel_after(host, dpo_prompt(marked_dataset, "lora then head (II + III)", steps=steps), steps + 2)
+    (lora_file,) = _new_files(lora_dir, lora_before)
+    (enc_file,) = _new_files(enc_dir, before)
+    lora_name = lora_file.relative_to(host.base_dir / "models" / "loras").as_posix()
+    (lora_entry,) = _lora_provenance(lora_file)["stages"]
+    assert lora_entry["stage"] == "dpo-lora" and lora_entry["steps"] == steps and not lora_entry["interrupted"]
+    tensors = harness.load_tensors(lora_file)
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in tensors.items())
+    from physmaster.encoder import load_encoder
+    stages = load_encoder(enc_file).provenance["stages"]
+    two, three = stages[-2], stages[-1]
+    assert (two["stage"], two["steps"], two["interrupted"], two["lora_file"]) == ("dpo-lora", steps, False, lora_name)
+    assert three["stage"] == "dpo-head" and three["trains"] == "head" and three["interrupted"]
+    assert 1 <= three["steps"] < steps
+
+
+def _copy_dataset(host, src: str, dst: str):
+    import shutil
+
+    root = host.output_dir / "physmaster" / "preferences"
+    if (root / dst).exists():
+        shutil.rmtree(root / dst)
+    shutil.copytree(root / src, root / dst)
+    from physmaster.preferences import PreferenceDataset
+    return PreferenceDataset.open(root, dst)
+
+
+def _rewrite_group(ds, group, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = ds.group_path(group)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    for key, fn in changes.items():
+        data[key] = fn(data[key])
+    save_file(data, str(path), metadata=meta)
+
+
+def test_nonfinite_features_skip_and_name_the_group_and_training_goes_on(host, marked_dataset):
+    """Issue 9 item 10: NaN features in one group stopped the whole run without naming it."""
+    ds = _copy_dataset(host, marked_dataset, "poisoned_pairs")
+    bad = ds.group_ids()[0]
+    _rewrite_group(ds, bad, features=lambda t: t.index_fill(1, torch.tensor([0]), float("nan")))
+    entry = host.run(dpo_prompt("poisoned_pairs", "head (Stage III)", steps=3), timeout=900)
+    summary = entry["outputs"]["train"]["text"][0]
+    assert summary.startswith(f"6 pairs, 3 skipped: non-finite features in group {bad[:8]} (3 pairs)"), summary
+    (run,) = _history(entry)
+    assert run["stopped"] is None and len(run["history"]) == 3
+    assert all(r["loss"] == r["loss"] for r in run["history"])
+
+
+def test_tampered_groups_are_named_by_the_dataset_node_and_skipped(host, marked_dataset):
+    """Issue 9 item 11: a group with fewer latents than its metadata passed the Dataset node, then training died
+    with 'index 2 is out of bounds'."""
+    ds = _copy_dataset(host, marked_dataset, "tampered_pairs")
+    bad = ds.group_ids()[1]
+    _rewrite_group(ds, bad, latents=lambda t: t[:2].clone())
+    p = dpo_prompt("tampered_pairs", "head (Stage III)", steps=2)
+    p["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["prefs", 1]}}
+    entry = host.run(p, timeout=900)
+    stats = entry["outputs"]["prefs"]["text"][0]
+    assert f"group {bad[:8]} (groups/{bad}.safetensors) holds 2 latents but its metadata says 3 candidates" in stats
+    assert "its 3 pairs skipped" in stats and "3 pairs left to train on" in stats
+    summary = entry["outputs"]["train"]["text"][0]
+    assert summary.startswith("3 pairs") and "dpo-head: 2 steps" in summary
+    # another latent shape in a group is named the same way
+    _rewrite_group(ds, bad, latents=lambda t: torch.zeros(3, t.shape[1], t.shape[2], t.shape[3], t.shape[4] + 2))
+    entry = host.run(p, timeout=900)
+    assert f"group {bad[:8]} (groups/{bad}.safetensors) holds latents shaped" in entry["outputs"]["prefs"]["text"][0]
+
+
+def test_a_run_stopped_at_step_one_still_plots_saves_and_says_why(host, marked_dataset, tmp_path):
+    """Issue 9 item 9: a stop at step 1 gave an empty LOSS_MAP, core LossGraph failed and nothing was saved."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tm.model_path("wan21_i2v")))
+    weights["head.head.weight"] = torch.full_like(weights["head.head.weight"], float("nan"))
+    broken = tmp_path / "physmaster_test_wan21_i2v_nan.safetensors"
+    save_file(weights, str(broken))
+    host.add_model_file("diffusion_models", broken)
+    p = dpo_prompt(marked_dataset, "lora then head (II + III)", steps=5)
+    p["unet"]["inputs"]["unet_name"] = broken.name
+    p["save_lora"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["train", 1], "prefix": "loras/hosttest_stopped"}}
+    entry = host.run(p, timeout=900)
+    summary = entry["outputs"]["train"]["text"][0]
+    assert "TRAINING STOPPED EARLY in dpo-lora: stopped at step 1" in summary and "Not run: dpo-head" in summary
+    assert "not finite" in summary
+    (run,) = _history(entry)
+    assert run["stage"] == "dpo-lora" and run["history"] == [] and "step 1" in run["stopped"]
+    assert entry["outputs"]["loss_graph"]["images"], "core LossGraph drew no plot"
+    saved = json.loads(entry["outputs"]["save_enc"]["text"][0])
+    from physmaster.encoder import load_encoder
+    stage = load_encoder(host.base_dir / "models" / "physmaster" / saved["saved"]).provenance["stages"][-1]
+    assert stage["stage"] == "dpo-lora" and stage["steps"] == 0 and "step 1" in stage["stopped"]
+    assert sorted((host.output_dir / "loras").glob("hosttest_stopped*.safetensors"))
 
 
 def test_shipped_marking_and_training_workflows_run(host, tmp_path):

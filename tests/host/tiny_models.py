@@ -18,6 +18,10 @@ What each file is (see MODELS below):
 - ``wan22_vae_random``: Wan 2.2 VAE at its real size (ComfyUI hard-codes dim 160), fp16 file.
 - ``ltxv_vae_tiny``: LTX-Video VAE, 16 base channels, one layer per block (architecture from ``config`` metadata).
 - ``clip_vision_h_random``: CLIP ViT-H/14 vision tower at its real size (ComfyUI's config is fixed), fp16 file.
+- ``hunyuan_video_i2v_tiny``: HunyuanVideo I2V DiT (in_channels 33 = 16 noise + 16 start-image latent + 1 mask, so
+  ComfyUI detects HunyuanVideoI2V), hidden 256 / 2 heads of 128, one double and one single block, text width 4096
+  (the LLaVA-Llama-3 hidden size), ``vector_in`` for CLIP-L's 768-wide pooled output, ``guidance_in``.
+- ``hunyuan_video_vae_random``: HunyuanVideo's causal 3D VAE at its real size (ComfyUI hard-codes ch 128), fp16 file.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ MODELS = {
     "wan22_vae": ("vae", "physmaster_test_wan22_vae_random.safetensors"),
     "ltxv_vae": ("vae", "physmaster_test_ltxv_vae_tiny.safetensors"),
     "clip_vision_h": ("clip_vision", "physmaster_test_clip_vision_h_random_fp16.safetensors"),
+    "hunyuan_i2v": ("diffusion_models", "physmaster_test_hunyuan_video_i2v_tiny.safetensors"),
+    "hunyuan_vae": ("vae", "physmaster_test_hunyuan_video_vae_random_fp16.safetensors"),
 }
 
 # Widths the models take at their inputs (real-model widths, so conditioning built for real models fits).
@@ -74,6 +80,16 @@ LTXV_VAE_CONFIG = {
     "decoder_base_channels": 16,
 }
 WAN21_VAE_DIM = 16
+HUNYUAN_TEXT_DIM = 4096  # LLaVA-Llama-3-8B hidden size: txt_in.input_embedder input (read from the weights)
+HUNYUAN_POOLED_DIM = 768  # CLIP-L pooled output: vector_in input (ComfyUI fixes vec_in_dim 768)
+HUNYUAN_DIT = dict(image_model="hunyuan_video", in_channels=33, out_channels=16, vec_in_dim=HUNYUAN_POOLED_DIM,
+                   context_in_dim=HUNYUAN_TEXT_DIM, hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1,
+                   depth_single_blocks=1, axes_dim=[16, 56, 56], theta=256, patch_size=[1, 2, 2], qkv_bias=True,
+                   guidance_embed=True, byt5=False, meanflow=False, use_cond_type_embedding=False,
+                   vision_in_dim=None, meanflow_sum=False)
+HUNYUAN_VAE = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+               "conv3d": True, "time_compress": 4}
 
 
 def cache_dir() -> Path:
@@ -207,6 +223,14 @@ def _build(name: str, root: Path):
         cfg_path = Path(comfy.clip_model.__file__).resolve().parent / "clip_vision_config_h.json"
         config = json.loads(cfg_path.read_text())
         m = _meta(lambda: comfy.clip_model.CLIPVisionModelProjection(config, f32, "meta", ops))
+        _write(path, name, _shapes(m), torch.float16)
+    elif name == "hunyuan_i2v":
+        from comfy.ldm.hunyuan_video.model import HunyuanVideo
+        m = _meta(lambda: HunyuanVideo(operations=ops, dtype=f32, **HUNYUAN_DIT))
+        _write(path, name, _shapes(m), f32)
+    elif name == "hunyuan_vae":
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+        m = _meta(lambda: AutoencoderKL(ddconfig=dict(HUNYUAN_VAE), embed_dim=HUNYUAN_VAE["z_channels"]))
         _write(path, name, _shapes(m), torch.float16)
     else:
         raise KeyError(name)

@@ -8,8 +8,13 @@ produce (checked against ComfyUI's comfy/sd1_clip.py and comfy/text_encoders):
   ``[[cond [B, >=128, 4096], {"pooled_output": None, "attention_mask": int64 [B, L]}]]``, padded tokens not
   zeroed. The LTXV DiT *requires* the mask (``LTXBaseModel.forward`` takes it positionally) and converts only
   an integer mask (1 = keep) into an additive one; a float mask is taken as already additive.
-``PhysMasterTest_RandomConditioning`` mirrors both: ``attention_mask`` adds an int64 mask (ones for
-``valid_length`` tokens, zeros after), ``zero_out_masked`` zeroes the padded tokens like umT5.
+- HunyuanVideo (LLaVA-Llama-3 + CLIP-L, ``text_encoders/hunyuan_video.py``): ``[[cond [B, L, 4096],
+  {"pooled_output": CLIP-L [B, 768]}]]``; the attention_mask is dropped when no token is padded (one prompt).
+``PhysMasterTest_RandomConditioning`` mirrors Wan and LTX-Video; ``PhysMasterTest_AddPooledOutput`` adds the
+pooled output HunyuanVideo's ``vector_in`` takes (a separate node: adding a widget to RandomConditioning would break
+the UI-format workflows that use it, whose widget values are positional).
+RandomConditioning's ``attention_mask`` adds an int64 mask (ones for ``valid_length`` tokens, zeros after),
+``zero_out_masked`` zeroes the padded tokens like umT5.
 """
 
 from __future__ import annotations
@@ -62,6 +67,29 @@ class RandomConditioning:
         if attention_mask:
             extra["attention_mask"] = mask
         return ([[cond, extra]],)
+
+
+class AddPooledOutput:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "conditioning": ("CONDITIONING",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "width": ("INT", {"default": 768, "min": 1, "max": 16384}),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "execute"
+    CATEGORY = _CATEGORY
+
+    def execute(self, conditioning, seed, width):
+        out = []
+        for cond, extra in conditioning:
+            pooled = torch.randn((cond.shape[0], width), generator=_generator(seed), dtype=torch.float32)
+            out.append([cond, dict(extra, pooled_output=pooled)])
+        return (out,)
 
 
 class RandomImage:
@@ -193,6 +221,7 @@ class Barrier:
 
 NODE_CLASS_MAPPINGS = {
     "PhysMasterTest_RandomConditioning": RandomConditioning,
+    "PhysMasterTest_AddPooledOutput": AddPooledOutput,
     "PhysMasterTest_RandomImage": RandomImage,
     "PhysMasterTest_SaveTensors": SaveTensors,
     "PhysMasterTest_RandomClipVisionOutput": RandomClipVisionOutput,
