@@ -4,7 +4,7 @@ What the paper's backbone brings is not "more pixels" but *geometry the video mo
 out*: depth, support, scale, material. This stand-in plays that role on the proxy world: a small CNN pretrained
 (once, offline; frozen afterwards) to read from one start image the object's position and size, the floor line,
 the support under the object (floor or block), the height above it, the time to the first impact and the
-material (restitution, which the world shows as colour). Its hidden states are what a ComfyUI user's
+material (restitution, which the world shows as a surface pattern). Its hidden states are what a ComfyUI user's
 CLIPVisionEncode would give the head: a summary token (the regression MLP's hidden layer, from which every
 geometry target is a linear read-out) followed by 4x4 patch tokens of the last feature map (with fixed 2D
 positions), [B, 1 + 16, 64]. The physical head learns which of it the DiT needs.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .world import FPS, SIZE, material_restitution
+from .world import FPS, SIZE
 
 WIDTH = 64
 TARGETS = ("x", "y", "radius", "floor", "support", "height", "impact_time", "restitution", "block", "block_x0",
@@ -43,7 +43,7 @@ def geometry_targets(scene) -> np.ndarray:
     impact = math.sqrt(2 * height / g) if g > 0 else 0.0
     b = block if block is not None else (0.0, 0.0, floor)
     return np.array([x / SIZE, y / SIZE, m["radius"] / SIZE, floor / SIZE, support / SIZE, height / SIZE,
-                     impact * FPS / 8, material_restitution(m["colours"][0]), float(block is not None),
+                     impact * FPS / 8, m["restitution"], float(block is not None),
                      b[0] / SIZE, b[1] / SIZE, b[2] / SIZE], np.float32)
 
 

@@ -1,7 +1,8 @@
 """Scoring generated videos against the proxy world's ground truth: PISA's metrics, coherence, intervals.
 
 - PISA metrics (`physics.pisa_metrics`: L2, Chamfer distance, IoU) of the object the segmenter finds in each
-  generated video against the ground-truth masks, averaged over the videos of a scene (the same noises for
+  generated video (seeded, as PISA prompts SAM 2, with the object's mask in the start image, which image-to-video
+  shares with the ground truth) against the ground-truth masks, averaged over the videos of a scene (the same noises for
   every model), so every row is a per-scene array and rows can be compared scene by scene.
 - **Coherence**: the fraction of generated frames in which the segmenter finds the object as *one* component
   (the largest connected component holds at least 90% of the foreground the segmenter keeps) whose area is
@@ -36,7 +37,7 @@ def coherence(details: dict, masks: np.ndarray, gt_masks: np.ndarray) -> float:
 
 def score_video(frames: np.ndarray, gt_masks: np.ndarray) -> dict:
     """PISA metrics and coherence of one generated video [T, H, W, 3] against ground-truth masks [T, H, W]."""
-    masks, details = segment_object(frames, return_details=True)
+    masks, details = segment_object(frames, return_details=True, first_mask=gt_masks[0])
     out = {k: float(v) for k, v in pisa_metrics(masks, gt_masks, pred_fps=FPS, gt_fps=FPS).items()
            if k in ("l2", "chamfer", "iou")}
     out["coherence"] = coherence(details, masks, gt_masks)

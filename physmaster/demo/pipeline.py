@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from ..physics import gt_similarity
+from ..training.stages import record_stage
 from .evaluation import score_video
 from .world import drop_scene
 
 SFT_SEED, DPO_SEED = 0, 500_000
+BASE_MODEL = "physmaster demo tiny Wan (proxy world)"
 
 
 @dataclass
@@ -32,7 +34,7 @@ class Settings:
     """What a run does; `fast` shrinks everything to a smoke test."""
 
     sft_scenes: int = 512
-    sft_steps: int = 600
+    sft_steps: int = 1200
     token_dropout: float = 0.1
     dpo_scenes: int = 96
     candidates: int = 8  # per start image
@@ -44,11 +46,11 @@ class Settings:
     sample_steps: int = 12
     batch: int = 16
     dpo_batch: int = 8
-    lr_sft: float = 2e-3
+    lr_sft: float = 1e-3
     lr_lora: float = 5e-4
     lr_head: float = 2e-3
     beta: float = 2000.0
-    lora_rank: int = 16
+    lora_rank: int = 64
     head_tokens: int = 4
     head_gain: float = 1.0
     gif_scenes: int = 6
@@ -99,7 +101,8 @@ def stage_one(vm, backbone, st: Settings, seed: int, log):
     cfg = TrainConfig(steps=st.sft_steps, lr=st.lr_sft, batch_size=st.batch, seed=seed,
                       warmup_steps=min(30, st.sft_steps), token_dropout=st.token_dropout)
     t0 = time.perf_counter()
-    StageTrainer("sft", vm.den, encoder, data, cfg).run(progress("Stage I", log, t0))
+    result = StageTrainer("sft", vm.den, encoder, data, cfg).run(progress("Stage I", log, t0))
+    record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drops", dataset_size=len(data))
     return encoder
 
 
@@ -139,7 +142,9 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
     cfg = TrainConfig(steps=st.dpo_steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
                       warmup_steps=min(20, st.dpo_steps))
     t0 = time.perf_counter()
-    StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
+    result = StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
+    record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",
+                 dataset_size=len(pairs))
 
 
 def hash_seed(seed: int, tag: str, i: int) -> int:

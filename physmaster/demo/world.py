@@ -6,11 +6,13 @@ What the world is (and why):
   and its mask is a real shape, not a few pixels.
 - Drops start from rest: a start image cannot show a velocity.
 - Gravity is the world's nominal one (no hidden per-scene draw) and the restitution of an object is its
-  *material*, which shows in its colour: `restitution = 0.3 + 0.5 x luminance` (dark clay barely bounces,
-  bright rubber bounces high). So the start image determines the whole motion, and a model that reads the image
-  well can be exact; ground truth is an instrument, not a lottery. Reading the material and the height above the
-  support from a 32-px image is what the stand-in backbone (`backbone.py`) is pretrained for and what a tiny
-  video model's first-frame condition does not spell out: the physical tokens' job.
+  *material*, which shows in its surface pattern (`MATERIALS`: plain clay barely bounces, striped wood bounces
+  some, chequered rubber bounces high). So the start image determines the whole motion, and a model that reads
+  the image well can be exact; ground truth is an instrument, not a lottery. The pattern is a 2-3 px detail: it
+  is plain in the 32-px start image the backbone sees, and mostly gone in the video model's 4x-downsampled
+  latent (as fine detail is in Wan's VAE latent). Reading the material, the support and the height above it is
+  what the stand-in backbone (`backbone.py`) is pretrained for and what the first-frame latent does not spell
+  out: the physical tokens' job.
 - The base video model learned *generic* motion instead (`generic_scene`): the same objects thrown in random
   directions under random, even upward, gravity, sometimes passing through the floor, any restitution.
 """
@@ -21,17 +23,16 @@ import numpy as np
 import torch
 
 from ..physics import NOMINAL_GRAVITY, render_scene
-from ..physics.scene import COLOURS
-
 SIZE, FRAMES, FPS = 32, 8, 6.0
 OBJECT_SCALE = 1.6
-ALL_COLOURS = {**COLOURS["seen"], **COLOURS["unseen"]}
 
 
-def material_restitution(colour: str) -> float:
-    """The world's material law: restitution from the object's colour (luminance in [0, 1])."""
-    r, g, b = ALL_COLOURS[colour]
-    return float(0.3 + 0.5 * (0.3 * r + 0.59 * g + 0.11 * b))
+MATERIALS = {"flat": ("clay", 0.3), "stripes": ("wood", 0.55), "checker": ("rubber", 0.85)}
+
+
+def material_restitution(texture: str) -> float:
+    """The world's material law: restitution from the object's surface pattern."""
+    return MATERIALS[texture][1]
 
 
 def render(seed: int, split: str = "seen", **overrides):
@@ -39,10 +40,11 @@ def render(seed: int, split: str = "seen", **overrides):
 
 
 def drop_scene(seed: int, split: str = "seen"):
-    """A drop from rest under nominal gravity, bouncing as its material (colour) says."""
-    first = render(seed, split, initial_velocity=(0.0, 0.0))
-    return render(seed, split, initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE,
-                  restitution=material_restitution(first.meta["colours"][0]))
+    """A drop from rest under nominal gravity, bouncing as its material (surface pattern) says; the three
+    materials are equally likely."""
+    texture = list(MATERIALS)[int(np.random.default_rng([int(seed) & 0xFFFFFFFF, 4242]).integers(len(MATERIALS)))]
+    return render(seed, split, initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE, texture=texture,
+                  restitution=material_restitution(texture))
 
 
 def generic_scene(seed: int):

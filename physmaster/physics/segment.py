@@ -220,7 +220,7 @@ def _neighbours(m: np.ndarray) -> np.ndarray:
     return n
 
 
-def segment_object(frames, return_details: bool = False):
+def segment_object(frames, return_details: bool = False, first_mask=None):
     """Masks bool [T, H, W] of the one moving object in a video (float [T, H, W, 3] in [0, 1]).
 
     Method: estimate the static background (per-pixel temporal median, with the first/last-frame correction
@@ -241,18 +241,29 @@ def segment_object(frames, return_details: bool = False):
     noise floor); shadows and reflections that move with the object are counted as object; an object that
     enters or leaves the frame is only segmented where visible; frames without the object get empty masks.
     Needs at least 2 frames.
+
+    `first_mask` (bool [H, W], the object's mask in the first frame): in image-to-video the start image is given,
+    so, as PISA's evaluation prompts SAM 2 with the object in the first frame, the background and the object's
+    colours are taken from the first frame (`reference_from_first_frame`) instead of from the motion. This
+    lifts the limits above that come from the temporal median (an object resting over one spot for half the
+    video, an object that barely moves).
     """
     video = as_video(frames, "frames", min_frames=2)
     T, H, W, _ = video.shape
-    med = temporal_median(video)
-    noise = noise_threshold(video, med)
-    bg = estimate_background(video, med, noise)
-    d = _colour_distance(video, bg[None])  # [T, H, W]
-    cand = d > noise
-    core = cand.copy()
-    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        core &= _shift(cand, dy, dx, False)
-    colours = _object_colours(video, core if core.sum() >= 8 else cand)
+    if first_mask is not None:
+        bg, colours, noise = reference_from_first_frame(video, first_mask)
+        d = _colour_distance(video, bg[None])
+        cand = d > noise
+    else:
+        med = temporal_median(video)
+        noise = noise_threshold(video, med)
+        bg = estimate_background(video, med, noise)
+        d = _colour_distance(video, bg[None])  # [T, H, W]
+        cand = d > noise
+        core = cand.copy()
+        for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            core &= _shift(cand, dy, dx, False)
+        colours = _object_colours(video, core if core.sum() >= 8 else cand)
     fg = cand.copy()
     if len(colours):
         ti, yi, xi = np.nonzero(cand)
@@ -275,6 +286,34 @@ def segment_object(frames, return_details: bool = False):
     if return_details:
         return fg, {"background": bg, "distance": d, "noise": noise, "colours": colours, "foreground": cleaned}
     return fg
+
+
+def reference_from_first_frame(video: np.ndarray, first_mask) -> tuple[np.ndarray, np.ndarray, float]:
+    """Background [H, W, 3], object colours [k, 3] and the noise floor of a video whose first-frame object mask
+    is known: the background is the first frame, except under the object (dilated by one pixel for its
+    anti-aliased edge), where it is the per-pixel temporal median of the later frames (the object has left);
+    the object's colours are the 2-means of its first-frame pixels (eroded by one pixel when that leaves any),
+    plus their mean when there are two (a blurred pattern shows its mean colour)."""
+    fm = np.asarray(first_mask, dtype=bool)
+    if fm.shape != video.shape[1:3]:
+        raise PhysMasterError(f"first_mask is {fm.shape[0]}x{fm.shape[1]} but the frames are "
+                              f"{video.shape[1]}x{video.shape[2]}; pass the object's mask in the first frame")
+    under = dilate(fm[None])[0]
+    bg = video[0].copy()
+    if len(video) > 1 and under.any():
+        later = temporal_median(video[1:])
+        bg[under] = later[under]
+    core = erode(fm[None])[0]
+    own = (core if core.sum() >= 4 else fm)[None]
+    colours = _object_colours(video[:1], own)
+    if len(colours) > 1:  # a pattern blurred (by motion, by a video model) shows its mean colour
+        colours = np.concatenate([colours, video[:1][own].mean(0, keepdims=True)]).astype(np.float32)
+    noise = noise_threshold(video, bg)
+    if fm.any() and len(colours):
+        # the floor must stay below the object's own contrast, or a faint object would vanish
+        contrast = float(np.median(_colour_distance(video[0][fm], bg[fm])))
+        noise = min(noise, max(0.04, 0.5 * contrast))
+    return bg, colours, noise
 
 
 def mask_centroids(masks: np.ndarray) -> np.ndarray:
