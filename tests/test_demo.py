@@ -142,3 +142,14 @@ def test_held_out_scenes_are_disjoint_from_training_and_candidates():
         held = set(range(held_out_base(eval_seed), held_out_base(eval_seed) + 1000))
         assert not train & held and all(not 0 <= h - a < 10_000 for h in held for a in ASSET_SEEDS)
     assert st.candidates >= 2 and st.eval_videos >= 1
+
+
+def test_seeds_run_in_turn_and_report_mean_and_sd(tmp_path, capsys):
+    rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "3", "--seeds", "2", "--eval-seed", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "=== training seed 3 (1/2)" in out and "=== training seed 4 (2/2)" in out
+    assert "across 2 training seeds" in out and " ± " in out
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in res["runs"]] == [3, 4] and res["eval_seed"] == 2
+    assert "across 2 training seeds" in (tmp_path / "table.txt").read_text()
