@@ -416,28 +416,30 @@ class PreferenceDataset:
             record["crc"] = _crc(record)
             lines.append(json.dumps(record, sort_keys=True) + "\n")
         data = "".join(lines).encode()
-        with self._lock():
-            fd = os.open(self.pairs_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
-            try:
-                size = os.fstat(fd).st_size
-                if size:
-                    os.lseek(fd, size - 1, os.SEEK_SET)
-                    if os.read(fd, 1) != b"\n":  # a writer died mid-line: end its torn line first
-                        data = b"\n" + data
+        try:  # any OSError, from taking the lock to the last byte, leaves nothing of this answer behind
+            with self._lock():
+                fd = os.open(self.pairs_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0),
+                             0o644)
                 try:
-                    _write_all(fd, data)
-                    os.fsync(fd)
-                except BaseException as e:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(fd, size)  # leave no part of this answer behind
-                    if isinstance(e, OSError):
-                        raise DatasetError(
-                            f"could not save {len(pairs)} pair{'s' if len(pairs) > 1 else ''} to {self.pairs_path} "
-                            f"({e.strerror or e}); nothing of this answer was saved. Free disk space (or fix the "
-                            "folder's permissions) and answer again") from e
-                    raise
-            finally:
-                os.close(fd)
+                    size = os.fstat(fd).st_size
+                    if size:
+                        os.lseek(fd, size - 1, os.SEEK_SET)
+                        if os.read(fd, 1) != b"\n":  # a writer died mid-line: end its torn line first
+                            data = b"\n" + data
+                    try:
+                        _write_all(fd, data)
+                        os.fsync(fd)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(fd, size)  # leave no part of this answer behind
+                        raise
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise DatasetError(
+                f"could not save {len(pairs)} pair{'s' if len(pairs) > 1 else ''} to {self.pairs_path} "
+                f"({e.strerror or e}); nothing of this answer was saved. Free disk space (or fix the "
+                "folder's permissions) and answer again") from e
 
     # -- reading -----------------------------------------------------------------------------------------------
     def group_path(self, group: str) -> Path:
