@@ -20,7 +20,6 @@ from ..physmaster.conditioning import RECORD_KEY, strip_tokens
 from ..physmaster.errors import PhysMasterError
 from ..physmaster.picker import choice_to_pairs
 from ..physmaster.preferences import PreferenceDataset, validate_name
-from ..physmaster.training import screen_dataset_pairs
 from . import routes
 from .types import CATEGORY
 
@@ -242,9 +241,9 @@ class PhysMasterPreferenceDataset(io.ComfyNode):
         pairs, stats = dataset.read_pairs()
         keep = {"human and judge": ("human", "judge"), "human only": ("human",), "judge only": ("judge",)}[sources]
         pairs = [p for p in pairs if p.source in keep]
-        # what training will check of every group (latent count vs metadata and indices, latent shape, context
-        # width), from the file headers: a tampered group is named here and its pairs skipped, not found later
-        pairs, problems = screen_dataset_pairs(dataset, pairs)
+        # read_pairs checked every group as training will (latent count vs metadata and indices, latent shape,
+        # context width), from the file headers: a tampered group is named here and its pairs skipped, not found later
+        problems = stats.group_report()
         text = stats.summary()
         if problems:
             text += f"; {len(problems)} group{'s' if len(problems) != 1 else ''} unusable for training: " + \
