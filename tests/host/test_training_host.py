@@ -140,9 +140,8 @@ def test_preflight_names_the_mismatch(host, marked_dataset):
 
 
 def test_empty_dataset_is_a_clear_error(host):
-    from physmaster.preferences import PreferenceDataset
-
-    PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "empty_one", create=True)
+    # an empty dataset folder (opening with create=True makes none: a folder is made by the first write)
+    (host.output_dir / "physmaster" / "preferences" / "empty_one").mkdir(parents=True, exist_ok=True)
     with pytest.raises(harness.ExecutionFailed) as err:
         host.run(dpo_prompt("empty_one", "head (Stage III)", steps=2), timeout=300)
     assert err.value.node_id == "prefs" and "no usable" in err.value.exception_message
