@@ -250,13 +250,13 @@ def test_batch_of_one_and_other_model_are_clear_errors(host):
     with pytest.raises(harness.ExecutionFailed) as err:
         host.run(picker_prompt("single", mode="judge", batch=1), timeout=300)
     assert err.value.node_id == "pick" and "batch of 1" in err.value.exception_message
-    host.run(picker_prompt("shape", mode="ask", timeout=1), timeout=300)  # creates the dataset's info
-    before = pairs_on_disk(host, "shape")
+    host.run(picker_prompt("shape", mode="ask", timeout=1), timeout=300)  # no answer: nothing is written, ...
+    assert not dataset_dir(host, "shape").exists()  # ... not even an empty dataset folder (issue 9, item 13)
     from physmaster.preferences import PreferenceDataset
 
-    ds = PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "shape")
+    ds = PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "shape", create=True)
     ds.add_group(torch.randn(2, 16, 2, SIZE // 8, SIZE // 8), torch.randn(1, 32, 4096))  # as a run at 64 px
     with pytest.raises(harness.ExecutionFailed) as err:
         host.run(picker_prompt("shape", mode="judge", size=48), timeout=300)
     assert "another model or resolution" in err.value.exception_message and "latent shape" in err.value.exception_message
-    assert pairs_on_disk(host, "shape") == before
+    assert pairs_on_disk(host, "shape") == [] and len(ds.group_ids()) == 1
