@@ -19,8 +19,7 @@ from server import PromptServer
 from ..physmaster.conditioning import RECORD_KEY, strip_tokens
 from ..physmaster.errors import PhysMasterError
 from ..physmaster.picker import choice_to_pairs
-from ..physmaster.preferences import PreferenceDataset, validate_name
-from ..physmaster.training import screen_dataset_pairs
+from ..physmaster.preferences import DatasetError, PreferenceDataset, validate_name
 from . import routes
 from .types import CATEGORY
 
@@ -162,11 +161,17 @@ class PhysMasterPreferencePicker(io.ComfyNode):
         frames = candidate_frames(latents, images, vae, n)
 
         source, choice, pairs, note = "human", None, [], ""
+        server = PromptServer.instance
+        node_id = str(cls.hidden.unique_id)
+
+        def tell(request_id: str, message: str) -> None:
+            """End the request in the browser with what became of it."""
+            server.send_sync("physmaster.pick_done", {"request_id": request_id, "node_id": node_id,
+                                                      "message": message}, server.client_id)
+
         if mode == "ask":
-            node_id = str(cls.hidden.unique_id)
             request_id = routes.PENDING.create(n, node_id)
             previews = save_previews(frames, fps, request_id[:12])
-            server = PromptServer.instance
             server.send_sync("physmaster.pick", {"request_id": request_id, "node_id": node_id,
                                                  "candidates": previews, "timeout": timeout_seconds,
                                                  "on_timeout": on_timeout}, server.client_id)
@@ -174,9 +179,8 @@ class PhysMasterPreferencePicker(io.ComfyNode):
                 choice = routes.PENDING.wait(request_id, timeout_seconds,
                                              comfy.model_management.throw_exception_if_processing_interrupted)
             finally:
-                message = "answered" if choice is not None else "stopped waiting"
-                server.send_sync("physmaster.pick_done", {"request_id": request_id, "node_id": node_id,
-                                                          "message": message}, server.client_id)
+                if choice is None:  # no answer in time, or Cancel; an answer is ended once it is saved (below)
+                    tell(request_id, "stopped waiting")
             if choice is None:
                 note = f"no answer within {timeout_seconds}s: {on_timeout}"
                 if on_timeout == "judge":
@@ -202,10 +206,18 @@ class PhysMasterPreferencePicker(io.ComfyNode):
         else:
             winner = 0
         if pairs:
-            group = dataset.add_group(samples, context, extras, meta={**meta, "node": str(cls.hidden.unique_id),
-                                                                       "fps": fps})
-            for w, l, margin in pairs:
-                dataset.add_pair(group, w, l, source, margin)
+            try:  # the whole answer (the group and all its pairs) in one append, or nothing of it
+                dataset.add_group_with_pairs(samples, context, pairs, source, extras,
+                                             meta={**meta, "node": node_id, "fps": fps})
+            except DatasetError as e:  # e.g. a full disk: the message says nothing of the answer was saved
+                if choice is not None:
+                    tell(request_id, f"NOT saved: {e}")
+                whose = "your answer" if source == "human" else "the judge's answer"
+                raise PhysMasterError(f"{whose} ({len(pairs)} pair{'s' if len(pairs) != 1 else ''}) for preference "
+                                      f"dataset {dataset_name!r} was not saved: {e}") from e
+        if choice is not None:
+            tell(request_id, f"Saved {len(pairs)} pair{'s' if len(pairs) != 1 else ''} to {dataset_name}."
+                 if pairs else "answered: skipped, nothing saved")
         stats = dataset.stats()
         report = json.dumps({"dataset": dataset_name, "candidates": n, "source": source, "pairs_written": len(pairs),
                              "winner": winner, "note": note, "dataset_stats": stats.summary()})
@@ -242,9 +254,9 @@ class PhysMasterPreferenceDataset(io.ComfyNode):
         pairs, stats = dataset.read_pairs()
         keep = {"human and judge": ("human", "judge"), "human only": ("human",), "judge only": ("judge",)}[sources]
         pairs = [p for p in pairs if p.source in keep]
-        # what training will check of every group (latent count vs metadata and indices, latent shape, context
-        # width), from the file headers: a tampered group is named here and its pairs skipped, not found later
-        pairs, problems = screen_dataset_pairs(dataset, pairs)
+        # read_pairs checked every group as training will (latent count vs metadata and indices, latent shape,
+        # context width), from the file headers: a tampered group is named here and its pairs skipped, not found later
+        problems = stats.group_report()
         text = stats.summary()
         if problems:
             text += f"; {len(problems)} group{'s' if len(problems) != 1 else ''} unusable for training: " + \

@@ -1,25 +1,24 @@
-"""HTTP route the preference picker's frontend posts to. Accepts only {request_id, choice}; trusts nothing else."""
+"""HTTP route the preference picker's frontend posts to. Accepts only {request_id, choice}; trusts nothing else.
+
+The route only reads the body (to its end, bounded); the core parses and checks it (`PendingChoices.answer_body`):
+a malformed body is a 400, a stale request id a 404, a body past the bound a 413.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 
 from aiohttp import web
 from server import PromptServer
 
-from ..physmaster.picker import ChoiceRejected, PendingChoices
+from ..physmaster.picker import MAX_BODY, ChoiceRejected, PendingChoices, StaleAnswer
 
 log = logging.getLogger("physmaster")
 
 #: the one registry of requests waiting for a person (one per server process)
 PENDING = PendingChoices()
-MAX_BODY = 4096
 
 _registered = False
-
-
-SHAPE = "send exactly {\"request_id\": ..., \"choice\": ...} as JSON"
 
 
 def _bad(message: str, status: int = 400) -> web.Response:
@@ -28,8 +27,9 @@ def _bad(message: str, status: int = 400) -> web.Response:
 
 async def _pick(request: web.Request) -> web.Response:
     """Every malformed body is a 4xx with a sentence; nothing a client sends can make it a 500."""
+    too_large = f"request too large: at most {MAX_BODY} bytes"
     if request.content_length is not None and request.content_length > MAX_BODY:
-        return _bad(f"request too large: at most {MAX_BODY} bytes", 413)
+        return _bad(too_large, 413)
     try:  # read(n) returns what has arrived (up to n): read until the end or past the bound
         raw = b""
         while len(raw) <= MAX_BODY:
@@ -38,29 +38,18 @@ async def _pick(request: web.Request) -> web.Response:
                 break
             raw += chunk
     except Exception as e:  # a client that hangs up or sends a broken chunked body
-        return _bad(f"could not read the request body ({type(e).__name__}): {SHAPE}")
+        return _bad(f"could not read the request body ({type(e).__name__}): send exactly "
+                    "{\"request_id\": ..., \"choice\": ...} as JSON")
     if len(raw) > MAX_BODY:  # chunked bodies have no Content-Length
-        return _bad(f"request too large: at most {MAX_BODY} bytes", 413)
+        return _bad(too_large, 413)
     try:
-        body = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        return _bad(f"body is nested too deeply: {SHAPE}")
-    except (ValueError, UnicodeDecodeError):
-        return _bad(f"body must be UTF-8 JSON: {SHAPE}")
-    if not isinstance(body, dict) or set(body) != {"request_id", "choice"}:
-        return _bad(SHAPE)
-    try:
-        choice = PENDING.answer(body["request_id"], body["choice"])
-    except ChoiceRejected as e:
-        status = 404 if "unknown" in str(e) or "answered" in str(e) else 400
-        log.info("PhysMaster picker: rejected an answer: %s", e)
-        return _bad(str(e), status)
-    except RecursionError:
-        return _bad(f"choice is nested too deeply: {SHAPE}")
-    except (ValueError, TypeError, OverflowError, KeyError) as e:
-        log.info("PhysMaster picker: rejected a malformed answer: %r", e)
-        return _bad(f"malformed choice ({type(e).__name__}: {str(e)[:200]}): send {{\"best\": i, \"worst\": j}}, "
-                    "{\"ranking\": [...]} or {\"skip\": true}")
+        choice = PENDING.answer_body(raw)
+    except StaleAnswer as e:
+        log.info("PhysMaster picker: rejected a stale answer: %s", e)
+        return _bad(str(e), 404)
+    except ChoiceRejected as e:  # MalformedAnswer: not a well-formed answer
+        log.info("PhysMaster picker: rejected a malformed answer: %s", e)
+        return _bad(str(e), 400)
     return web.json_response({"ok": True, "choice": choice})
 
 

@@ -32,7 +32,7 @@ from ..physmaster.errors import PhysMasterError, WidthMismatchError
 from ..physmaster.fileio import atomic_path
 from ..physmaster.training import (Conditioning, PreferencePair, PreferenceSet, StageTrainer, TrainConfig,
                                    VideoSample, VideoSet, X0Denoiser, describe_skips, nonfinite_group,
-                                   plottable_losses, record_stage, screen_dataset_pairs, stage_entry)
+                                   plottable_losses, record_stage, stage_entry)
 from . import paths
 from .preference_nodes import PhysPreferencesType
 from .types import CATEGORY, PhysEncoderType
@@ -483,7 +483,7 @@ class PhysMasterTrainDPO(io.ComfyNode):
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=training_seed, beta=beta,
                              gradient_checkpointing=gradient_checkpointing)
         # the groups may have changed since the Dataset node read them: the same header checks again
-        pairs, problems = screen_dataset_pairs(dataset, given)
+        pairs, problems = dataset.screen_pairs(given)
         # then the data itself: a pair whose latents or conditioning hold NaN/inf is skipped and named
         loaded = {g: dataset.load_group(g) for g in sorted({p.group for p in pairs})}
         checks = {g: nonfinite_group(t) for g, t in loaded.items()}

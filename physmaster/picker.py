@@ -52,6 +52,11 @@ def parse_answer(body: bytes | str) -> tuple[str, Any]:
         raise MalformedAnswer(f"body must be JSON text, got {type(body).__name__}")
     if len(body) > MAX_BODY:
         raise MalformedAnswer(f"request body is {len(body)} bytes, more than an answer can be ({MAX_BODY})")
+    if not isinstance(body, str):  # a browser sends UTF-8; json.loads would also guess UTF-16/32 from the bytes
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedAnswer("body must be JSON in UTF-8: {\"request_id\": ..., \"choice\": ...}") from None
     try:
         data = json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:

@@ -18,8 +18,9 @@ leaves none of its pairs, never some.
 Reading never trusts a line: an over-long line, bad JSON, a CRC mismatch, a value of the wrong type (refused, never
 coerced), an unknown group or an index out of range is reported in `Stats.problems` and skipped. Nor a group: its
 header is checked the way training will use it (`check_group`: metadata, candidate count, latent shape, context
-width), and an unusable group is named in `Stats.bad_groups` and its pairs skipped. A dataset folder can be zipped
-and shared as it is.
+width), and an unusable group is named in `Stats.bad_groups` and its pairs skipped (`Stats.group_report()`: one
+sentence per group, with the pairs it costs); `screen_pairs` checks the groups of given pairs again just before
+training loads them. A dataset folder can be zipped and shared as it is.
 """
 
 from __future__ import annotations
@@ -181,6 +182,13 @@ def _parse_pair_line(line: bytes) -> tuple["Pair", str | None, int | None]:
     return Pair(group, winner, loser, source, float(margin), created), answer, answer_size
 
 
+def _skipped(why: str, count: int) -> str:
+    """'<why a group is unusable>: its 3 pairs skipped' (the train node counts skipped pairs from this ending)."""
+    if not count:
+        return f"{why} (no pair uses it)"
+    return f"{why}: its {count} pair{'s' if count != 1 else ''} skipped"
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number a dataset may hold")
 
@@ -219,6 +227,12 @@ class Stats:
     problems: list[str] = field(default_factory=list)
     #: group id -> why it is unusable (its pairs are skipped too); training would fail on these groups
     bad_groups: dict[str, str] = field(default_factory=dict)
+    #: group id -> how many pairs.jsonl entries were skipped because they use that unusable group
+    bad_group_pairs: dict[str, int] = field(default_factory=dict)
+
+    def group_report(self) -> list[str]:
+        """One sentence per unusable group: why (naming its file) and how many pairs that costs."""
+        return [_skipped(why, self.bad_group_pairs.get(g, 0)) for g, why in self.bad_groups.items()]
 
     def summary(self) -> str:
         text = f"{self.groups} groups, {self.pairs} usable pairs ({self.human} human, {self.judge} judge)"
@@ -416,28 +430,30 @@ class PreferenceDataset:
             record["crc"] = _crc(record)
             lines.append(json.dumps(record, sort_keys=True) + "\n")
         data = "".join(lines).encode()
-        with self._lock():
-            fd = os.open(self.pairs_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
-            try:
-                size = os.fstat(fd).st_size
-                if size:
-                    os.lseek(fd, size - 1, os.SEEK_SET)
-                    if os.read(fd, 1) != b"\n":  # a writer died mid-line: end its torn line first
-                        data = b"\n" + data
+        try:  # any OSError, from taking the lock to the last byte, leaves nothing of this answer behind
+            with self._lock():
+                fd = os.open(self.pairs_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0),
+                             0o644)
                 try:
-                    _write_all(fd, data)
-                    os.fsync(fd)
-                except BaseException as e:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(fd, size)  # leave no part of this answer behind
-                    if isinstance(e, OSError):
-                        raise DatasetError(
-                            f"could not save {len(pairs)} pair{'s' if len(pairs) > 1 else ''} to {self.pairs_path} "
-                            f"({e.strerror or e}); nothing of this answer was saved. Free disk space (or fix the "
-                            "folder's permissions) and answer again") from e
-                    raise
-            finally:
-                os.close(fd)
+                    size = os.fstat(fd).st_size
+                    if size:
+                        os.lseek(fd, size - 1, os.SEEK_SET)
+                        if os.read(fd, 1) != b"\n":  # a writer died mid-line: end its torn line first
+                            data = b"\n" + data
+                    try:
+                        _write_all(fd, data)
+                        os.fsync(fd)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(fd, size)  # leave no part of this answer behind
+                        raise
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise DatasetError(
+                f"could not save {len(pairs)} pair{'s' if len(pairs) > 1 else ''} to {self.pairs_path} "
+                f"({e.strerror or e}); nothing of this answer was saved. Free disk space (or fix the "
+                "folder's permissions) and answer again") from e
 
     # -- reading -----------------------------------------------------------------------------------------------
     def group_path(self, group: str) -> Path:
@@ -517,6 +533,39 @@ class PreferenceDataset:
             raise DatasetError(f"{where}: its context is {width} wide, but the dataset's is {context_dim}")
         return n, shape[1:], width
 
+    def _check_groups(self, groups: Iterable[str], info: dict | None) -> tuple[dict[str, int], dict[str, str]]:
+        """`check_group` on each of `groups` against dataset.json's shapes (`info`; None: the first usable group
+        sets them): ({group: candidates} of the usable ones, {group: why} of the unusable ones)."""
+        shape, width = (info["latent_shape"], info["context_dim"]) if info else (None, None)
+        sizes: dict[str, int] = {}
+        bad: dict[str, str] = {}
+        for g in groups:
+            try:
+                sizes[g], shape, width = self.check_group(g, shape, width)
+            except DatasetError as e:
+                bad[g] = str(e)
+        return sizes, bad
+
+    def screen_pairs(self, pairs: Sequence[Pair]) -> tuple[list[Pair], list[str]]:
+        """Check the groups of `pairs` (from `read_pairs`, perhaps filtered) again, just before they are loaded for
+        training: each group as `check_group` does, and that it holds every candidate its pairs use. Reads headers
+        only. Returns the pairs whose group passes, and one sentence per failing group naming its file and the
+        problem and ending in how many of `pairs` it costs ('...: its 3 pairs skipped')."""
+        try:
+            info = self.info()
+        except DatasetError:  # read_pairs reports it; the groups are still checked against each other
+            info = None
+        need: dict[str, int] = {}
+        for p in pairs:
+            need[p.group] = max(need.get(p.group, 0), p.winner + 1, p.loser + 1)
+        sizes, bad = self._check_groups(need, info)
+        for g, n in sizes.items():
+            if need[g] > n:
+                bad[g] = (f"group file groups/{g}.safetensors in dataset {self.name!r} holds {n} candidates but its "
+                          f"pairs use candidate {need[g] - 1}")
+        kept = [p for p in pairs if p.group not in bad]
+        return kept, [_skipped(why, sum(p.group == g for p in pairs)) for g, why in bad.items()]
+
     def load_group(self, group: str, device: str = "cpu") -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
@@ -534,14 +583,8 @@ class PreferenceDataset:
         except DatasetError as e:
             stats.problems.append(str(e))
             info = None
-        shape, width = (info["latent_shape"], info["context_dim"]) if info else (None, None)
-        sizes: dict[str, int] = {}
-        for g in self.group_ids():
-            try:  # without a dataset.json, the first usable group sets the shapes
-                sizes[g], shape, width = self.check_group(g, shape, width)
-            except DatasetError as e:
-                stats.problems.append(str(e))
-                stats.bad_groups[g] = str(e)
+        sizes, stats.bad_groups = self._check_groups(self.group_ids(), info)
+        stats.problems.extend(stats.bad_groups.values())
         stats.groups = len(sizes)
         pairs: list[Pair] = []
         if not self.pairs_path.is_file():
@@ -586,7 +629,10 @@ class PreferenceDataset:
                 continue
             n = sizes.get(pair.group)
             if n is None:
-                why = "is unusable (see above)" if pair.group in stats.bad_groups else "is missing"
+                why = "is missing"
+                if pair.group in stats.bad_groups:
+                    why = "is unusable (see above)"
+                    stats.bad_group_pairs[pair.group] = stats.bad_group_pairs.get(pair.group, 0) + 1
                 problems.append((lineno, f"pairs.jsonl line {lineno}: group {pair.group} {why}"))
                 continue
             if not (0 <= pair.winner < n and 0 <= pair.loser < n) or pair.winner == pair.loser:

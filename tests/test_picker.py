@@ -105,7 +105,8 @@ def test_batch_of_one_is_a_clear_error():
     (b'"text"', "send exactly"),
     (b"null", "send exactly"),
     (b"", "must be JSON"),
-    (b"\xff\xfe not utf-8", "must be JSON"),
+    (b"\xff\xfe not utf-8", "must be JSON in UTF-8"),
+    ('{"request_id": "a", "choice": {"skip": true}}'.encode("utf-16"), "must be JSON in UTF-8"),  # valid, not UTF-8
     (b'{"request_id": "a", "choice": {"best": NaN, "worst": 0}}', "must be JSON"),
     (b'{"request_id": "a", "choice": {}, "extra": 1}', "send exactly"),
     (b'{"request_id": 5, "choice": {}}', "request_id must be the id the picker sent, got 5"),

@@ -272,6 +272,19 @@ def test_group_with_pairs_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert ds.group_ids() == [g] and ds.pairs_path.read_bytes() == before  # the new group was removed again
 
 
+def test_an_answer_whose_file_cannot_be_opened_is_a_dataset_error_and_leaves_nothing(tmp_path):
+    """Not only a failed write: a pairs.jsonl that cannot be opened (or locked) is a DatasetError too, so the picker
+    can tell the person, and the answer's new group is removed again."""
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+    ds.pairs_path.mkdir()  # opening it for appending fails (IsADirectoryError), even as root
+    with pytest.raises(DatasetError, match="could not save 3 pairs to .*nothing of this answer was saved"):
+        ds.add_group_with_pairs(torch.randn(3, 4, 2, 8, 8), torch.randn(1, 5, 16), [(0, 1), (0, 2), (1, 2)], "human")
+    with pytest.raises(DatasetError, match="could not save 1 pair to"):
+        ds.add_pair(g, 0, 1, "human")
+    assert ds.group_ids() == [g]
+
+
 def test_writers_share_one_filelock(tmp_path, monkeypatch):
     from filelock import FileLock
 

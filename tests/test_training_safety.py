@@ -1,5 +1,6 @@
 """Issue 9, core side of the training items: non-finite data skipped and named (10), group checks from the file
-headers (11), plottable loss maps for stopped runs (9), provenance that says what each file holds (1)."""
+headers by physmaster.preferences, as the Dataset and train nodes use them (11), plottable loss maps for stopped
+runs (9), provenance that says what each file holds (1)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from physmaster.preferences import PreferenceDataset
 from physmaster.training import (DataError, PreferencePair, PreferenceSet, StageTrainer, TrainConfig,
                                  TrainResult, VideoSample, VideoSet, describe_skips, nonfinite_group,
-                                 plottable_losses, record_stage, screen_dataset_pairs, stage_entry)
+                                 plottable_losses, record_stage, stage_entry)
 from test_training import C, D, H, T, W, make_cond, setup
 
 NAN, INF = float("nan"), float("inf")
@@ -106,17 +107,43 @@ def test_group_checks_from_headers_skip_tampered_groups_naming_group_and_file(tm
     ds, good, short, other = _dataset(tmp_path)
     _rewrite(ds, short, latents=torch.randn(2, C, T, H, W))  # fewer latents than its metadata says
     _rewrite(ds, other, latents=torch.randn(3, C, T, H, W + 8))  # another latent shape
+    pairs, stats = ds.read_pairs()  # the Dataset node's read: physmaster.preferences checks every group's header
+    assert sorted((p.group, p.winner) for p in pairs) == [(good, 0), (good, 2)]
+    report = stats.group_report()  # one sentence per bad group, naming group and file, with the pairs it costs
+    assert len(report) == 2
+    text = " | ".join(report)
+    assert (f"group file groups/{short}.safetensors in dataset 'screen' holds 2 candidate latents but its metadata "
+            "says 3 candidates: its 2 pairs skipped") in text
+    assert (f"group file groups/{other}.safetensors in dataset 'screen': its latents are shaped "
+            f"[{C}, {T}, {H}, {W + 8}] per candidate, but the dataset's are [{C}, {T}, {H}, {W}]: its 1 pair skipped") \
+        in text
+
+
+def test_groups_changed_after_reading_are_caught_before_training_loads_them(tmp_path):
+    """The train node checks its pairs' groups again (`screen_pairs`) just before loading them."""
+    ds, good, short, other = _dataset(tmp_path)
     pairs, stats = ds.read_pairs()
-    kept, problems = screen_dataset_pairs(ds, pairs)
-    assert sorted((p.group, p.winner) for p in kept) == [(good, 0), (good, 2)]
-    text = " | ".join(problems)
-    assert f"group {short[:8]} (groups/{short}.safetensors) holds 2 latents but its metadata says 3" in text
-    assert "its 2 pairs skipped" in text
-    assert f"group {other[:8]} (groups/{other}.safetensors) holds latents shaped [{C}, {T}, {H}, {W + 8}]" in text
-    # a group file that is gone or not a safetensors is named, not a crash
+    assert len(pairs) == 5 and stats.bad_groups == {}
+    # after the read: `short` rewritten with 2 candidates (consistent metadata) while its pairs use candidate 2,
+    # `other` replaced by something that is not a safetensors
+    path = ds.group_path(short)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["physmaster.group"])
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    data["latents"] = data["latents"][:2].clone()
+    save_file(data, str(path), metadata={"physmaster.group": json.dumps({**meta, "candidates": 2})})
     ds.group_path(other).write_bytes(b"junk")
-    kept, problems = screen_dataset_pairs(ds, pairs)
-    assert len(kept) == 2 and any("unreadable" in p and other[:8] in p for p in problems)
+    kept, problems = ds.screen_pairs(pairs)
+    assert sorted((p.group, p.winner) for p in kept) == [(good, 0), (good, 2)]
+    assert len(problems) == 2
+    assert (f"group file groups/{short}.safetensors in dataset 'screen' holds 2 candidates but its pairs use "
+            "candidate 2: its 2 pairs skipped") in problems
+    assert any("unreadable" in p and other in p and p.endswith("its 1 pair skipped") for p in problems), problems
+    # a group file that is gone is named too, not a crash
+    ds.group_path(other).unlink()
+    kept, problems = ds.screen_pairs(pairs)
+    assert len(kept) == 2 and any(f"group {other} is missing" in p for p in problems), problems
+    assert ds.screen_pairs([p for p in pairs if p.group == good]) == ([p for p in pairs if p.group == good], [])
 
 
 def test_loss_maps_are_always_plottable_by_core_lossgraph():

@@ -73,6 +73,7 @@ def test_round_trip_over_websocket_and_http(host):
         assert status == 200 and body["choice"] == {"best": 2, "worst": 0}
         done = ws.wait_for("physmaster.pick_done", timeout=60)
         assert done["request_id"] == event["request_id"]
+        assert done["message"] == "Saved 1 pair to roundtrip."  # said once it is on disk
         entry = host.wait(prompt_id, timeout=300)
     pairs = pairs_on_disk(host, "roundtrip")
     assert [(p["winner"], p["loser"], p["source"]) for p in pairs] == [(2, 0, "human")]
@@ -153,8 +154,10 @@ def test_hostile_bodies_get_a_4xx_with_a_sentence_never_a_500(host):
             (b'{"request_id": "' + rid.encode() + b'", "choice": {"best": 1e999, "worst": 0}}', 400, ""),
             (b'{"request_id": "' + rid.encode() + b'", "choice": {"best": NaN, "worst": 0}}', 400, ""),
             (b'{"request_id": "' + rid.encode() + b'", "choice": {"ranking": {"a": 1}}}', 400, ""),
-            (b'{"request_id": ["' + rid.encode() + b'"], "choice": {"best": 0, "worst": 1}}', 400, "string"),
-            (b"\xff\xfe{}", 400, "UTF-8 JSON"),
+            (b'{"request_id": ["' + rid.encode() + b'"], "choice": {"best": 0, "worst": 1}}', 400,
+             "request_id must be the id the picker sent, got a JSON list"),
+            (b"\xff\xfe{}", 400, "JSON in UTF-8"),
+            (json.dumps({"request_id": rid, "choice": {"best": 2, "worst": 0}}).encode("utf-16"), 400, "JSON in UTF-8"),
             (b"null", 400, "exactly"), (b"[]", 400, "exactly"), (b'"x"', 400, "exactly"), (b"17", 400, "exactly"),
             (b"", 400, "JSON"),
             (b" " * 5000, 413, "too large"),
@@ -174,6 +177,29 @@ def test_hostile_bodies_get_a_4xx_with_a_sentence_never_a_500(host):
     assert [(p["winner"], p["loser"]) for p in pairs_on_disk(host, "hostile")] == [(2, 0)]
     new_log = host.log()[log_start:]
     assert "Traceback" not in new_log and "Error handling request" not in new_log, new_log[-3000:]
+
+
+def test_an_answer_that_cannot_be_saved_is_told_and_leaves_nothing(host):
+    """Issue 9 items 2 and 3 in the host: a person's answer (the group and all its pairs) is written in one append;
+    when it cannot be written (here pairs.jsonl cannot be opened; a full disk fails the same way) the person is told
+    in the node and in the run's error that nothing of it was saved, and nothing of it is on disk."""
+    folder = dataset_dir(host, "unsaveable")
+    (folder / "pairs.jsonl").mkdir(parents=True, exist_ok=True)
+    with host.listen() as ws:
+        prompt_id = host.queue(picker_prompt("unsaveable"))
+        event = ws.wait_for("physmaster.pick", timeout=300)
+        status, body = post_pick(host, {"request_id": event["request_id"], "choice": {"ranking": [2, 0, 1]}})
+        assert status == 200, body  # the answer is accepted; saving it fails
+        done = ws.wait_for("physmaster.pick_done", timeout=60)
+        with pytest.raises(harness.ExecutionFailed) as err:
+            host.wait(prompt_id, timeout=300)
+    assert done["request_id"] == event["request_id"] and done["message"].startswith("NOT saved: could not save 3 pairs")
+    assert "nothing of this answer was saved" in done["message"]
+    msg = err.value.exception_message
+    assert err.value.node_id == "pick", err.value.details
+    assert msg.startswith("your answer (3 pairs) for preference dataset 'unsaveable' was not saved: ") and \
+        "nothing of this answer was saved" in msg, msg
+    assert list((folder / "groups").iterdir()) == []  # the answer's group was removed again: no half answer
 
 
 def test_timeout_policies(host):
@@ -224,13 +250,13 @@ def test_batch_of_one_and_other_model_are_clear_errors(host):
     with pytest.raises(harness.ExecutionFailed) as err:
         host.run(picker_prompt("single", mode="judge", batch=1), timeout=300)
     assert err.value.node_id == "pick" and "batch of 1" in err.value.exception_message
-    host.run(picker_prompt("shape", mode="ask", timeout=1), timeout=300)  # creates the dataset's info
-    before = pairs_on_disk(host, "shape")
+    host.run(picker_prompt("shape", mode="ask", timeout=1), timeout=300)  # no answer: nothing is written, ...
+    assert not dataset_dir(host, "shape").exists()  # ... not even an empty dataset folder (issue 9, item 13)
     from physmaster.preferences import PreferenceDataset
 
-    ds = PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "shape")
+    ds = PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "shape", create=True)
     ds.add_group(torch.randn(2, 16, 2, SIZE // 8, SIZE // 8), torch.randn(1, 32, 4096))  # as a run at 64 px
     with pytest.raises(harness.ExecutionFailed) as err:
         host.run(picker_prompt("shape", mode="judge", size=48), timeout=300)
     assert "another model or resolution" in err.value.exception_message and "latent shape" in err.value.exception_message
-    assert pairs_on_disk(host, "shape") == before
+    assert pairs_on_disk(host, "shape") == [] and len(ds.group_ids()) == 1

@@ -140,9 +140,8 @@ def test_preflight_names_the_mismatch(host, marked_dataset):
 
 
 def test_empty_dataset_is_a_clear_error(host):
-    from physmaster.preferences import PreferenceDataset
-
-    PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "empty_one", create=True)
+    # an empty dataset folder (opening with create=True makes none: a folder is made by the first write)
+    (host.output_dir / "physmaster" / "preferences" / "empty_one").mkdir(parents=True, exist_ok=True)
     with pytest.raises(harness.ExecutionFailed) as err:
         host.run(dpo_prompt("empty_one", "head (Stage III)", steps=2), timeout=300)
     assert err.value.node_id == "prefs" and "no usable" in err.value.exception_message
@@ -306,14 +305,17 @@ def test_tampered_groups_are_named_by_the_dataset_node_and_skipped(host, marked_
     p["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["prefs", 1]}}
     entry = host.run(p, timeout=900)
     stats = entry["outputs"]["prefs"]["text"][0]
-    assert f"group {bad[:8]} (groups/{bad}.safetensors) holds 2 latents but its metadata says 3 candidates" in stats
-    assert "its 3 pairs skipped" in stats and "3 pairs left to train on" in stats
+    assert (f"1 group unusable for training: group file groups/{bad}.safetensors in dataset 'tampered_pairs' holds 2 "
+            "candidate latents but its metadata says 3 candidates: its 3 pairs skipped; 3 pairs left to train on") \
+        in stats, stats
     summary = entry["outputs"]["train"]["text"][0]
     assert summary.startswith("3 pairs") and "dpo-head: 2 steps" in summary
     # another latent shape in a group is named the same way
     _rewrite_group(ds, bad, latents=lambda t: torch.zeros(3, t.shape[1], t.shape[2], t.shape[3], t.shape[4] + 2))
     entry = host.run(p, timeout=900)
-    assert f"group {bad[:8]} (groups/{bad}.safetensors) holds latents shaped" in entry["outputs"]["prefs"]["text"][0]
+    stats = entry["outputs"]["prefs"]["text"][0]
+    assert f"group file groups/{bad}.safetensors in dataset 'tampered_pairs': its latents are shaped" in stats, stats
+    assert "its 3 pairs skipped; 3 pairs left to train on" in stats, stats
 
 
 def test_a_run_stopped_at_step_one_still_plots_saves_and_says_why(host, marked_dataset, tmp_path):

@@ -132,8 +132,12 @@ async function submit(state, choice) {
       state.status.textContent = `Not accepted: ${body.error ?? res.status}`;
       return;
     }
-    state.status.textContent = choice.skip ? "Skipped." : "Saved. The graph continues.";
-    state.request = null;
+    // the node says what became of the answer (saved, or not saved and why) in physmaster.pick_done, which
+    // may arrive before this response: then the request is already closed and its message stays
+    if (state.request === req) {
+      state.status.textContent = choice.skip ? "Skipped." : "Sent. Saving...";
+      state.request = null;
+    }
   } catch (err) {
     state.status.textContent = `Could not send the choice: ${err}`;
   }
