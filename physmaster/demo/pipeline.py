@@ -57,8 +57,8 @@ class Settings:
 
     @classmethod
     def fast(cls) -> "Settings":
-        return cls(sft_scenes=4, sft_steps=2, dpo_scenes=3, candidates=2, pairs_per_image=1, min_margin=0.0, dpo_steps=2,
-                   eval_scenes=2, eval_videos=1, sample_steps=2, batch=2, dpo_batch=2, gif_scenes=2)
+        return cls(sft_scenes=4, sft_steps=2, dpo_scenes=3, candidates=2, pairs_per_image=1, min_margin=0.0,
+                   dpo_steps=2, eval_scenes=2, eval_videos=1, sample_steps=2, batch=2, dpo_batch=2, gif_scenes=2)
 
 
 def new_head(settings: Settings, seed: int = 0):
