@@ -10,10 +10,10 @@ training keeps the decoder tolerant of the DiT's imprecision, and a small penalt
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
+
+from .fitting import fit
 
 LATENT_CHANNELS = 8
 DOWN = 4
@@ -75,31 +75,19 @@ def train_autoencoder(frames: torch.Tensor, masks: torch.Tensor, steps: int, see
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         ae = FrameAutoencoder()
-    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.05)
     weight = 1.0 + 10.0 * masks.float()
-    t0 = time.perf_counter()
-    loss_v = float("nan")
-    for step in range(steps):
+
+    def step_loss():
         idx = torch.randint(0, len(frames), (batch,), generator=g)
         x, w = frames[idx], weight[idx][:, None]
         z = ae.encode_frames(x)
-        zn = z + 0.1 * torch.randn(z.shape, generator=g)
-        y = ae.decode_frames(zn)
+        y = ae.decode_frames(z + 0.1 * torch.randn(z.shape, generator=g))
         err = (y - x).abs() + 4 * (y - x).pow(2)
-        loss = (err * w).mean() / w.mean() + 1e-3 * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_v = float(loss.detach())
-        if log and (step + 1) % max(1, steps // 5) == 0:
-            log(f"  [autoencoder] {step + 1}/{steps} loss {loss_v:.4f} ({time.perf_counter() - t0:.0f}s)")
-    ae.eval()
-    for p in ae.parameters():
-        p.requires_grad_(False)
+        return (err * w).mean() / w.mean() + 1e-3 * z.pow(2).mean()
+
+    info = fit(ae, step_loss, steps, lr, weight_decay=0.0, warmup=0.05, name="autoencoder", log=log)
     with torch.no_grad():
         z = torch.cat([ae.encode_frames(frames[i:i + 512]) for i in range(0, len(frames), 512)])
         ae.shift.copy_(z.mean((0, 2, 3)))
         ae.scale.copy_(z.std((0, 2, 3)).clamp_min(1e-3))
-    return ae, {"steps": steps, "final_loss": loss_v, "seconds": time.perf_counter() - t0}
+    return ae, info

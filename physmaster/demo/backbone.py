@@ -13,12 +13,12 @@ positions), [B, 1 + 16, 64]. The physical head learns which of it the DiT needs.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from .fitting import fit
 from .world import FPS, SIZE
 
 WIDTH = 64
@@ -90,22 +90,9 @@ def train_backbone(images: torch.Tensor, targets: torch.Tensor, steps: int, seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = GeometryBackbone()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
-    t0 = time.perf_counter()
-    loss_v = float("nan")
-    for step in range(steps):
+    def step_loss():
         idx = torch.randint(0, len(images), (batch,), generator=g)
-        pred = net._forward(images[idx])[1]
-        loss = (pred - targets[idx]).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_v = float(loss.detach())
-        if log and (step + 1) % max(1, steps // 5) == 0:
-            log(f"  [backbone] {step + 1}/{steps} loss {loss_v:.5f} ({time.perf_counter() - t0:.0f}s)")
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net, {"steps": steps, "final_loss": loss_v, "seconds": time.perf_counter() - t0}
+        return (net._forward(images[idx])[1] - targets[idx]).pow(2).mean()
+
+    info = fit(net, step_loss, steps, lr, weight_decay=1e-4, warmup=0.1, name="backbone", log=log, digits=5)
+    return net, info

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..physics import gt_similarity
 from ..training.stages import record_stage
