@@ -153,3 +153,30 @@ def test_seeds_run_in_turn_and_report_mean_and_sd(tmp_path, capsys):
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["seed"] for r in res["runs"]] == [3, 4] and res["eval_seed"] == 2
     assert "across 2 training seeds" in (tmp_path / "table.txt").read_text()
+
+
+def test_sampling_is_guided_by_the_frozen_base_model(tmp_path):
+    """v = v_base + w (v_model - v_base): the base row samples as the base, a changed model's change is scaled
+    by w, and the guide stays the pretrained base whatever training does to `den`."""
+    from physmaster.demo.generator import new_dit
+
+    path = save_assets(tmp_path / "a.safetensors", FrameAutoencoder(), GeometryBackbone(), new_dit(0),
+                       {"ae": {"steps": 1}, "backbone": {"steps": 1}, "dit": {"steps": 1}})
+    vm, bb, _ = load_assets(path)
+    assert vm.guide is not None and vm.guide.model is not vm.den.model
+    cond = vm.conditioning(np.stack([drop_scene(s).frames[0] for s in (1, 2)]), bb)
+    plain = vm.sample(None, cond, [5, 6], steps=1)
+    vm.guidance = 3.0
+    assert torch.equal(vm.sample(None, cond, [5, 6], steps=1), plain)  # base row: the guide is the model
+    with torch.no_grad():
+        for p in vm.den.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    noise = torch.stack([torch.randn(plain.shape[1:], generator=torch.Generator().manual_seed(n)) for n in (5, 6)])
+    t = torch.ones(2)
+    v_model = vm.den.predict_velocity(noise, t, cond).float()
+    v_base = vm.guide.predict_velocity(noise, t, cond).float()
+    guided = vm.sample(None, cond, [5, 6], steps=1)
+    assert torch.allclose(guided, noise - (v_base + 3.0 * (v_model - v_base)), atol=1e-5)
+    assert not torch.allclose(guided, noise - v_model, atol=1e-3)
+    vm.guidance = 1.0
+    assert torch.allclose(vm.sample(None, cond, [5, 6], steps=1), noise - v_model, atol=1e-6)

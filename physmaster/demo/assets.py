@@ -69,10 +69,13 @@ def load_assets(path: Path = ASSET_FILE) -> tuple[VideoModel, GeometryBackbone, 
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
-    return VideoModel(ae, den), backbone, info
+    guide = new_dit(0)  # the base again, frozen: what sampling is guided against (see VideoModel)
+    guide.model.load_state_dict(den.model.state_dict())
+    guide.model.eval().requires_grad_(False)
+    return VideoModel(ae, den, guide), backbone, info
 
 
-ASSET_STEPS = {"ae": 3000, "backbone": 1500, "dit": 5000}
+ASSET_STEPS = {"ae": 3000, "backbone": 1500, "dit": 8000}
 ASSET_SEEDS = 1_000_000, 2_000_000, 3_000_000  # generic scenes, autoencoder drops, backbone drops
 
 

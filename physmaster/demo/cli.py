@@ -63,6 +63,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
 
     vm, backbone = assets
     vm = copy.deepcopy(vm)  # each seed starts from the shipped base
+    vm.guidance = float(st.guidance)
     scenes = held_out(st.eval_scenes, eval_seed)
     cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
     k = st.eval_videos
