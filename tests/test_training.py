@@ -332,22 +332,3 @@ def test_token_dropout_zeroes_some_samples_tokens_reproducibly():
     assert drop.compute_loss(0)[0].item() != loss0 or not zeroed[0].any()
     with pytest.raises(TrainingError, match="token_dropout"):
         TrainConfig(token_dropout=1.0)
-
-
-def test_cosine_lr_decay_warms_up_then_falls_to_zero_and_keeps_old_checkpoints_resumable():
-    den, enc = setup()
-    cfg = TrainConfig(steps=10, lr=1e-3, warmup_steps=2, lr_decay="cosine")
-    tr = StageTrainer("sft", den, enc, videos(), cfg)
-    lrs = [tr._lr(s) for s in range(10)]
-    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # warmup
-    assert lrs[2] == pytest.approx(1e-3)  # the cosine starts at the full rate ...
-    assert lrs[6] == pytest.approx(5e-4)  # ... is at half of it half-way ...
-    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[9] < 0.04e-3  # ... and falls to ~0
-    const = StageTrainer("sft", den, enc, videos(), TrainConfig(steps=10, lr=1e-3, warmup_steps=2))
-    assert [const._lr(s) for s in range(2, 10)] == [1e-3] * 8
-    # a constant-rate config fingerprints as before the option existed (old checkpoints still resume) ...
-    assert "lr_decay" not in TrainConfig(steps=10).trajectory()
-    # ... and a cosine one records it and its planned length, which the schedule depends on
-    assert cfg.trajectory()["lr_decay"] == "cosine" and cfg.trajectory()["steps"] == 10
-    with pytest.raises(TrainingError, match="lr_decay must be 'constant' or 'cosine'"):
-        TrainConfig(lr_decay="linear")

@@ -75,7 +75,7 @@ def load_assets(path: Path = ASSET_FILE) -> tuple[VideoModel, GeometryBackbone, 
     return VideoModel(ae, den, guide), backbone, info
 
 
-ASSET_STEPS = {"ae": 3000, "backbone": 1500, "dit": 8000}
+ASSET_STEPS = {"ae": 3000, "backbone": 1500, "dit": 5000}
 ASSET_SEEDS = 1_000_000, 2_000_000, 3_000_000  # generic scenes, autoencoder drops, backbone drops
 
 

@@ -105,9 +105,8 @@ class VideoModel:
 
 
 def pretrain_dit(latents: torch.Tensor, cond, steps: int, seed: int = 0, batch: int = 16, lr: float = 1e-3,
-                 lr_decay: str = "cosine", log=print):
-    """Train the base DiT from scratch (every weight; no physical tokens) on latents [N, C, T, h, w]. The
-    learning rate falls along a half cosine: at a constant rate the loss stays as noisy as the last batches."""
+                 log=print):
+    """Train the base DiT from scratch (every weight; no physical tokens) on latents [N, C, T, h, w]."""
     from ..training import StageTrainer, TrainConfig, VideoSample, VideoSet
 
     den = new_dit(seed)
@@ -116,8 +115,7 @@ def pretrain_dit(latents: torch.Tensor, cond, steps: int, seed: int = 0, batch: 
     # train every weight: for the base, the trainer's "LoRA" is the whole model
     den.named_lora_parameters = lambda: list(den.model.named_parameters())  # type: ignore[method-assign]
     den.lora_parameters = lambda: params  # type: ignore[method-assign]
-    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch, seed=seed, warmup_steps=min(100, steps), grad_clip=1.0,
-                      lr_decay=lr_decay)
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch, seed=seed, warmup_steps=min(100, steps), grad_clip=1.0)
     tr = StageTrainer("sft", den, None, data, cfg)
     t0 = time.perf_counter()
 

@@ -47,9 +47,6 @@ class Settings:
     batch: int = 16
     dpo_batch: int = 8
     lr_sft: float = 1e-3
-    sft_lr_decay: str = "constant"
-    sft_t_sampling: str = "uniform"
-    sft_shift: float = 1.0
     lr_lora: float = 5e-4
     lr_head: float = 2e-3
     beta: float = 2000.0
@@ -102,8 +99,7 @@ def stage_one(vm, backbone, st: Settings, seed: int, log):
     vm.den.add_lora(st.lora_rank, targets=LORA_TARGETS, seed=seed)
     data = video_set(vm, [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)], backbone)
     cfg = TrainConfig(steps=st.sft_steps, lr=st.lr_sft, batch_size=st.batch, seed=seed,
-                      warmup_steps=min(30, st.sft_steps), token_dropout=st.token_dropout,
-                      lr_decay=st.sft_lr_decay, t_sampling=st.sft_t_sampling, shift=st.sft_shift)
+                      warmup_steps=min(30, st.sft_steps), token_dropout=st.token_dropout)
     t0 = time.perf_counter()
     result = StageTrainer("sft", vm.den, encoder, data, cfg).run(progress("Stage I", log, t0))
     record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drops", dataset_size=len(data))

@@ -64,7 +64,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     warmup_steps: int = 0
-    lr_decay: str = "constant"  # or "cosine": after warmup, lr falls along a half cosine to 0 at `steps`
     t_min: float = 0.001
     t_max: float = 1.0
     t_sampling: str = "uniform"  # or "logit_normal" (SD3/Wan training)
@@ -89,8 +88,6 @@ class TrainConfig:
             problems.append(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.t_sampling not in ("uniform", "logit_normal"):
             problems.append(f"t_sampling must be 'uniform' or 'logit_normal', got {self.t_sampling!r}")
-        if self.lr_decay not in ("constant", "cosine"):
-            problems.append(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         if self.shift <= 0:
             problems.append(f"shift must be > 0, got {self.shift}")
         if not 0.0 <= self.token_dropout < 1.0:
@@ -101,11 +98,7 @@ class TrainConfig:
             raise TrainingError("invalid training config: " + "; ".join(problems))
 
     def trajectory(self) -> dict:
-        out = {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
-        if self.lr_decay != "constant":  # only when used, so checkpoints written before it existed still resume
-            out["lr_decay"] = self.lr_decay
-            out["steps"] = int(self.steps)  # the schedule depends on the planned length
-        return out
+        return {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
 
 
 @dataclass
@@ -245,13 +238,8 @@ class StageTrainer:
         return head(cond.features.to(self.denoiser.device))
 
     def _lr(self, step: int) -> float:
-        cfg = self.config
-        w = int(cfg.warmup_steps)
-        if w > 0 and step < w:
-            return cfg.lr * (step + 1) / w
-        if cfg.lr_decay == "cosine" and int(cfg.steps) > w:
-            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - w) / (int(cfg.steps) - w)))
-        return cfg.lr
+        w = int(self.config.warmup_steps)
+        return self.config.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
 
     def compute_loss(self, step: int) -> tuple[torch.Tensor, dict]:
         cfg = self.config
