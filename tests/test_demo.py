@@ -180,3 +180,14 @@ def test_sampling_is_guided_by_the_frozen_base_model(tmp_path):
     assert not torch.allclose(guided, noise - v_model, atol=1e-3)
     vm.guidance = 1.0
     assert torch.allclose(vm.sample(None, cond, [5, 6], steps=1), noise - v_model, atol=1e-6)
+
+
+def test_guidance_flag_is_recorded_and_checked(tmp_path, capsys):
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--guidance", "2"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["settings"]["guidance"] == 2.0
+    from physmaster.demo.pipeline import Settings
+    assert Settings().guidance == 1.0  # off by default: the default run is the one the README quotes
+    with pytest.raises(SystemExit):
+        main(["demo", "--fast", "--out", str(tmp_path), "--guidance", "0.5"])
+    assert "must be between 1 (off) and 10, got 0.5" in capsys.readouterr().err

@@ -42,8 +42,8 @@ class Settings:
     dpo_steps: int = 200
     eval_scenes: int = 30  # per split
     eval_videos: int = 2  # per held-out scene and row (the same noises for every row)
-    sample_steps: int = 8
-    guidance: float = 2.0  # sampling guided by the base model (see generator.VideoModel)
+    sample_steps: int = 12
+    guidance: float = 1.0  # > 1: sampling guided by the base model (`--guidance`, see generator.VideoModel)
     batch: int = 16
     dpo_batch: int = 8
     lr_sft: float = 1e-3
