@@ -30,9 +30,10 @@ class PhysMasterSaveTrainingVideos(io.ComfyNode):
             node_id="PhysMasterSaveTrainingVideos",
             display_name="PhysMaster Save Training Videos",
             category=f"{CATEGORY}/training",
-            description="Saves clean video latents (VAEEncode of real videos) with the conditioning PhysMasterApply made "
-                        "for them to a video set in output/physmaster/videos/<name>/, for Stage I SFT outside the "
-                        "graph: python -m physmaster train-sft --videos <that folder> (or accelerate launch -m ...).",
+            description="Saves clean video latents (VAEEncode of real videos) with the conditioning PhysMasterApply "
+                        "made for them to a video set in output/physmaster/videos/<name>/, for Stage I SFT outside "
+                        "the graph: python -m physmaster train-sft --videos <that folder> (or accelerate launch -m "
+                        "...).",
             is_output_node=True,
             not_idempotent=True,
             inputs=[

@@ -22,8 +22,10 @@ from physmaster.encoder import load_encoder
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-# same tolerance for every comparison of 2 processes x batch b with 1 process x batch 2b: float sums in another order
-ATOL, RTOL = 2e-5, 1e-4
+# the tolerance of every comparison of 2 processes x batch b with 1 process x batch 2b: the gradients differ by float
+# rounding only (sums in another order), but Adam divides by sqrt(v), which turns rounding noise in a near-zero gradient
+# component into up to lr-sized steps; with lr 3e-3 over 4-6 steps the weights move ~1e-2, so 1e-4 is 1% of that
+ATOL, RTOL = 1e-4, 1e-3
 
 
 def free_port() -> int:

@@ -3,15 +3,17 @@
 A preference group (`physmaster.preferences`, written by PhysMasterPreferencePicker) and an SFT video file
 (`physmaster.videoset`, written by PhysMasterSaveTrainingVideos) store the conditioning as ComfyUI held it:
 
-| stored key                               | what it is in ComfyUI                                  | diffusers Wan input          |
-|------------------------------------------|--------------------------------------------------------|------------------------------|
-| `latents` [N, C, T, H, W]                | sampled / VAE-encoded latents (ComfyUI's latent space) | `x_0`, normalised            |
-| `context` [1, L, D]                      | text context without physical tokens (c_crossattn)     | `encoder_hidden_states`      |
-| `cond.concat_latent_image` [1, C, T,H,W] | Wan I2V: start image + gray frames, VAE latent         | `image_cond[:, 4:]`, normalised |
-| `cond.concat_mask` [1, 1or4, T, H, W]    | Wan I2V: 0 where the image is given                    | `image_cond[:, :4]` = 1 − mask |
-| `clip_vision.penultimate_hidden_states`  | CLIP-H output (Wan 2.1 I2V clip_fea)                   | `encoder_hidden_states_image` |
-| `cond.attention_mask` [1, L]             | LTX-Video / HunyuanVideo text mask                     | `Conditioning.attention_mask` (Wan has none) |
-| `features` [1, P, C_in]                  | backbone hidden states (PhysMasterApply's record)      | the PhysHead's input          |
+- `latents` [N, C, T, H, W]: sampled or VAE-encoded latents in ComfyUI's latent space -> x_0, normalised.
+- `context` [1, L, D]: the text context without physical tokens (c_crossattn) -> `encoder_hidden_states`.
+- `cond.concat_latent_image` [1, C, T, H, W]: Wan I2V's start image + gray frames as a VAE latent ->
+  `image_cond[:, 4:]`, normalised.
+- `cond.concat_mask` [1, 1 or 4, T, H, W]: Wan I2V's mask, 0 where the image is given -> `image_cond[:, :4]` =
+  1 - mask.
+- `clip_vision.penultimate_hidden_states`: CLIP-H's output (Wan 2.1 I2V's clip_fea) ->
+  `encoder_hidden_states_image`.
+- `cond.attention_mask` [1, L]: LTX-Video's / HunyuanVideo's text mask -> `Conditioning.attention_mask` (Wan has
+  none; it is carried, extended with the physical tokens, and unused).
+- `features` [1, P, C_in]: backbone hidden states (PhysMasterApply's record) -> the PhysHead's input.
 
 It follows ComfyUI's `WAN21.concat_cond` / `extra_conds` exactly: latents and the concat image go through
 `process_latent_in` (`(x − mean) / std` per channel: the Wan VAE's latent statistics, which diffusers' Wan
@@ -134,8 +136,8 @@ def wan_conditioning(tensors: dict[str, torch.Tensor], *, in_channels: int, late
         else:
             image = _f(image)
             if image.ndim != 5 or tuple(image.shape[-2:]) != (h, w) or image.shape[2] != frames:
-                raise WidthMismatchError(f"{where}: its concat_latent_image is {list(image.shape)}, but the latents are "
-                                         f"[{c}, {frames}, {h}, {w}]")
+                raise WidthMismatchError(f"{where}: its concat_latent_image is {list(image.shape)}, but the latents "
+                                         f"are [{c}, {frames}, {h}, {w}]")
             if norm is not None:
                 image = norm.to_model(image)
             if extra != image.shape[1] + 4:
