@@ -436,3 +436,27 @@ def test_cli_trained_lora_and_encoder_load_in_comfyui(host, marked_dataset, tmp_
     with_tokens["enc"] = {"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": enc_name}}
     tokens_latent, _ = _run_and_load(host, with_tokens)
     assert tokens_latent.shape == base.shape and not torch.equal(tokens_latent, base)
+
+
+def test_videos_saved_in_the_graph_train_with_the_sft_cli(host, tmp_path):
+    """Issue 12: PhysMasterSaveTrainingVideos exports latents + their conditioning as a video set that
+    `python -m physmaster train-sft` reads (through physmaster.videoset, conditioning via comfy_inputs)."""
+    from physmaster.cli import main
+    from physmaster.encoder import load_encoder
+
+    build, _ = FAMILIES["wan21_i2v"]
+    p = with_physmaster(build("train/videos_src"), 1.0)
+    p["i2v"]["inputs"]["batch_size"] = 2
+    p["save_videos"] = {"class_type": "PhysMasterSaveTrainingVideos", "inputs": {
+        "latents": ["sampler", 0], "positive": ["apply", 0], "dataset_name": "cli_videos"}}
+    entry = host.run(p, timeout=600)
+    report = json.loads(entry["outputs"]["save_videos"]["text"][0])
+    assert report["saved_videos"] == 2 and report["files"] == 1 and report["videos_in_set"] >= 2
+    folder = host.output_dir / "physmaster" / "videos" / "cli_videos"
+    out = tmp_path / "sft"
+    assert main(["train-sft", "--model", str(tm.model_path("wan21_i2v")), "--videos", str(folder), "--out", str(out),
+                 "--steps", "2", "--tokens", str(TOKENS), "--head-width", "64", "--lora-rank", "2",
+                 "--device", "cpu"]) == 0
+    stage = load_encoder(out / "encoder.safetensors").provenance["stages"][0]
+    assert stage["stage"] == "sft" and stage["dataset"] == "cli_videos" and stage["dataset_size"] >= 2
+    assert stage["processes"] == 1 and (out / "lora.safetensors").is_file()
