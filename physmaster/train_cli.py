@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train-sft") -> N
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4 SFT, 1e-5 DPO "
                         "LoRA, 1e-4 DPO head)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1, help="videos or pairs per step *per process* (the "
+                        "global batch is this x processes x --grad-accum)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=50, help="save resumable state every K steps")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")

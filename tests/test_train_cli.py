@@ -206,3 +206,14 @@ def test_latent_norm_needs_statistics_for_other_channel_counts(tmp_path, i2v_mod
     cfg = tmp_path / "vae.json"
     cfg.write_text('{"latents_mean": [0, 0, 0, 0], "latents_std": [2, 2, 2, 2]}')
     assert main(dpo(i2v_model, ds.path, tmp_path / "o")[:-2] + ["--latent-norm", str(cfg)]) == 0
+
+
+def test_gradient_accumulation_follows_the_global_batch(tmp_path, i2v_model, capsys):
+    """1 process x batch 2 x --grad-accum 2 trains the same head as 1 process x batch 4 (same global batch)."""
+    ds = td.write_preferences(tmp_path, "accum")
+    outs = {}
+    for name, extra in (("big", ["--batch-size", "4"]), ("accum", ["--batch-size", "2", "--grad-accum", "2"])):
+        outs[name] = tmp_path / name
+        assert main(dpo(i2v_model, ds.path, outs[name], "--lr", "3e-3", "--steps", "3", *extra)) == 0
+    assert "batch 2 x accumulation 2 = global batch 4" in capsys.readouterr().out
+    td.assert_same_head(outs["big"], outs["accum"])  # the tolerance of 2 processes vs 1
