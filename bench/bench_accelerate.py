@@ -1,7 +1,7 @@
 """Benchmark of the train CLIs under accelerate: 2 processes vs 1 process at the same global batch, and the time one
 pair (or video) costs per stage. Prints side-by-side numbers; never a timed test.
 
-    python bench/bench_accelerate.py [--steps 12] [--batch 4] [--repeats 2]
+    python bench/bench_accelerate.py [--steps 40] [--batch 4] [--repeats 2] [--size 16] [--frames 4]
 
 1. `train-dpo --stage head` (Stage III) on a tiny Wan I2V transformer and a picker-format dataset of 12 pairs:
    1 process x batch B vs `accelerate launch` 2 processes x batch B/2 (DDP over gloo on CPU, one thread each),
@@ -54,10 +54,13 @@ def run(args: list[str], processes: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--size", type=int, default=16, help="latent height and width")
+    ap.add_argument("--frames", type=int, default=4, help="latent frames")
     ap.add_argument("--batch", type=int, default=4, help="global batch (even)")
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
+    td.T, td.H, td.W = a.frames, a.size, a.size  # the test data's latent size (read when the data is written)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = td.write_model(tmp / "tiny-wan")
@@ -72,7 +75,8 @@ def main() -> None:
                 rates[n].append(run(["train-dpo", "--pairs", str(pairs), "--stage", "head", "--out", str(out),
                                      "--batch-size", str(a.batch // n), *common], n))
         one, two = statistics.median(rates[1]), statistics.median(rates[2])
-        print(f"Stage III (dpo-head), global batch {a.batch}, {a.steps} steps, medians of {a.repeats}:")
+        print(f"Stage III (dpo-head), latents [{td.C}, {a.frames}, {a.size}, {a.size}], global batch {a.batch}, "
+              f"{a.steps} steps, medians of {a.repeats}:")
         print(f"  1 process  x batch {a.batch}: {one:8.3f} pairs/s")
         print(f"  2 processes x batch {a.batch // 2}: {two:8.3f} pairs/s")
         print(f"  ratio 2 processes / 1 process: {two / one:.2f}x  (ideal on {os.cpu_count()} cores: "
