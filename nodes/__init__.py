@@ -3,6 +3,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from . import paths, routes
+from .dataset_nodes import PhysMasterSaveTrainingVideos
 from .encoder_nodes import (
     PhysMasterApply,
     PhysMasterEncode,
@@ -26,6 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
     PhysMasterPreferenceDataset,
     PhysMasterTrainSFT,
     PhysMasterTrainDPO,
+    PhysMasterSaveTrainingVideos,
 ]
 
 

@@ -629,7 +629,7 @@ class PreferenceDataset:
                 continue
             n = sizes.get(pair.group)
             if n is None:
-                why = "is missing"
+                why = f"is missing (no file groups/{pair.group}.safetensors)"
                 if pair.group in stats.bad_groups:
                     why = "is unusable (see above)"
                     stats.bad_group_pairs[pair.group] = stats.bad_group_pairs.get(pair.group, 0) + 1

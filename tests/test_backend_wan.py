@@ -130,3 +130,34 @@ def test_x0_denoiser_converts_to_velocity():
     v = den.predict_velocity(x_t, t, None)
     torch.testing.assert_close(v, den.velocity_target(x0, eps, t), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(velocity_from_x0(x_t, x0, t), eps - x0, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_file_is_in_comfyui_wan_layout_and_diffusers_reads_it(tmp_path):
+    """The LoRA file uses the original Wan / ComfyUI module names with an alpha: ComfyUI's delta
+    (alpha / rank) * up @ down equals peft's, and diffusers' own Wan LoRA converter maps every key back."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    from physmaster.backends.diffusers_wan import diffusers_module_name, original_module_name
+
+    den = WanDenoiser(make_tiny_wan(0, latent_channels=C, text_dim=D, image_dim=24))
+    den.add_lora(2, alpha=6.0, targets=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "ffn.net.2"],
+                 seed=1)
+    with torch.no_grad():
+        for n, p in den.named_lora_parameters():
+            p.normal_(0, 0.1)
+    den.save_lora(tmp_path / "l.safetensors")
+    sd = load_file(str(tmp_path / "l.safetensors"))
+    assert all(k.startswith("diffusion_model.blocks.") for k in sd)
+    key = "diffusion_model.blocks.0.self_attn.q"
+    delta = sd[f"{key}.alpha"] / sd[f"{key}.lora_A.weight"].shape[0] * (sd[f"{key}.lora_B.weight"] @
+                                                                        sd[f"{key}.lora_A.weight"])
+    layer = den.model.blocks[0].attn1.to_q
+    torch.testing.assert_close(delta, layer.get_delta_weight("physmaster"))
+    converted = {k.removeprefix("transformer."): v for k, v in
+                 _convert_non_diffusers_wan_lora_to_diffusers(dict(sd)).items()}
+    own = {f"{n.replace('.physmaster', '')}" for n, _ in den.named_lora_parameters()}
+    assert set(converted) == own
+    fresh = make_tiny_wan(0, latent_channels=C, text_dim=D, image_dim=24)
+    names = [n for n, m in fresh.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(names) > 20 and all(diffusers_module_name(original_module_name(n)) == n for n in names)

@@ -110,7 +110,110 @@ def test_hostile_pair_lines_are_skipped_not_raised(tmp_path, capsys):
         f.write('{"group": "g0", "winner": 2.7, "loser": 1}\n')
         f.write('{"group": "g0", "winner": true, "loser": 1}\n')
         f.write('{"group": ["g0"], "winner": 0, "loser": 1}\n')
-    data = read_preference_folder(folder)
+    with pytest.warns(DeprecationWarning, match="deprecated side-by-side layout"):
+        data = read_preference_folder(folder)
     assert len(data) == 2
     err = capsys.readouterr().err
     assert all(f"line {n}" in err for n in (3, 4, 5, 6, 7, 8, 9)) and "nested too deeply" in err
+
+
+# -- the picker's dataset and video sets (physmaster.preferences / physmaster.videoset as the only readers) --------
+import train_data as td  # noqa: E402
+from physmaster.train_cli import OUT_LOCK  # noqa: E402
+
+
+@pytest.fixture()
+def i2v_model(tmp_path):
+    return td.write_model(tmp_path / "tiny-i2v")
+
+
+def dpo(model, pairs, out, *extra):
+    return ["train-dpo", "--model", str(model), "--pairs", str(pairs), "--out", str(out), "--steps", "2",
+            "--tokens", "2", "--head-width", "16", "--latent-norm", "none", *extra]
+
+
+def test_train_dpo_on_the_pickers_dataset_and_sft_on_a_video_set(tmp_path, i2v_model, capsys):
+    ds = td.write_preferences(tmp_path, "marked")
+    out = tmp_path / "dpo"
+    assert main(dpo(i2v_model, ds.path, out, "--stage", "lora", "--lora-rank", "2", "--batch-size", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "6 pairs from marked; 1 process x batch 2" in printed
+    enc = load_encoder(out / "encoder.safetensors")
+    (stage,) = enc.provenance["stages"]
+    assert (stage["stage"], stage["dataset"], stage["dataset_size"], stage["processes"]) == ("dpo-lora", "marked", 6, 1)
+    from safetensors.torch import load_file
+    lora = load_file(str(out / "lora.safetensors"))  # ComfyUI's Wan key layout, with alpha
+    assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in lora
+    assert "diffusion_model.blocks.1.cross_attn.o.alpha" in lora
+    vs = td.write_videos(tmp_path, "clips")
+    out2 = tmp_path / "sft"
+    assert main(["train-sft", "--model", str(i2v_model), "--videos", str(vs.path), "--out", str(out2), "--steps", "2",
+                 "--tokens", "2", "--head-width", "16", "--lora-rank", "2", "--latent-norm", "none"]) == 0
+    assert "4 videos from clips" in capsys.readouterr().out
+    stage = load_encoder(out2 / "encoder.safetensors").provenance["stages"][0]
+    assert stage["stage"] == "sft" and stage["dataset"] == "clips" and stage["dataset_size"] == 4
+
+
+def test_torn_lines_and_missing_groups_are_named_and_skipped(tmp_path, i2v_model, capsys):
+    ds = td.write_preferences(tmp_path, "torn", groups=3)
+    with open(ds.pairs_path, "ab") as f:
+        f.write(b'{"group": "0123", "winn')  # a writer killed mid-line
+    lost = ds.group_ids()[1]
+    ds.group_path(lost).unlink()
+    assert main(dpo(i2v_model, ds.path, tmp_path / "o")) == 0
+    err = capsys.readouterr().err
+    assert "pairs.jsonl line 10" in err and "skipped" in err
+    assert f"group {lost} is missing (no file groups/{lost}.safetensors)" in err
+    assert load_encoder(tmp_path / "o" / "encoder.safetensors").provenance["stages"][0]["dataset_size"] == 6
+
+
+@pytest.mark.parametrize("what,kwargs,expect", [
+    ("context width", {"width": td.D + 8}, f"its text context is {td.D + 8} wide but --model's is {td.D}"),
+    ("latent channels", {"channels": td.C + 2}, f"its latents have {td.C + 2} channels but --model takes {td.C}"),
+])
+def test_a_dataset_from_another_model_is_refused_before_anything_is_written(tmp_path, i2v_model, capsys, what,
+                                                                             kwargs, expect):
+    ds = td.write_preferences(tmp_path, "other", **kwargs)
+    out = tmp_path / "o"
+    assert main(dpo(i2v_model, ds.path, out)) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "dataset.json" in err and "--model" in err, err
+    assert not any(out.rglob("*.safetensors"))
+
+
+def test_an_output_folder_another_run_writes_is_refused(tmp_path, i2v_model, capsys):
+    from filelock import FileLock
+
+    ds = td.write_preferences(tmp_path, "busy")
+    out = tmp_path / "o"
+    out.mkdir()
+    other = FileLock(str(out / OUT_LOCK))
+    other.acquire()
+    try:
+        assert main(dpo(i2v_model, ds.path, out)) == 2
+    finally:
+        other.release()
+    err = capsys.readouterr().err
+    assert f"another training run is writing to --out {out}" in err
+    assert sorted(p.name for p in out.iterdir()) == [OUT_LOCK]  # nothing written
+    assert main(dpo(i2v_model, ds.path, out)) == 0  # once the other run is done
+
+
+def test_latent_norm_needs_statistics_for_other_channel_counts(tmp_path, i2v_model, capsys):
+    ds = td.write_preferences(tmp_path, "norm")
+    assert main(dpo(i2v_model, ds.path, tmp_path / "o")[:-2] + ["--latent-norm", "auto"]) == 2
+    assert "latents have 4 channels" in capsys.readouterr().err
+    cfg = tmp_path / "vae.json"
+    cfg.write_text('{"latents_mean": [0, 0, 0, 0], "latents_std": [2, 2, 2, 2]}')
+    assert main(dpo(i2v_model, ds.path, tmp_path / "o")[:-2] + ["--latent-norm", str(cfg)]) == 0
+
+
+def test_gradient_accumulation_follows_the_global_batch(tmp_path, i2v_model, capsys):
+    """1 process x batch 2 x --grad-accum 2 trains the same head as 1 process x batch 4 (same global batch)."""
+    ds = td.write_preferences(tmp_path, "accum")
+    outs = {}
+    for name, extra in (("big", ["--batch-size", "4"]), ("accum", ["--batch-size", "2", "--grad-accum", "2"])):
+        outs[name] = tmp_path / name
+        assert main(dpo(i2v_model, ds.path, outs[name], "--lr", "3e-3", "--steps", "3", *extra)) == 0
+    assert "batch 2 x accumulation 2 = global batch 4" in capsys.readouterr().out
+    td.assert_same_head(outs["big"], outs["accum"])  # the tolerance of 2 processes vs 1

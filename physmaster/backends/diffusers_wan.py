@@ -60,10 +60,13 @@ def make_tiny_wan(seed: int = 0, **kwargs) -> nn.Module:
 def load_wan_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                          device: str | torch.device = "cpu") -> nn.Module:
     """Load a WanTransformer3DModel from a local folder (config.json + *.safetensors, as `save_pretrained`
-    writes it, or a Wan-Diffusers repo's `transformer/` subfolder, or the repo root)."""
+    writes it, or a Wan-Diffusers repo's `transformer/` subfolder, or the repo root), or from one `.safetensors`
+    file in the original Wan layout, as ComfyUI's models/diffusion_models holds it (`load_wan_single_file`)."""
     from diffusers import WanTransformer3DModel
 
     path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return load_wan_single_file(path, dtype, device)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
         path = path / "transformer"
     if not (path / "config.json").is_file():
@@ -85,6 +88,110 @@ def load_wan_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load the Wan transformer from {path}: {e}") from None
     return model.to(device)
+
+
+#: original Wan (and ComfyUI) module names -> diffusers' WanTransformer3DModel names, for the modules a LoRA may
+#: target (the same renames as diffusers' `convert_wan_transformer_to_diffusers`; checked against it in the tests)
+_ORIGINAL_TO_DIFFUSERS = (
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("head.head", "proj_out"),
+)
+_BLOCK_TO_DIFFUSERS = (
+    ("self_attn.q", "attn1.to_q"), ("self_attn.k", "attn1.to_k"), ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"), ("cross_attn.q", "attn2.to_q"), ("cross_attn.k", "attn2.to_k"),
+    ("cross_attn.v", "attn2.to_v"), ("cross_attn.o", "attn2.to_out.0"), ("cross_attn.k_img", "attn2.add_k_proj"),
+    ("cross_attn.v_img", "attn2.add_v_proj"), ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"),
+)
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def original_module_name(name: str) -> str | None:
+    """The original Wan / ComfyUI name of a diffusers WanTransformer3DModel Linear module ('blocks.0.attn1.to_q'
+    -> 'blocks.0.self_attn.q'); None for a module that has no counterpart there."""
+    m = _BLOCK.fullmatch(name)
+    if m:
+        return next((f"blocks.{m.group(1)}.{o}" for o, d in _BLOCK_TO_DIFFUSERS if d == m.group(2)), None)
+    return next((o for o, d in _ORIGINAL_TO_DIFFUSERS if d == name), None)
+
+
+def diffusers_module_name(name: str) -> str | None:
+    """The inverse of `original_module_name`."""
+    m = _BLOCK.fullmatch(name)
+    if m:
+        return next((f"blocks.{m.group(1)}.{d}" for o, d in _BLOCK_TO_DIFFUSERS if o == m.group(2)), None)
+    return next((d for o, d in _ORIGINAL_TO_DIFFUSERS if o == name), None)
+
+
+def wan_config_from_original(shapes: dict[str, Sequence[int]], where: str = "the checkpoint") -> dict:
+    """A WanTransformer3DModel config read from the tensor shapes of an original-layout Wan checkpoint (keys
+    without a 'model.diffusion_model.' prefix). The head count is not in the weights: like ComfyUI, dim // 128
+    (every released Wan model has 128-wide heads)."""
+    need = ("patch_embedding.weight", "head.head.weight", "blocks.0.ffn.0.weight", "time_embedding.0.weight",
+            "text_embedding.0.weight")
+    missing = [k for k in need if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{where} is not a Wan 2.1/2.2 diffusion model in the original (ComfyUI) layout: no "
+                              f"{', '.join(missing[:3])}. Pass a diffusers transformer folder or a Wan file from "
+                              "ComfyUI's models/diffusion_models.")
+    pe = list(shapes["patch_embedding.weight"])
+    dim, in_channels, patch = int(pe[0]), int(pe[1]), tuple(int(p) for p in pe[2:])
+    n_patch = 1
+    for p in patch:
+        n_patch *= p
+    if dim % 128:
+        raise CheckpointError(f"{where} is {dim} wide, not a multiple of Wan's 128-wide attention heads")
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK.fullmatch(k)))
+    image_dim = int(shapes["img_emb.proj.1.weight"][1]) if "img_emb.proj.1.weight" in shapes else None
+    pos = shapes.get("img_emb.emb_pos")
+    return dict(patch_size=patch, num_attention_heads=dim // 128, attention_head_dim=128, in_channels=in_channels,
+                out_channels=int(shapes["head.head.weight"][0]) // n_patch,
+                text_dim=int(shapes["text_embedding.0.weight"][1]), freq_dim=int(shapes["time_embedding.0.weight"][1]),
+                ffn_dim=int(shapes["blocks.0.ffn.0.weight"][0]), num_layers=layers,
+                cross_attn_norm="blocks.0.norm3.weight" in shapes,
+                qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
+                eps=1e-6, image_dim=image_dim, added_kv_proj_dim=dim if image_dim else None,
+                pos_embed_seq_len=int(pos[1]) if pos is not None else None)
+
+
+def load_wan_single_file(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                         device: str | torch.device = "cpu") -> nn.Module:
+    """A WanTransformer3DModel from one original-layout Wan `.safetensors` (the file ComfyUI's UNETLoader loads
+    from models/diffusion_models): the config from the weight shapes, the weights renamed by diffusers'
+    `convert_wan_transformer_to_diffusers` and loaded strictly (every weight used, none missing)."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            prefix = next((p for p in ("model.diffusion_model.", "diffusion_model.")
+                           if any(k.startswith(p) for k in f.keys())), "")
+            shapes = {k[len(prefix):]: f.get_slice(k).get_shape() for k in f.keys() if k.startswith(prefix)}
+            config = wan_config_from_original(shapes, str(path))
+            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from None
+    if any(k.endswith(("scale_weight", "scale_input")) for k in state):
+        raise CheckpointError(f"{path} is an fp8-scaled checkpoint; train on the bf16/fp16/fp32 file of the model")
+    state = convert_wan_transformer_to_diffusers(state)
+    with init_empty_weights():
+        model = WanTransformer3DModel(**config)
+    try:
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match a Wan transformer of the shape its weights imply ({e}). "
+                              "Only Wan 2.1/2.2 T2V/I2V models are supported by this backend.") from None
+    return model.to(device=device, dtype=dtype)
 
 
 def make_i2v_condition(first_frame_latent: torch.Tensor, num_frames: int, mask_channels: int = 4) -> torch.Tensor:
@@ -269,14 +376,31 @@ class WanDenoiser(Denoiser):
                 p.copy_(state[n])
 
     def save_lora(self, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-        """Write the LoRA as diffusers-format safetensors (`transformer.<module>.lora_A.weight`, ...), atomically."""
+        """Write the LoRA, atomically, in the original Wan key layout that ComfyUI's LoraLoaderModelOnly reads
+        (`diffusion_model.blocks.0.self_attn.q.lora_A.weight`, `...lora_B.weight`, `....alpha`) and diffusers'
+        Wan pipelines convert on `load_lora_weights`; `physmaster.lora` metadata (rank, alpha, targets) lets
+        `load_lora` rebuild the adapter."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         if not self.has_lora:
             raise PhysMasterError("this transformer has no PhysMaster LoRA to save")
         sd = get_peft_model_state_dict(self.model, adapter_name=ADAPTER)
-        tensors = {f"transformer.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
+        alpha = float((self.lora_config or {}).get("alpha") or self.model.peft_config[ADAPTER].lora_alpha)
+        tensors: dict[str, torch.Tensor] = {}
+        unmapped = []
+        for k, v in sd.items():
+            module, _, leaf = k.partition(".lora_")
+            original = original_module_name(module)
+            if original is None:
+                unmapped.append(module)
+                continue
+            tensors[f"diffusion_model.{original}.lora_{leaf}"] = v.detach().to("cpu").contiguous()
+            tensors[f"diffusion_model.{original}.alpha"] = torch.tensor(alpha)
+        if unmapped:
+            raise PhysMasterError(f"the LoRA targets {sorted(set(unmapped))[:4]}, which have no counterpart in "
+                                  "ComfyUI's Wan model; target attention/feed-forward modules (e.g. "
+                                  "to_q,to_k,to_v,to_out.0)")
         meta = {"format": "pt", "physmaster.lora": json.dumps(self.lora_config or {}, sort_keys=True)}
         for k, v in (metadata or {}).items():
             meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
@@ -286,7 +410,8 @@ class WanDenoiser(Denoiser):
         return path
 
     def load_lora(self, path: str | os.PathLike) -> None:
-        """Load a LoRA written by `save_lora` (adds the adapter if the model has none yet)."""
+        """Load a LoRA written by `save_lora` (or by an earlier version, in diffusers' `transformer.` layout); adds
+        the adapter if the model has none yet."""
         from peft.utils import set_peft_model_state_dict
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -303,5 +428,19 @@ class WanDenoiser(Denoiser):
             if not info:
                 raise CheckpointError(f"{path.name} was not written by PhysMaster (no physmaster.lora metadata)")
             self.add_lora(info["rank"], info["alpha"], info["targets"])
-        sd = {k[len("transformer."):] if k.startswith("transformer.") else k: v for k, v in tensors.items()}
-        set_peft_model_state_dict(self.model, sd, adapter_name=ADAPTER)
+        sd = {}
+        for k, v in tensors.items():
+            if k.startswith("diffusion_model."):
+                if k.endswith(".alpha"):
+                    continue
+                module, _, leaf = k[len("diffusion_model."):].partition(".lora_")
+                name = diffusers_module_name(module)
+                if name is None:
+                    raise CheckpointError(f"{path.name} holds a LoRA for {module}, which this backend cannot map")
+                sd[f"{name}.lora_{leaf}"] = v
+            else:
+                sd[k[len("transformer."):] if k.startswith("transformer.") else k] = v
+        result = set_peft_model_state_dict(self.model, sd, adapter_name=ADAPTER)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise CheckpointError(f"{path.name} does not fit this model's LoRA (unexpected {unexpected[:3]})")

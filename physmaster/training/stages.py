@@ -16,10 +16,18 @@ and when a non-finite loss stops the run) are one safetensors file (trainable we
 the reference head) with JSON metadata, written atomically; an interrupted run loses at most
 `checkpoint_every` steps. A non-finite loss or gradient stops the run before the optimizer step, so the
 weights stay the last good ones.
+
+Data parallel (`accelerator=`, Hugging Face accelerate: DDP over N processes): step k's *global* batch of
+B = batch_size × processes × grad_accum items, its t and its ε are drawn exactly as one process drawing B would
+draw them; process r's micro-batch m is the slice [(m·N + r)·b, (m·N + r + 1)·b) (disjoint shards), DDP averages
+the gradients, so N processes × batch b follow the trajectory of 1 process × batch N·b (to float rounding). The
+fingerprint holds B, not the per-process batch: a run may resume with another process count of the same B. Only
+the main process writes checkpoints; a non-finite loss on any process stops every process at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -72,6 +80,7 @@ class TrainConfig:
     token_dropout: float = 0.0  # Stage I: fraction of samples whose physical tokens are zeroed (seeded per step)
     checkpoint_every: int = 0  # 0 = only at the end
     gradient_checkpointing: bool = False
+    grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size per process)
 
     TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
                          "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout")
@@ -94,6 +103,8 @@ class TrainConfig:
             problems.append(f"token_dropout must be in [0, 1), got {self.token_dropout}")
         if int(self.checkpoint_every) < 0:
             problems.append(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if int(self.grad_accum) < 1:
+            problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
         if problems:
             raise TrainingError("invalid training config: " + "; ".join(problems))
 
@@ -157,7 +168,7 @@ class StageTrainer:
 
     def __init__(self, stage: str, denoiser: Denoiser, encoder: PhysEncoder | None,
                  data: VideoSet | PreferenceSet, config: TrainConfig,
-                 checkpoint_dir: str | os.PathLike | None = None, resume: bool = True):
+                 checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, accelerator=None):
         if stage not in STAGES:
             raise TrainingError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
         self.stage = stage
@@ -168,6 +179,10 @@ class StageTrainer:
         self.step = 0
         self.history: list[dict] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.accelerator = accelerator
+        self.rank = int(accelerator.process_index) if accelerator is not None else 0
+        self.world = int(accelerator.num_processes) if accelerator is not None else 1
+        self.global_batch = int(config.batch_size) * self.world * int(config.grad_accum)
         self._loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # tests: corrupt a loss
         if stage == "sft":
             if not isinstance(data, VideoSet):
@@ -215,11 +230,18 @@ class StageTrainer:
         self.fingerprint = self._fingerprint()
         if self.checkpoint_dir is not None and resume:
             self.load_checkpoint()
+        # one nn.Module whose forward is a micro-batch's loss: what DDP wraps (it averages these parameters'
+        # gradients across processes); without an accelerator it is called as it is
+        self.step_module: nn.Module = _StepLoss(self)
+        if accelerator is not None:
+            self.step_module, self.optimizer = accelerator.prepare(self.step_module, self.optimizer)
 
     # -- identity of a run ------------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
-        info = {"stage": self.stage, "config": self.config.trajectory(), "data_len": len(self.data),
+        trajectory = self.config.trajectory()
+        trajectory["batch_size"] = self.global_batch  # = batch_size on one process without accumulation
+        info = {"stage": self.stage, "config": trajectory, "data_len": len(self.data),
                 "latent_shape": list(self.data.latent_shape),
                 "params": [(n, list(p.shape)) for n, p in self.named_params]}
         h.update(json.dumps(info, sort_keys=True).encode())
@@ -241,20 +263,29 @@ class StageTrainer:
         w = int(self.config.warmup_steps)
         return self.config.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
 
-    def compute_loss(self, step: int) -> tuple[torch.Tensor, dict]:
+    def shard(self, micro: int = 0) -> slice:
+        """This process's part of a step's global batch for micro-batch `micro`."""
+        b = int(self.config.batch_size)
+        start = (int(micro) * self.world + self.rank) * b
+        return slice(start, start + b)
+
+    def compute_loss(self, step: int, micro: int = 0) -> tuple[torch.Tensor, dict]:
+        """The loss of this process's micro-batch `micro` of step `step` (the whole batch on one process)."""
         cfg = self.config
         dev = self.denoiser.device
         gen = step_generator(cfg.seed, step)
-        idx = batch_indices(len(self.data), cfg.batch_size, cfg.seed, step)
+        big = self.global_batch
+        part = self.shard(micro)
+        idx = batch_indices(len(self.data), big, cfg.seed, step)[part]
         head = self.encoder.head if self.encoder is not None else None
         if self.stage == "sft":
             x0, cond = self.data.batch(idx)
-            t = sample_t(cfg, x0.shape[0], gen)
-            noise = torch.randn(x0.shape, generator=gen)
+            t = sample_t(cfg, big, gen)[part]
+            noise = torch.randn((big, *x0.shape[1:]), generator=gen)[part]
             x0, noise, t, cond = x0.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
             tokens = self._tokens(head, cond)
             if tokens is not None and cfg.token_dropout > 0:  # condition dropout: zero some samples' tokens
-                keep = (torch.rand(x0.shape[0], generator=gen) >= cfg.token_dropout).to(tokens)
+                keep = (torch.rand(big, generator=gen)[part] >= cfg.token_dropout).to(tokens)
                 tokens = tokens * keep.view(-1, 1, 1)
             c = cond.with_tokens(tokens, cfg.token_strength)
             x_t = self.denoiser.add_noise(x0, noise, t)
@@ -264,8 +295,8 @@ class StageTrainer:
 
         xw, xl, cond = self.data.batch(idx)
         b = xw.shape[0]
-        t = sample_t(cfg, b, gen)
-        noise = torch.randn(xw.shape, generator=gen)  # the same noise and t for winner and loser
+        t = sample_t(cfg, big, gen)[part]
+        noise = torch.randn((big, *xw.shape[1:]), generator=gen)[part]  # the same noise and t for winner and loser
         xw, xl, noise, t, cond = xw.to(dev), xl.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
         x0 = torch.cat([xw, xl])
         eps = torch.cat([noise, noise])
@@ -302,16 +333,17 @@ class StageTrainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = self._lr(step)
             self.optimizer.zero_grad(set_to_none=True)
-            loss, logs = self.compute_loss(step)
-            if self._loss_hook is not None:
-                loss = self._loss_hook(step, loss)
-            if not torch.isfinite(loss.detach()):
-                stopped = (f"stopped at step {step + 1}: the loss is not finite ({float(loss.detach())}); the "
+            loss, logs = self._accumulate(step)
+            if not torch.isfinite(loss):
+                stopped = (f"stopped at step {step + 1}: the loss is not finite ({float(loss)}); the "
                            f"weights are those after step {step}. Lower the learning rate or check the data.")
+                self.optimizer.zero_grad(set_to_none=True)
                 break
-            loss.backward()
             if cfg.grad_clip and cfg.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                if self.accelerator is not None:
+                    gnorm = self.accelerator.clip_grad_norm_(self.params, cfg.grad_clip)
+                else:
+                    gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             else:
                 gnorm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
             if not torch.isfinite(gnorm):
@@ -324,18 +356,55 @@ class StageTrainer:
             logs = {"step": self.step, **logs, "grad_norm": float(gnorm), "lr": self._lr(step)}
             self.history.append(logs)
             if every and self.step % every == 0 and self.checkpoint_dir is not None:
-                self.save_checkpoint()
+                if self.is_main:
+                    self.save_checkpoint()
                 saved_at = self.step
             if callback is not None:
                 callback(self.step, total, logs)
         self.optimizer.zero_grad(set_to_none=True)
         ckpt = None
         if self.checkpoint_dir is not None and (saved_at != self.step or not self.checkpoint_path.exists()):
-            ckpt = self.save_checkpoint()
+            ckpt = self.save_checkpoint() if self.is_main else self.checkpoint_path
         elif self.checkpoint_dir is not None:
             ckpt = self.checkpoint_path
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
         return TrainResult(self.stage, self.step, list(self.history), stopped, ckpt,
                            time.perf_counter() - start)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _accumulate(self, step: int) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of this process's micro-batches of `step`; returns the loss and logs averaged over
+        every micro-batch of every process (the global batch's), the same on all processes. A non-finite loss on
+        any process returns it before any backward, so no process waits on another's gradients."""
+        accum = int(self.config.grad_accum)
+        total, sums = torch.zeros(()), {}
+        for micro in range(accum):
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last or self.accelerator is None else \
+                self.accelerator.no_sync(self.step_module)
+            with sync:
+                loss, logs = self.step_module(step, micro)
+                if self._loss_hook is not None:
+                    loss = self._loss_hook(step, loss)
+                values = torch.tensor([float(loss.detach())] + [float(v) for v in logs.values()])
+                if self.accelerator is not None and self.world > 1:
+                    values = self.accelerator.reduce(values.to(self.accelerator.device), "mean").cpu()
+                if not torch.isfinite(values[0]):
+                    return values[0], {}
+                total = total + values[0] / accum
+                for k, v in zip(logs, values[1:].tolist()):
+                    sums[k] = sums.get(k, 0.0) + v / accum
+                scaled = loss / accum if accum > 1 else loss
+                if self.accelerator is not None:
+                    self.accelerator.backward(scaled)
+                else:
+                    scaled.backward()
+        sums["loss"] = float(total)
+        return total, sums
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -418,6 +487,19 @@ class StageTrainer:
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
         return True
+
+
+class _StepLoss(nn.Module):
+    """A stage's trainable parameters as one module whose forward(step, micro) is that micro-batch's loss (so
+    that accelerate can wrap it in DDP). The parameters stay where they live (head, LoRA); this only lists them."""
+
+    def __init__(self, trainer: StageTrainer):
+        super().__init__()
+        self.trained = nn.ParameterList(trainer.params)
+        self._compute = trainer.compute_loss
+
+    def forward(self, step: int, micro: int = 0):
+        return self._compute(step, micro)
 
 
 # -- convenience entry points -----------------------------------------------------------------------------------

@@ -104,7 +104,9 @@ def host(comfyui_path, tiny_models):
 
     models = tm.model_folders(tiny_models)
     keep = bool(os.environ.get("PHYSMASTER_HOST_KEEP"))
-    h = harness.ComfyHost(comfyui_path, models=models, keep_root=keep)
+    # a loaded machine starts ComfyUI slowly: PHYSMASTER_HOST_STARTUP_TIMEOUT seconds (default 240)
+    timeout = float(os.environ.get("PHYSMASTER_HOST_STARTUP_TIMEOUT") or 240)
+    h = harness.ComfyHost(comfyui_path, models=models, keep_root=keep, startup_timeout=timeout)
     h.start()
     try:
         yield h

@@ -374,3 +374,89 @@ def test_shipped_marking_and_training_workflows_run(host, tmp_path):
     saved = json.loads(outputs[by_type["PhysMasterEncoderSave"]]["text"][0])
     assert saved["stages"] == ["dpo-head"]
     assert outputs[by_type["LossGraphNode"]]["images"]
+
+
+def test_cli_trained_lora_and_encoder_load_in_comfyui(host, marked_dataset, tmp_path):
+    """Issue 12: the pairs marked in the graph train outside it (`accelerate launch -m physmaster train-dpo`, 2
+    processes, on the very Wan file UNETLoader loads), and what the CLI writes comes back: core LoraLoaderModelOnly
+    loads the LoRA with no 'lora key not loaded' and the sample changes; PhysMasterEncoderLoader loads the encoder
+    with its provenance, and its tokens condition a sample."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from physmaster.encoder import load_encoder
+
+    root = Path(__file__).resolve().parents[2]
+    dataset = host.output_dir / "physmaster" / "preferences" / marked_dataset
+    out = tmp_path / "cli"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "physmaster", "train-dpo", "--model", str(tm.model_path("wan21_i2v")), "--pairs", str(dataset),
+           "--out", str(out), "--stage", "lora", "--steps", "3", "--batch-size", "1", "--lora-rank", "4",
+           "--lr", "2e-3", "--tokens", str(TOKENS), "--head-width", "64", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert "6 pairs from train_pairs; 2 processes x batch 1" in proc.stdout
+
+    lora = tmp_path / "physmaster_cli_dpo_lora.safetensors"
+    shutil.copyfile(out / "lora.safetensors", lora)
+    lora_name = host.add_model_file("loras", lora).name
+    build, _ = FAMILIES["wan21_i2v"]
+    base, _ = _run_and_load(host, build("train/cli_base"))
+    with_lora = build("train/cli_lora")
+    with_lora["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["unet", 0], "lora_name": lora_name, "strength_model": 1.0}}
+    with_lora["sampler"]["inputs"]["model"] = ["lora", 0]
+    log_start = len(host.log())
+    latent, _ = _run_and_load(host, with_lora)
+    assert "lora key not loaded" not in host.log()[log_start:]
+    assert latent.shape == base.shape and not torch.equal(latent, base)
+
+    enc_file = tmp_path / "physmaster_cli_encoder.safetensors"
+    shutil.copyfile(out / "encoder.safetensors", enc_file)
+    enc_name = host.add_model_file("physmaster", enc_file).name
+    p = {"enc": {"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": enc_name}},
+         "save": {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["enc", 0],
+                                                                    "filename_prefix": "hosttest/cli_copy"}}}
+    saved = json.loads(host.run(p, timeout=300)["outputs"]["save"]["text"][0])
+    assert saved["stages"] == ["dpo-lora"]
+    stage = load_encoder(host.base_dir / "models" / "physmaster" / saved["saved"]).provenance["stages"][-1]
+    assert (stage["stage"], stage["dataset"], stage["dataset_size"], stage["processes"], stage["global_batch"],
+            stage["steps"]) == ("dpo-lora", marked_dataset, 6, 2, 2, 3)
+    # the loaded encoder's tokens condition a sample in the graph
+    with_tokens = with_physmaster(build("train/cli_tokens"), 1.0)
+    with_tokens["enc"] = {"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": enc_name}}
+    tokens_latent, _ = _run_and_load(host, with_tokens)
+    assert tokens_latent.shape == base.shape and not torch.equal(tokens_latent, base)
+
+
+def test_videos_saved_in_the_graph_train_with_the_sft_cli(host, tmp_path):
+    """Issue 12: PhysMasterSaveTrainingVideos exports latents + their conditioning as a video set that
+    `python -m physmaster train-sft` reads (through physmaster.videoset, conditioning via comfy_inputs)."""
+    from physmaster.cli import main
+    from physmaster.encoder import load_encoder
+
+    build, _ = FAMILIES["wan21_i2v"]
+    p = with_physmaster(build("train/videos_src"), 1.0)
+    p["i2v"]["inputs"]["batch_size"] = 2
+    p["save_videos"] = {"class_type": "PhysMasterSaveTrainingVideos", "inputs": {
+        "latents": ["sampler", 0], "positive": ["apply", 0], "dataset_name": "cli_videos"}}
+    entry = host.run(p, timeout=600)
+    report = json.loads(entry["outputs"]["save_videos"]["text"][0])
+    assert report["saved_videos"] == 2 and report["files"] == 1 and report["videos_in_set"] >= 2
+    folder = host.output_dir / "physmaster" / "videos" / "cli_videos"
+    out = tmp_path / "sft"
+    assert main(["train-sft", "--model", str(tm.model_path("wan21_i2v")), "--videos", str(folder), "--out", str(out),
+                 "--steps", "2", "--tokens", str(TOKENS), "--head-width", "64", "--lora-rank", "2",
+                 "--device", "cpu"]) == 0
+    stage = load_encoder(out / "encoder.safetensors").provenance["stages"][0]
+    assert stage["stage"] == "sft" and stage["dataset"] == "cli_videos" and stage["dataset_size"] >= 2
+    assert stage["processes"] == 1 and (out / "lora.safetensors").is_file()
