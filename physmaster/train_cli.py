@@ -389,12 +389,24 @@ def run(args: argparse.Namespace) -> int:
         if main:
             print(text, file=sys.stderr if text.startswith("warning") else sys.stdout, flush=True)
 
-    check_same_arguments(accelerator, args)
-    lock = OutputLock(accelerator, out)
     try:
-        return _train(args, accelerator, stage, sft, out, dtype, report, world, main)
+        check_same_arguments(accelerator, args)
+        lock = OutputLock(accelerator, out)
+        try:
+            return _train(args, accelerator, stage, sft, out, dtype, report, world, main)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Leave the process group before exiting, on success and on error: a process that exits with the gloo
+    group still open can take a peer down with SIGABRT instead of the peer's own clear error (exit code 2)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(args, accelerator, stage, sft, out, dtype, report, world, main) -> int:
