@@ -11,7 +11,7 @@ from .encoder_nodes import (
     PhysMasterEncoderSave,
 )
 from .physics_nodes import PhysMasterDropScene, PhysMasterPhysicsScore
-from .preference_nodes import PhysMasterPreferenceDataset, PhysMasterPreferencePicker
+from .preference_nodes import PhysMasterPreferenceDataset, PhysMasterPreferencePicker, PhysMasterPreferenceReview
 from .training_nodes import PhysMasterTrainDPO, PhysMasterTrainSFT
 
 NODES: list[type[io.ComfyNode]] = [
@@ -26,6 +26,7 @@ NODES: list[type[io.ComfyNode]] = [
     PhysMasterPreferenceDataset,
     PhysMasterTrainSFT,
     PhysMasterTrainDPO,
+    PhysMasterPreferenceReview,
 ]
 
 

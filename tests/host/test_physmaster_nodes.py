@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 OUR_NODES = ["PhysMasterEncoderLoader", "PhysMasterEncoderNew", "PhysMasterEncoderSave", "PhysMasterEncode",
              "PhysMasterApply", "PhysMasterDropScene", "PhysMasterPhysicsScore", "PhysMasterPreferencePicker",
-             "PhysMasterPreferenceDataset", "PhysMasterTrainSFT", "PhysMasterTrainDPO"]
+             "PhysMasterPreferenceDataset", "PhysMasterTrainSFT", "PhysMasterTrainDPO", "PhysMasterPreferenceReview"]
 TOKENS = 8
 
 
