@@ -104,7 +104,8 @@ def host(comfyui_path, tiny_models):
 
     models = tm.model_folders(tiny_models)
     keep = bool(os.environ.get("PHYSMASTER_HOST_KEEP"))
-    h = harness.ComfyHost(comfyui_path, models=models, keep_root=keep)
+    startup = float(os.environ.get("PHYSMASTER_HOST_STARTUP_TIMEOUT", "240"))  # a busy machine starts slowly
+    h = harness.ComfyHost(comfyui_path, models=models, keep_root=keep, startup_timeout=startup)
     h.start()
     try:
         yield h

@@ -20,7 +20,7 @@ function ensureWidget(node) {
   let state = node.__physmasterPicker;
   if (state) return state;
   const root = el("div", { className: "physmaster-picker", tabIndex: 0,
-    style: "display:flex;flex-direction:column;gap:4px;padding:4px;outline:none;overflow:auto;" +
+    style: "display:flex;flex-direction:column;gap:4px;padding:4px;outline:none;overflow-x:hidden;overflow-y:auto;" +
       "font-size:12px;color:var(--input-text, #ddd);" });
   const status = el("div", { className: "physmaster-picker-status", style: "min-height:1.2em;" });
   const ranking = el("div", { className: "physmaster-picker-ranking", style: "min-height:1.2em;opacity:0.9;" });
@@ -28,7 +28,7 @@ function ensureWidget(node) {
     style: "display:flex;flex-wrap:wrap;gap:4px;align-items:center;" });
   const focus = el("div", { className: "physmaster-picker-focus", style: "display:none;gap:4px;" });
   const grid = el("div", { className: "physmaster-picker-grid",
-    style: "display:grid;grid-template-columns:repeat(auto-fill,minmax(120px,1fr));gap:6px;" });
+    style: "display:grid;grid-template-columns:repeat(auto-fill,minmax(120px,1fr));gap:6px;min-width:0;" });
   const help = el("div", { className: "physmaster-picker-help", style: "opacity:0.6;font-size:10px;", textContent: HELP });
   root.append(status, ranking, controls, focus, grid, help);
   const widget = node.addDOMWidget(WIDGET, "physmaster-picker", root, {
@@ -264,7 +264,7 @@ function renderFocus(state) {
   state.player.removeViews((v) => v.enlarged);
   state.focus.replaceChildren();
   state.focus.style.display = state.focused.length && req ? "grid" : "none";
-  state.focus.style.gridTemplateColumns = `repeat(${Math.max(1, state.focused.length)}, 1fr)`;
+  state.focus.style.gridTemplateColumns = `repeat(${Math.max(1, state.focused.length)}, minmax(0, 1fr))`;
   state.root.dataset.focused = state.focused.join(",");
   if (req) {
     for (const i of state.focused) {

@@ -56,9 +56,12 @@ async function waitCandidates(previousRequest) {
 }
 // the focus on the graph canvas, away from the widget: keys must work without clicking into the picker
 async function focusGraph() {
-  await page.evaluate(() => document.querySelector("#graph-canvas, canvas.graph-canvas, canvas")?.focus());
-  await page.mouse.click(30, 1080);
-  return page.evaluate(() => !!document.activeElement?.closest?.(".physmaster-picker"));
+  return page.evaluate(() => {
+    document.activeElement?.blur?.();
+    const canvas = document.getElementById("graph-canvas");
+    if (canvas) { canvas.tabIndex = canvas.tabIndex ?? 0; canvas.focus(); }
+    return !!document.activeElement?.closest?.(".physmaster-picker");
+  });
 }
 const allEqual = (xs) => xs.length > 0 && xs.every((x) => x === xs[0]);
 
@@ -101,9 +104,10 @@ try {
   for (let k = 0; k < 4; k++) { slow.push(await gridFrames()); await sleep(200); }
   out.syncSlow = slow.every(allEqual);
 
-  // enlarge one (Alt+2), then a second by a click: side by side, on the same clock; the judge's tracks (T)
-  await page.keyboard.press("Alt+Digit2");
-  await page.locator(".physmaster-picker-grid canvas").nth(3).click();
+  // enlarge one by a click, then a second by a key (Alt+4): side by side, on the same clock; the judge's tracks (T)
+  await page.locator(".physmaster-picker-grid canvas").nth(1).click();  // a click enlarges 2
+  await page.keyboard.press("Alt+Digit4");  // and a key shows 4 beside it
+  await focusGraph();
   await page.keyboard.press("Space");  // pause for a still screenshot
   out.focused = await page.evaluate(() => document.querySelector(".physmaster-picker").dataset.focused);
   const enlarged = await page.evaluate(() =>
@@ -133,7 +137,12 @@ try {
   out.undoneRequest = requestId;
 
   // --- 2. a ranking of 4 with a tie, by keys, back to back ------------------------------------------------------
-  await page.evaluate(async () => { await window.app.queuePrompt(0, 1); });
+  // a new seed, as the shipped workflow's "randomize" gives each run (the same inputs would be cached whole)
+  await page.evaluate(async () => {
+    const ks = window.app.graph._nodes.find((n) => n.type === "KSampler");
+    ks.widgets.find((w) => w.name === "seed").value = 12;
+    await window.app.queuePrompt(0, 1);
+  });
   requestId = await waitCandidates(requestId);
   out.focusInWidget2 = await focusGraph();
   const keys = ["Digit3", "Digit1", "Equal", "Digit4"];
