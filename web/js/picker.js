@@ -44,7 +44,8 @@ function ensureWidget(node) {
 }
 
 function button(text, cls, onclick, title = "") {
-  return el("button", { textContent: text, className: cls, title, onclick: (e) => { e.stopPropagation(); onclick(); } });
+  return el("button", { textContent: text, className: cls, title, style: "padding:0 4px;font-size:inherit;",
+    onclick: (e) => { e.stopPropagation(); onclick(); } });
 }
 
 function buildControls(state) {
@@ -320,7 +321,8 @@ function buildGrid(state) {
     view.canvas.title = "click: enlarge (two side by side)";
     view.canvas.addEventListener("click", () => toggleFocus(state, i));
     const label = el("div", {});
-    const buttons = el("div", { style: "display:flex;gap:2px;justify-content:center;" },
+    const buttons = el("div", { className: "physmaster-picker-buttons",
+      style: "display:flex;flex-wrap:wrap;gap:2px;justify-content:center;font-size:10px;" },
       button("best", "physmaster-picker-best", () => markButton(state, i, "best"), `key ${i + 1}`),
       button("rank", "physmaster-picker-rank", () => place(state, i, "top"), `next place: key ${i + 1}`),
       button("=", "physmaster-picker-tie", () => { state.tieNext = true; place(state, i, "top"); },
