@@ -366,6 +366,7 @@ async function submit(state, choice) {
   state.status.textContent = "Sending...";
   state.request = null;  // one answer per request: later keys do nothing until the next one (except undo)
   state.answered = req;
+  state.root.dataset.answer = JSON.stringify(choice);  // what is sent (the status says what became of it)
   try {
     const res = await api.fetchApi("/physmaster/pick", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ request_id: req.request_id, choice }) });
@@ -377,7 +378,6 @@ async function submit(state, choice) {
       } else state.status.textContent = `Not accepted: ${body.error ?? res.status}`;
       return;
     }
-    state.root.dataset.answer = JSON.stringify(choice);
     // the node says what became of the answer (saved, or not saved and why) in physmaster.pick_done, which
     // may arrive before this response: then its message stays
     if (!state.done || state.done !== req.request_id) state.status.textContent = choice.skip ? "Skipped." : "Sent. Saving...";
