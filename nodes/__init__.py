@@ -12,7 +12,7 @@ from .encoder_nodes import (
     PhysMasterEncoderSave,
 )
 from .physics_nodes import PhysMasterDropScene, PhysMasterPhysicsScore
-from .preference_nodes import PhysMasterPreferenceDataset, PhysMasterPreferencePicker
+from .preference_nodes import PhysMasterPreferenceDataset, PhysMasterPreferencePicker, PhysMasterPreferenceReview
 from .training_nodes import PhysMasterTrainDPO, PhysMasterTrainSFT
 
 NODES: list[type[io.ComfyNode]] = [
@@ -28,6 +28,7 @@ NODES: list[type[io.ComfyNode]] = [
     PhysMasterTrainSFT,
     PhysMasterTrainDPO,
     PhysMasterSaveTrainingVideos,
+    PhysMasterPreferenceReview,
 ]
 
 

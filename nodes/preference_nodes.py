@@ -6,11 +6,11 @@ import json
 import logging
 import os
 import secrets
+import threading
 
 import numpy as np
 import torch
 from comfy_api.latest import io
-from PIL import Image
 
 import comfy.model_management
 import folder_paths
@@ -18,8 +18,10 @@ from server import PromptServer
 
 from ..physmaster.conditioning import RECORD_KEY, strip_tokens
 from ..physmaster.errors import PhysMasterError
-from ..physmaster.picker import choice_to_pairs
+from ..physmaster.picker import RANKING_PAIRS, choice_pairs
 from ..physmaster.preferences import DatasetError, PreferenceDataset, validate_name
+from ..physmaster.previews import judge_tracks, save_sheet
+from ..physmaster.review import review_listing
 from . import routes
 from .types import CATEGORY
 
@@ -78,19 +80,35 @@ def candidate_frames(latents: dict, images, vae, n: int) -> torch.Tensor:
 
 
 def save_previews(frames: torch.Tensor, fps: float, tag: str) -> list[dict]:
-    """One animated WEBP per candidate in ComfyUI's temp folder; returns /view descriptors."""
+    """One sprite sheet per candidate (physmaster.previews) in ComfyUI's temp folder, served by the host's /view;
+    returns the /view descriptors with each sheet's layout (frames, cols, rows, width, height) and the fps."""
     sub = "physmaster"
     folder = os.path.join(folder_paths.get_temp_directory(), sub)
     os.makedirs(folder, exist_ok=True)
     out = []
-    duration = int(round(1000 / max(fps, 1.0)))
     for i, video in enumerate(frames):
-        pics = [Image.fromarray(np.clip(f.numpy() * 255 + 0.5, 0, 255).astype(np.uint8)) for f in video]
         name = f"pick_{tag}_{i}.webp"
-        pics[0].save(os.path.join(folder, name), save_all=True, append_images=pics[1:], duration=duration,
-                     loop=0, lossless=True)
-        out.append({"filename": name, "subfolder": sub, "type": "temp"})
+        layout = save_sheet(video.numpy(), os.path.join(folder, name))
+        out.append({"filename": name, "subfolder": sub, "type": "temp", "fps": fps, **layout})
     return out
+
+
+def send_tracks(frames: torch.Tensor, fps: float, request_id: str, node_id: str) -> threading.Thread:
+    """Judge the candidates in the background while the person looks, and send the tracks for the overlay."""
+    server = PromptServer.instance
+
+    def work():
+        try:
+            tracks = judge_tracks(frames.numpy(), fps)
+        except Exception as e:  # the overlay is optional: say why it is missing, never fail the pick
+            log.warning("PhysMaster picker: no judge tracks for the overlay: %s", e)
+            tracks = None
+        server.send_sync("physmaster.pick_tracks", {"request_id": request_id, "node_id": node_id,
+                                                    "tracks": tracks}, server.client_id)
+
+    thread = threading.Thread(target=work, name="physmaster-pick-tracks", daemon=True)
+    thread.start()
+    return thread
 
 
 def judge_pairs(frames: torch.Tensor, fps: float, gt_masks) -> tuple[list[tuple[int, int, float]], list]:
@@ -109,9 +127,10 @@ class PhysMasterPreferencePicker(io.ComfyNode):
             node_id="PhysMasterPreferencePicker",
             display_name="PhysMaster Preference Picker",
             category=f"{CATEGORY}/training",
-            description="Shows the N candidate videos of one start image in the node and waits for you to mark the "
-                        "best and the worst (click, or keys 1..N; Shift+key = worst). The pair is written to a "
-                        "preference dataset for Flow-DPO. Unattended, the physics judge decides.",
+            description="Shows the N candidate videos of one start image in the node, playing in sync, and waits "
+                        "for you to mark the best and the worst (keys 1..N, Shift+key = worst) or to rank them all "
+                        "(keys in order, '=' ties, Enter ends). The pairs are written to a preference dataset for "
+                        "Flow-DPO; U undoes. Unattended, the physics judge decides.",
             is_output_node=True,
             not_idempotent=True,
             hidden=[io.Hidden.unique_id],
@@ -135,6 +154,10 @@ class PhysMasterPreferencePicker(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="Or a VAE to decode the latents here."),
                 io.Mask.Input("ground_truth_masks", optional=True,
                               tooltip="Optional ground-truth object masks for the judge (proxy task)."),
+                io.Combo.Input("ranking_pairs", options=list(RANKING_PAIRS), default=RANKING_PAIRS[0], optional=True,
+                               tooltip="The pairs a ranking writes: every ordered pair (what paper-style Flow-DPO "
+                                       "prefers: all that you said), or only the best against each other one. "
+                                       "Best/worst always writes one pair."),
             ],
             outputs=[
                 io.Latent.Output(display_name="winner_latent"),
@@ -146,10 +169,13 @@ class PhysMasterPreferencePicker(io.ComfyNode):
 
     @classmethod
     def execute(cls, latents, positive, dataset_name: str, mode: str, timeout_seconds: int, on_timeout: str,
-                fps: float, images=None, vae=None, ground_truth_masks=None) -> io.NodeOutput:
+                fps: float, images=None, vae=None, ground_truth_masks=None,
+                ranking_pairs: str = RANKING_PAIRS[0]) -> io.NodeOutput:
         validate_name(dataset_name)
         if mode not in MODES or on_timeout not in ON_TIMEOUT:
             raise PhysMasterError(f"mode must be one of {MODES} and on_timeout one of {ON_TIMEOUT}")
+        if ranking_pairs not in RANKING_PAIRS:
+            raise PhysMasterError(f"ranking_pairs must be one of {list(RANKING_PAIRS)}, got {ranking_pairs!r}")
         samples = latents["samples"]
         n = int(samples.shape[0])
         if n < 2:
@@ -174,7 +200,9 @@ class PhysMasterPreferencePicker(io.ComfyNode):
             previews = save_previews(frames, fps, request_id[:12])
             server.send_sync("physmaster.pick", {"request_id": request_id, "node_id": node_id,
                                                  "candidates": previews, "timeout": timeout_seconds,
-                                                 "on_timeout": on_timeout}, server.client_id)
+                                                 "on_timeout": on_timeout, "fps": fps,
+                                                 "ranking_pairs": ranking_pairs}, server.client_id)
+            send_tracks(frames, fps, request_id, node_id)
             try:
                 choice = routes.PENDING.wait(request_id, timeout_seconds,
                                              comfy.model_management.throw_exception_if_processing_interrupted)
@@ -186,8 +214,10 @@ class PhysMasterPreferencePicker(io.ComfyNode):
                 if on_timeout == "judge":
                     source = "judge"
             else:
-                pairs = [(w, l, 1.0) for w, l in choice_to_pairs(choice)]
+                pairs = choice_pairs(choice, ranking_pairs)  # margin: the rank gap (1 for best vs worst)
                 note = "skipped by the user" if choice.get("skip") else "marked by the user"
+                if "ranking" in choice and not pairs:
+                    note = "ranked all candidates equal: no pair"
         else:
             source = "judge"
         results = None
@@ -196,7 +226,7 @@ class PhysMasterPreferencePicker(io.ComfyNode):
             note = (note + "; " if note else "") + f"judge: {len(pairs)} pairs above the margin"
 
         if choice and "ranking" in choice:
-            winner = choice["ranking"][0]
+            winner = choice["ranking"][0] if isinstance(choice["ranking"][0], int) else choice["ranking"][0][0]
         elif choice and "best" in choice:
             winner = choice["best"]
         elif pairs:
@@ -205,10 +235,11 @@ class PhysMasterPreferencePicker(io.ComfyNode):
             winner = int(np.argmax([r.score for r in results]))
         else:
             winner = 0
+        group = None
         if pairs:
             try:  # the whole answer (the group and all its pairs) in one append, or nothing of it
-                dataset.add_group_with_pairs(samples, context, pairs, source, extras,
-                                             meta={**meta, "node": node_id, "fps": fps})
+                group, _ = dataset.add_group_with_pairs(samples, context, pairs, source, extras,
+                                                        meta={**meta, "node": node_id, "fps": fps})
             except DatasetError as e:  # e.g. a full disk: the message says nothing of the answer was saved
                 if choice is not None:
                     tell(request_id, f"NOT saved: {e}")
@@ -216,8 +247,11 @@ class PhysMasterPreferencePicker(io.ComfyNode):
                 raise PhysMasterError(f"{whose} ({len(pairs)} pair{'s' if len(pairs) != 1 else ''}) for preference "
                                       f"dataset {dataset_name!r} was not saved: {e}") from e
         if choice is not None:
+            if group is not None:
+                routes.PENDING.saved(request_id, _undo_answer(dataset, group, len(pairs)))
             tell(request_id, f"Saved {len(pairs)} pair{'s' if len(pairs) != 1 else ''} to {dataset_name}."
-                 if pairs else "answered: skipped, nothing saved")
+                 if pairs else "answered: all equal, nothing saved" if "ranking" in choice
+                 else "answered: skipped, nothing saved")
         stats = dataset.stats()
         report = json.dumps({"dataset": dataset_name, "candidates": n, "source": source, "pairs_written": len(pairs),
                              "winner": winner, "note": note, "dataset_stats": stats.summary()})
@@ -225,6 +259,16 @@ class PhysMasterPreferencePicker(io.ComfyNode):
         winner_latent = {"samples": samples[winner:winner + 1].clone()}
         return io.NodeOutput(winner_latent, frames[winner].clone(), stats.pairs, report,
                              ui={"text": [report]})
+
+
+def _undo_answer(dataset: PreferenceDataset, group: str, count: int):
+    """How the picker's "undo" takes a saved answer back: its group (made by this answer) is dropped with a
+    tombstone, so every reader leaves its pairs out; nothing is rewritten."""
+    def undo() -> str:
+        dataset.drop_group(group, "undone in the picker")
+        return (f"Undone: the {count} pair{'s' if count != 1 else ''} of this answer are dropped from "
+                f"{dataset.name} (queue again to mark anew).")
+    return undo
 
 
 class PhysMasterPreferenceDataset(io.ComfyNode):
@@ -270,3 +314,54 @@ class PhysMasterPreferenceDataset(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, dataset_name: str, sources: str):
         return secrets.token_hex(8)  # the dataset grows between runs: always re-read it
+
+
+class PhysMasterPreferenceReview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PhysMasterPreferenceReview",
+            display_name="PhysMaster Preference Review",
+            category=f"{CATEGORY}/training",
+            description="Shows a preference dataset's groups with their pairs and its stats (pairs by source, groups, "
+                        "candidates per group) in the node. Drop a wrong pair or a whole group with its button: a "
+                        "tombstone line is appended (nothing is rewritten), and training and the stats leave the "
+                        "dropped pairs out. Connect a VAE to see the candidates.",
+            is_output_node=True,
+            not_idempotent=True,
+            inputs=[
+                io.String.Input("dataset_name", default="my_preferences",
+                                tooltip="A dataset written by PhysMasterPreferencePicker."),
+                io.Int.Input("max_groups", default=20, min=1, max=1000,
+                             tooltip="How many groups to list, newest first (the stats count all of them)."),
+                io.Float.Input("fps", default=16.0, min=1.0, max=120.0, step=1.0,
+                               tooltip="Playback rate of the previews (with a VAE)."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Decode the listed groups' candidates to show them (slow for large models)."),
+            ],
+            outputs=[
+                io.String.Output(display_name="stats"),
+                io.Int.Output(display_name="pair_count", tooltip="Usable pairs in the dataset (dropped ones left out)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, dataset_name: str, max_groups: int, fps: float, vae=None) -> io.NodeOutput:
+        dataset = PreferenceDataset.open(preferences_root(), dataset_name)
+        previews: dict[str, list[dict]] = {}
+        if vae is not None:
+            for entry in review_listing(dataset, max_groups)["groups"]:
+                if entry["candidates"] is None or entry["dropped"]:
+                    continue
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                latents = dataset.load_group(entry["id"])["latents"]
+                frames = candidate_frames({"samples": latents}, None, vae, int(latents.shape[0]))
+                previews[entry["id"]] = save_previews(frames, fps, f"review_{entry['id'][:12]}")
+        token = routes.REVIEWS.create(dataset, max_groups, previews)
+        listing = routes.REVIEWS.listing(token)
+        text = listing["summary"]
+        return io.NodeOutput(text, listing["stats"]["pairs"], ui={"physmaster_review": [listing], "text": [text]})
+
+    @classmethod
+    def fingerprint_inputs(cls, dataset_name: str, max_groups: int, fps: float, vae=None):
+        return secrets.token_hex(8)  # the dataset changes between runs: always re-read it

@@ -5,8 +5,14 @@ arrives through an HTTP route that hands it to `PendingChoices.answer`: only a k
 well-formed choice are accepted; everything else is rejected with a reason (and never touches disk). Stale answers
 (an id that timed out, was cancelled or already answered) are ignored.
 
-A choice is either `{"best": i, "worst": j}` or `{"ranking": [i, j, k, ...]}` (best first, every candidate once), or
-`{"skip": true}`. `choice_to_pairs` turns it into (winner, loser) pairs.
+A choice is either `{"best": i, "worst": j}` (the quick path) or `{"ranking": [i, [j, k], l, ...]}` (best first,
+every candidate once; a list inside is a tie), or `{"skip": true}`. `choice_pairs` turns it into (winner, loser,
+margin) pairs: for a ranking, all ordered pairs or best vs each (`RANKING_PAIRS`), ties giving no pair, the margin the
+rank gap (1 for best vs worst).
+
+After an answer is saved, the node registers how to take it back (`PendingChoices.saved`); the browser's
+`{"undo": true}` for that request id (within `UNDO_SECONDS`) runs it once: the picker drops the answer's group with a
+tombstone, so nothing is rewritten.
 
 The route hands the raw body to `parse_answer` (or `PendingChoices.answer_body`). Every way a body can be wrong
 raises a `ChoiceRejected`: `MalformedAnswer` for a body that is not a well-formed answer (too large, not JSON,
@@ -27,6 +33,11 @@ from .errors import PhysMasterError, describe
 
 #: largest POST body accepted: an answer is tens of bytes (a ranking of 64 candidates about 300)
 MAX_BODY = 4096
+#: how a ranking becomes pairs (the picker's ranking_pairs widget); the first is what a ranking always gave
+RANKING_PAIRS = ("all ordered pairs", "best vs each")
+#: how long after saving an answer its "undo" is accepted, and how many saved answers are remembered for it
+UNDO_SECONDS = 3600.0
+UNDO_KEEP = 256
 
 
 class ChoiceRejected(PhysMasterError):
@@ -39,6 +50,10 @@ class MalformedAnswer(ChoiceRejected):
 
 class StaleAnswer(ChoiceRejected):
     """The request id is unknown, expired, cancelled or already answered: the route answers 404."""
+
+
+class UndoFailed(ChoiceRejected):
+    """An undo that was accepted but could not be written (a full disk): the route answers 409; it can be retried."""
 
 
 def _refuse_constant(name: str) -> Any:
@@ -92,21 +107,51 @@ def validate_choice(choice: Any, n: int) -> dict:
         return {"best": best, "worst": worst}
     if keys == {"ranking"}:
         ranking = choice["ranking"]
-        if not isinstance(ranking, list) or sorted(index(v, "ranking entry") for v in ranking) != list(range(n)):
+        if not isinstance(ranking, list) or len(ranking) > n:
             raise MalformedAnswer(f"ranking must list every candidate 0..{n - 1} exactly once, best first")
-        return {"ranking": list(ranking)}
+        tiers = []
+        for entry in ranking:  # a candidate, or a list of tied candidates
+            if isinstance(entry, list) and 1 <= len(entry) <= n:
+                tier = [index(v, "ranking entry") for v in entry]
+                tiers.append(tier[0] if len(tier) == 1 else tier)
+            else:
+                tiers.append(index(entry, "ranking entry"))
+        placed = [i for t in tiers for i in (t if isinstance(t, list) else [t])]
+        if sorted(placed) != list(range(n)):
+            raise MalformedAnswer(f"ranking must list every candidate 0..{n - 1} exactly once, best first "
+                                  "(tied candidates in a list)")
+        return {"ranking": tiers}
     fields = ", ".join(describe(k) for k in sorted(map(str, keys))[:5]) or "none"
     raise MalformedAnswer(f"unexpected fields {fields}; send best+worst, ranking, or skip")
 
 
-def choice_to_pairs(choice: dict) -> list[tuple[int, int]]:
-    """(winner, loser) pairs: best over worst, or every ordered pair of a ranking."""
+def ranking_tiers(choice: dict) -> list[list[int]]:
+    """The tiers of a (validated) ranking choice, best first: [[2], [0, 3], [1]]."""
+    return [list(t) if isinstance(t, list) else [t] for t in choice["ranking"]]
+
+
+def choice_pairs(choice: dict, ranking_pairs: str = RANKING_PAIRS[0]) -> list[tuple[int, int, float]]:
+    """(winner, loser, margin) pairs of a validated choice.
+
+    best/worst: one pair, margin 1. A ranking: "all ordered pairs" gives every pair of candidates in different
+    tiers; "best vs each" only the top tier against each other candidate. Tied candidates give no pair. The margin
+    is the rank gap over the largest gap: (tier of loser - tier of winner) / (tiers - 1), so best over worst is 1."""
+    if ranking_pairs not in RANKING_PAIRS:
+        raise PhysMasterError(f"ranking_pairs must be one of {RANKING_PAIRS}, got {ranking_pairs!r}")
     if choice.get("skip"):
         return []
-    if "ranking" in choice:
-        r = choice["ranking"]
-        return [(r[i], r[j]) for i in range(len(r)) for j in range(i + 1, len(r))]
-    return [(choice["best"], choice["worst"])]
+    if "ranking" not in choice:
+        return [(choice["best"], choice["worst"], 1.0)]
+    tiers = ranking_tiers(choice)
+    span = len(tiers) - 1
+    tops = range(len(tiers)) if ranking_pairs == RANKING_PAIRS[0] else range(min(1, len(tiers)))
+    return [(w, lo, (j - i) / span) for i in tops for j in range(i + 1, len(tiers))
+            for w in tiers[i] for lo in tiers[j]]
+
+
+def choice_to_pairs(choice: dict) -> list[tuple[int, int]]:
+    """(winner, loser) pairs: best over worst, or every ordered pair of a ranking."""
+    return [(w, lo) for w, lo, _ in choice_pairs(choice)]
 
 
 @dataclass
@@ -124,6 +169,7 @@ class PendingChoices:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._saved: dict[str, tuple[float, Callable[[], str]]] = {}
 
     def create(self, n: int, node_id: str) -> str:
         if n < 2:
@@ -143,6 +189,8 @@ class PendingChoices:
         choice (both are ChoiceRejected)."""
         if not isinstance(request_id, str):
             raise MalformedAnswer("request_id must be a string")
+        if isinstance(choice, dict) and set(choice) == {"undo"}:
+            return self._undo(request_id, choice["undo"])
         with self._lock:
             pending = self._pending.get(request_id)
             if pending is None:
@@ -153,6 +201,37 @@ class PendingChoices:
             pending.choice = normalised
             pending.event.set()
             return normalised
+
+    def saved(self, request_id: str, undo: Callable[[], str]) -> None:
+        """The answer to `request_id` is on disk; `undo()` takes it back (returning a sentence saying so) and may
+        be called once, by `{"undo": true}` within UNDO_SECONDS. The oldest of more than UNDO_KEEP are forgotten."""
+        now = time.monotonic()
+        with self._lock:
+            for rid, (when, _) in list(self._saved.items()):
+                if now - when > UNDO_SECONDS:
+                    del self._saved[rid]
+            self._saved[request_id] = (now, undo)
+            while len(self._saved) > UNDO_KEEP:
+                del self._saved[next(iter(self._saved))]
+
+    def _undo(self, request_id: str, flag: Any) -> dict:
+        if flag is not True:
+            raise MalformedAnswer(f"undo must be true, got {describe(flag)}")
+        with self._lock:
+            when, undo = self._saved.pop(request_id, (None, None))
+            waiting = request_id in self._pending
+        if undo is None or time.monotonic() - when > UNDO_SECONDS:
+            why = ("nothing is saved for it yet: mark first" if waiting else
+                   "it saved nothing, was already undone, or is older than the undo window "
+                   f"({UNDO_SECONDS / 60:.0f} min); drop its pairs with PhysMasterPreferenceReview")
+            raise StaleAnswer(f"nothing to undo for this request: {why}")
+        try:
+            message = undo()
+        except PhysMasterError as e:  # could not be written: nothing changed, so it may be retried
+            with self._lock:
+                self._saved[request_id] = (when, undo)
+            raise UndoFailed(f"could not undo: {e}") from e
+        return {"undo": True, "message": message}
 
     def answer_body(self, body: bytes | str) -> dict:
         """`parse_answer` then `answer`: what the route calls with the raw POST body. Raises only ChoiceRejected

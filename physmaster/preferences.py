@@ -15,6 +15,11 @@ line ended (a writer killed mid-line leaves one torn line that is reported and s
 An append completes or raises: a short write is continued, a failed one (a full disk) cuts the file back to its old
 size and raises DatasetError. Readers count an answer only when all its lines are there, so a kill mid-answer
 leaves none of its pairs, never some.
+Nothing is ever rewritten in place. Dropping a wrong pair or a whole group (the review node, the picker's undo)
+appends a *tombstone* line (`drop_pair`, `drop_group`), checksummed and written under the lock like an answer;
+`read_pairs` leaves out every pair a tombstone names (and every pair of a dropped group, whenever it was written),
+so training, the stats and `merge_from` never see a dropped pair. `read_pairs(include_dropped=True)` returns them
+too (flagged by `is_dropped`), for a review.
 Reading never trusts a line: an over-long line, bad JSON, a CRC mismatch, a value of the wrong type (refused, never
 coerced), an unknown group or an index out of range is reported in `Stats.problems` and skipped. Nor a group: its
 header is checked the way training will use it (`check_group`: metadata, candidate count, latent shape, context
@@ -61,6 +66,9 @@ MAX_CANDIDATES = 4096
 MAX_DIM = 1 << 20  # any one latent or context dimension
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 GROUP_KEY = "physmaster.group"
+#: longest reason a tombstone may carry
+MAX_REASON = 200
+DROP_KINDS = ("pair", "group")
 #: most pairs one answer may hold (a ranking of N candidates is N(N-1)/2 pairs; a merge is one answer too)
 MAX_ANSWER = 10_000_000
 # always `fullmatch`: with `match`, "$" also matches before a final newline ("evil\n" would pass)
@@ -149,14 +157,20 @@ def _lines(f, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
         yield lineno, None, length
 
 
-def _parse_pair_line(line: bytes) -> tuple["Pair", str | None, int | None]:
-    """A pairs.jsonl line -> (pair, answer id or None, answer size or None). Raises ValueError naming what is wrong;
-    values of the wrong type are refused, never coerced."""
+def _parse_record(line: bytes) -> dict:
+    """A pairs.jsonl line -> its checked JSON object (any kind). Raises ValueError naming what is wrong."""
     record = _loads(line, "the line")
     if not isinstance(record, dict):
         raise ValueError(f"not a JSON object but {_show(record)}")
     if record.get("crc") != _crc(record):
         raise ValueError("checksum mismatch (torn or edited line)")
+    return record
+
+
+def _parse_pair_line(line: bytes | dict) -> tuple["Pair", str | None, int | None]:
+    """A pairs.jsonl line (or its record from `_parse_record`) -> (pair, answer id or None, answer size or None).
+    Raises ValueError naming what is wrong; values of the wrong type are refused, never coerced."""
+    record = line if isinstance(line, dict) else _parse_record(line)
     for key in ("group", "winner", "loser", "source", "margin", "created"):
         if key not in record:
             raise ValueError(f"no {key!r} field")
@@ -180,6 +194,31 @@ def _parse_pair_line(line: bytes) -> tuple["Pair", str | None, int | None]:
         if type(answer_size) is not int or not 2 <= answer_size <= MAX_ANSWER:
             raise ValueError(f"answer_size must be a whole number 2..{MAX_ANSWER}, got {_show(answer_size)}")
     return Pair(group, winner, loser, source, float(margin), created), answer, answer_size
+
+
+def _parse_drop(record: dict) -> "Drop":
+    """A tombstone record (from `_parse_record`, with a "drop" field) -> Drop. Raises ValueError naming what is
+    wrong; values of the wrong type are refused, never coerced."""
+    kind, group, created, reason = (record.get(k) for k in ("drop", "group", "created", "reason"))
+    if type(kind) is not str or kind not in DROP_KINDS:
+        raise ValueError(f"drop must be one of {DROP_KINDS}, got {_show(kind)}")
+    if type(group) is not str or not _GROUP_ID.fullmatch(group):
+        raise ValueError(f"group must be a group id, got {_show(group)}")
+    if type(created) is not str:
+        raise ValueError(f"created must be a text timestamp, got {_show(created)}")
+    if reason is not None and (type(reason) is not str or len(reason) > MAX_REASON):
+        raise ValueError(f"reason must be a text of at most {MAX_REASON} characters, got {_show(reason)}")
+    if kind == "group":
+        return Drop(group, None, reason or "", created)
+    winner, loser, source, pair_created = (record.get(k) for k in ("winner", "loser", "source", "pair_created"))
+    for what, value in (("winner", winner), ("loser", loser)):
+        if type(value) is not int:
+            raise ValueError(f"{what} must be a whole number (a candidate index), got {_show(value)}")
+    if type(source) is not str or source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {_show(source)}")
+    if type(pair_created) is not str:
+        raise ValueError(f"pair_created must be a text timestamp, got {_show(pair_created)}")
+    return Drop(group, (group, winner, loser, source, pair_created), reason or "", created)
 
 
 def _skipped(why: str, count: int) -> str:
@@ -217,6 +256,25 @@ class Pair:
         return (self.group, self.winner, self.loser, self.source, self.created)
 
 
+@dataclass(frozen=True)
+class Drop:
+    """A tombstone: `pair` is the dropped pair's `Pair.key()`, or None when the whole `group` is dropped."""
+    group: str
+    pair: tuple | None
+    reason: str
+    created: str
+
+
+@dataclass(frozen=True)
+class Drops:
+    """What the tombstones of a dataset drop: whole groups, and single pairs (by `Pair.key()`)."""
+    groups: frozenset = frozenset()
+    pairs: frozenset = frozenset()
+
+    def __contains__(self, pair: "Pair") -> bool:
+        return pair.group in self.groups or pair.key() in self.pairs
+
+
 @dataclass
 class Stats:
     groups: int = 0
@@ -229,6 +287,9 @@ class Stats:
     bad_groups: dict[str, str] = field(default_factory=dict)
     #: group id -> how many pairs.jsonl entries were skipped because they use that unusable group
     bad_group_pairs: dict[str, int] = field(default_factory=dict)
+    #: usable pairs left out because a tombstone drops them (not counted in `pairs`), and the dropped groups
+    dropped: int = 0
+    dropped_groups: set[str] = field(default_factory=set)
 
     def group_report(self) -> list[str]:
         """One sentence per unusable group: why (naming its file) and how many pairs that costs."""
@@ -236,6 +297,10 @@ class Stats:
 
     def summary(self) -> str:
         text = f"{self.groups} groups, {self.pairs} usable pairs ({self.human} human, {self.judge} judge)"
+        if self.dropped or self.dropped_groups:
+            n = len(self.dropped_groups)
+            text += f"; {self.dropped} pair{'s' if self.dropped != 1 else ''} dropped"
+            text += f" ({n} whole group{'s' if n != 1 else ''})" if n else ""
         if self.bad_groups:
             text += f"; {len(self.bad_groups)} unusable group{'s' if len(self.bad_groups) > 1 else ''}"
         if self.problems:
@@ -423,11 +488,15 @@ class PreferenceDataset:
         if not pairs:
             return
         answer = {"answer": uuid.uuid4().hex, "answer_size": len(pairs)} if len(pairs) > 1 else {}
+        self._append_records([{"group": pair.group, "winner": pair.winner, "loser": pair.loser,
+                               "source": pair.source, "margin": pair.margin, "created": pair.created, **answer}
+                              for pair in pairs], f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}")
+
+    def _append_records(self, records: Sequence[dict], what: str) -> None:
+        """Append checksummed `records` in one write under the lock, whole or not at all (see `_append`)."""
         lines = []
-        for pair in pairs:
-            record = {"group": pair.group, "winner": pair.winner, "loser": pair.loser, "source": pair.source,
-                      "margin": pair.margin, "created": pair.created, **answer}
-            record["crc"] = _crc(record)
+        for record in records:
+            record = {**record, "crc": _crc(record)}
             lines.append(json.dumps(record, sort_keys=True) + "\n")
         data = "".join(lines).encode()
         try:  # any OSError, from taking the lock to the last byte, leaves nothing of this answer behind
@@ -451,9 +520,41 @@ class PreferenceDataset:
                     os.close(fd)
         except OSError as e:
             raise DatasetError(
-                f"could not save {len(pairs)} pair{'s' if len(pairs) > 1 else ''} to {self.pairs_path} "
+                f"could not save {what} to {self.pairs_path} "
                 f"({e.strerror or e}); nothing of this answer was saved. Free disk space (or fix the "
                 "folder's permissions) and answer again") from e
+
+    # -- dropping (tombstones) ---------------------------------------------------------------------------------
+    def drop_pair(self, pair: Pair, reason: str = "") -> Drop:
+        """Drop one pair (as `read_pairs` returned it): append a tombstone naming it; nothing is rewritten.
+        Raises DatasetError if it cannot be written (then nothing is)."""
+        if not isinstance(pair, Pair):
+            raise DatasetError(f"drop_pair takes a Pair from read_pairs, got {_show(pair)}")
+        self.group_path(pair.group)  # a valid group id, or DatasetError
+        reason = self._reason(reason)
+        record = {"drop": "pair", "group": pair.group, "winner": pair.winner, "loser": pair.loser,
+                  "source": pair.source, "pair_created": pair.created, "created": _now(), "reason": reason}
+        self._append_records([record], "a tombstone (pair drop)")
+        return Drop(pair.group, pair.key(), reason, record["created"])
+
+    def drop_group(self, group: str, reason: str = "") -> Drop:
+        """Drop a whole group: every pair of it, now or later, is left out. Appends a tombstone; the group file
+        stays (a dataset is never rewritten in place). Raises DatasetError if it cannot be written."""
+        self.group_path(group)  # a valid group id, or DatasetError
+        reason = self._reason(reason)
+        record = {"drop": "group", "group": group, "created": _now(), "reason": reason}
+        self._append_records([record], "a tombstone (group drop)")
+        return Drop(group, None, reason, record["created"])
+
+    @staticmethod
+    def _reason(reason: str) -> str:
+        if not isinstance(reason, str):
+            raise DatasetError(f"a drop's reason must be text, got {_show(reason)}")
+        return reason[:MAX_REASON]
+
+    def drops(self) -> Drops:
+        """The groups and pairs the dataset's tombstones drop (bad tombstone lines are reported by read_pairs)."""
+        return self._read()[2]
 
     # -- reading -----------------------------------------------------------------------------------------------
     def group_path(self, group: str) -> Path:
@@ -575,8 +676,22 @@ class PreferenceDataset:
         except Exception as e:
             raise DatasetError(f"group file {path.name} is unreadable ({e}); it is skipped") from None
 
-    def read_pairs(self) -> tuple[list[Pair], Stats]:
-        """All usable pairs, and stats with every skipped entry named. Never raises on what is in the files."""
+    def read_pairs(self, include_dropped: bool = False) -> tuple[list[Pair], Stats]:
+        """All usable pairs, and stats with every skipped entry named. Never raises on what is in the files.
+
+        Pairs a tombstone drops are left out (counted in `Stats.dropped`); with `include_dropped` they are
+        returned too, for a review (`drops()` or `is_dropped` tells them apart). The stats count the same either
+        way: dropped pairs are never in `Stats.pairs`."""
+        pairs, stats, drops = self._read()
+        if not include_dropped:
+            pairs = [p for p in pairs if p not in drops]
+        return pairs, stats
+
+    def is_dropped(self, pair: Pair, drops: Drops | None = None) -> bool:
+        return pair in (drops if drops is not None else self.drops())
+
+    def _read(self) -> tuple[list[Pair], Stats, Drops]:
+        """(every usable pair, dropped ones included; stats that leave dropped pairs out; the drops)."""
         stats = Stats()
         try:
             info = self.info()
@@ -588,15 +703,16 @@ class PreferenceDataset:
         stats.groups = len(sizes)
         pairs: list[Pair] = []
         if not self.pairs_path.is_file():
-            return pairs, stats
+            return pairs, stats, Drops()
         problems: list[tuple[int, str]] = []
+        drop_list: list[Drop] = []
         entries: list[tuple[int, Pair, str | None]] = []
         answers: dict[str, dict[str, Any]] = {}
         try:
             f = open(self.pairs_path, "rb")
         except OSError as e:
             stats.problems.append(f"pairs.jsonl cannot be read ({e.strerror or e}); no pairs are used")
-            return pairs, stats
+            return pairs, stats, Drops()
         with f:
             for lineno, line, length in _lines(f, MAX_LINE):
                 if line is None:
@@ -606,7 +722,11 @@ class PreferenceDataset:
                 if not line.strip():
                     continue
                 try:
-                    pair, answer, answer_size = _parse_pair_line(line)
+                    record = _parse_record(line)
+                    if "drop" in record:  # a tombstone
+                        drop_list.append(_parse_drop(record))
+                        continue
+                    pair, answer, answer_size = _parse_pair_line(record)
                 except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
                     problems.append((lineno, f"pairs.jsonl line {lineno}: {e}"))
                     continue
@@ -641,10 +761,16 @@ class PreferenceDataset:
                 continue
             pairs.append(pair)
         stats.problems.extend(text for _, text in sorted(problems, key=lambda p: p[0]))
-        stats.pairs = len(pairs)
-        stats.human = sum(p.source == "human" for p in pairs)
-        stats.judge = sum(p.source == "judge" for p in pairs)
-        return pairs, stats
+        drops = Drops(frozenset(d.group for d in drop_list if d.pair is None),
+                      frozenset(d.pair for d in drop_list if d.pair is not None))
+        kept = [p for p in pairs if p not in drops]
+        stats.dropped = len(pairs) - len(kept)
+        stats.dropped_groups = {g for g in drops.groups if g in sizes}
+        stats.groups = len(sizes) - len(stats.dropped_groups)
+        stats.pairs = len(kept)
+        stats.human = sum(p.source == "human" for p in kept)
+        stats.judge = sum(p.source == "judge" for p in kept)
+        return pairs, stats, drops
 
     def stats(self) -> Stats:
         return self.read_pairs()[1]
@@ -658,7 +784,7 @@ class PreferenceDataset:
         theirs, their_stats = other.read_pairs()
         for g in other.group_ids():
             dst = self.group_path(g)
-            if g not in their_stats.bad_groups and not dst.exists():
+            if g not in their_stats.bad_groups and g not in their_stats.dropped_groups and not dst.exists():
                 with atomic_path(dst) as tmp:
                     shutil.copyfile(other.group_path(g), tmp)
         have = {p.key() for p in self.read_pairs()[0]}

@@ -1,3 +1,4 @@
+import json
 import threading
 import time
 
@@ -163,3 +164,80 @@ def test_random_bodies_raise_only_choice_rejected():
             reg.answer_body(body)
         except ChoiceRejected:
             pass
+
+
+# -- ranking with ties, pairs policy, margins, undo (issue 13) -------------------------------------------------------
+def test_a_ranking_with_ties_is_validated_and_normalised():
+    assert validate_choice({"ranking": [2, [0, 3], 1]}, 4) == {"ranking": [2, [0, 3], 1]}
+    assert validate_choice({"ranking": [[2], 0, [1]]}, 3) == {"ranking": [2, 0, 1]}  # a tie of one is a place
+    assert validate_choice({"ranking": [[0, 1, 2]]}, 3) == {"ranking": [[0, 1, 2]]}  # all equal: allowed, no pair
+    for bad, match in [({"ranking": [2, [0, 0], 1]}, "exactly once"), ({"ranking": [2, [], 0, 1]}, "got a JSON list"),
+                       ({"ranking": [2, [0, [3]], 1]}, "got a JSON list"), ({"ranking": [2, [0], 1]}, "exactly once"),
+                       ({"ranking": [[0, 1, 2, 3, 3]]}, "got a JSON list")]:
+        with pytest.raises(ChoiceRejected, match=match):
+            validate_choice(bad, 4)
+
+
+def test_pairs_a_ranking_implies():
+    from physmaster.picker import choice_pairs
+
+    ranking = {"ranking": [3, 1, 0, 2]}
+    assert choice_pairs(ranking) == [(3, 1, 1 / 3), (3, 0, 2 / 3), (3, 2, 1.0), (1, 0, 1 / 3), (1, 2, 2 / 3),
+                                     (0, 2, 1 / 3)]
+    assert choice_pairs(ranking, "best vs each") == [(3, 1, 1 / 3), (3, 0, 2 / 3), (3, 2, 1.0)]
+    tied = validate_choice({"ranking": [2, [0, 3], 1]}, 4)
+    assert choice_pairs(tied) == [(2, 0, 0.5), (2, 3, 0.5), (2, 1, 1.0), (0, 1, 0.5), (3, 1, 0.5)]
+    assert choice_pairs(tied, "best vs each") == [(2, 0, 0.5), (2, 3, 0.5), (2, 1, 1.0)]
+    top_tie = validate_choice({"ranking": [[1, 2], 0]}, 3)
+    assert choice_pairs(top_tie, "best vs each") == [(1, 0, 1.0), (2, 0, 1.0)]
+    assert choice_pairs({"ranking": [[0, 1, 2]]}) == []
+    assert choice_pairs({"best": 2, "worst": 0}, "best vs each") == [(2, 0, 1.0)]  # the quick path is one pair
+    assert choice_to_pairs({"ranking": [3, 1, 0, 2]}) == [(w, lo) for w, lo, _ in choice_pairs(ranking)]
+    with pytest.raises(PhysMasterError, match="ranking_pairs must be one of"):
+        choice_pairs(ranking, "some")
+
+
+def test_undo_takes_a_saved_answer_back_once():
+    from physmaster.picker import StaleAnswer, UndoFailed
+
+    reg = PendingChoices()
+    rid = reg.create(3, "7")
+    with pytest.raises(StaleAnswer, match="nothing is saved for it yet"):
+        reg.answer(rid, {"undo": True})
+    reg.answer(rid, {"best": 0, "worst": 1})
+    assert reg.wait(rid, timeout=1) == {"best": 0, "worst": 1}
+    calls = []
+
+    def undo():
+        calls.append(1)
+        if len(calls) == 1:
+            raise PhysMasterError("disk full")
+        return "Undone: 1 pair dropped."
+
+    reg.saved(rid, undo)
+    with pytest.raises(ChoiceRejected, match="undo must be true"):
+        reg.answer(rid, {"undo": 1})
+    with pytest.raises(UndoFailed, match="could not undo: disk full"):
+        reg.answer(rid, {"undo": True})
+    assert reg.answer_body(json.dumps({"request_id": rid, "choice": {"undo": True}})) == \
+        {"undo": True, "message": "Undone: 1 pair dropped."}
+    with pytest.raises(StaleAnswer, match="already undone"):
+        reg.answer(rid, {"undo": True})
+    with pytest.raises(StaleAnswer, match="nothing to undo"):
+        reg.answer("f" * 32, {"undo": True})
+    assert len(calls) == 2
+
+
+def test_undo_window_and_memory_are_bounded(monkeypatch):
+    import physmaster.picker as picker
+
+    reg = PendingChoices()
+    monkeypatch.setattr(picker, "UNDO_KEEP", 3)
+    for i in range(5):
+        reg.saved(f"r{i}", lambda i=i: f"undone {i}")
+    with pytest.raises(ChoiceRejected, match="nothing to undo"):
+        reg.answer("r0", {"undo": True})
+    assert reg.answer("r4", {"undo": True})["message"] == "undone 4"
+    monkeypatch.setattr(picker, "UNDO_SECONDS", 0.0)
+    with pytest.raises(ChoiceRejected, match="older than the undo window"):
+        reg.answer("r3", {"undo": True})

@@ -508,3 +508,117 @@ def test_a_group_that_cannot_be_written_is_a_dataset_error(tmp_path, monkeypatch
     with pytest.raises(DatasetError, match="could not save a group to .*No space left on device.*nothing of it"):
         ds.add_group_with_pairs(torch.randn(3, 4, 2, 8, 8), torch.randn(1, 5, 16), [(0, 1)], "human")
     assert ds.group_ids() == [g] and sorted(p.name for p in (ds.path / "groups").iterdir()) == [f"{g}.safetensors"]
+
+
+# -- tombstones (issue 13): dropping appends a checksummed line that every reader honours ------------------------
+def test_a_dropped_pair_is_left_out_by_readers_and_stats(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds, n=4)
+    ds.add_pairs(g, [(0, 1, 1.0), (0, 2, 0.5), (3, 1, 0.5)], "human")
+    ds.add_pair(g, 2, 1, "judge", 0.2)
+    before = ds.pairs_path.read_bytes()
+    pairs, _ = ds.read_pairs()
+    wrong = pairs[1]
+    drop = ds.drop_pair(wrong, "clicked the wrong one")
+    assert ds.pairs_path.read_bytes().startswith(before)  # appended, never rewritten
+    tomb = json.loads(ds.pairs_path.read_bytes()[len(before):])
+    assert tomb["drop"] == "pair" and tomb["crc"] and (tomb["winner"], tomb["loser"]) == (0, 2)
+    assert drop.pair == wrong.key() and drop.reason == "clicked the wrong one"
+    pairs, stats = ds.read_pairs()
+    assert [(p.winner, p.loser, p.source) for p in pairs] == [(0, 1, "human"), (3, 1, "human"), (2, 1, "judge")]
+    assert (stats.pairs, stats.human, stats.judge, stats.dropped, stats.groups) == (3, 2, 1, 1, 1)
+    assert stats.problems == [] and "1 pair dropped" in stats.summary()
+    every, stats2 = ds.read_pairs(include_dropped=True)
+    assert len(every) == 4 and [ds.is_dropped(p) for p in every] == [False, True, False, False]
+    assert stats2.pairs == 3  # the stats never count a dropped pair
+    kept, problems = ds.screen_pairs(pairs)
+    assert kept == pairs and problems == []
+
+
+def test_a_dropped_group_drops_all_its_pairs_even_later_ones(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g1, g2 = _group(ds), _group(ds)
+    ds.add_pairs(g1, [(0, 1), (0, 2), (1, 2)], "human")
+    ds.add_pair(g2, 2, 0, "judge", 0.4)
+    ds.drop_group(g1, "bad start image")
+    ds.add_pair(g1, 2, 1, "human")  # written after the drop: the group stays dropped
+    pairs, stats = ds.read_pairs()
+    assert [(p.group, p.winner, p.loser) for p in pairs] == [(g2, 2, 0)]
+    assert (stats.groups, stats.pairs, stats.human, stats.judge, stats.dropped) == (1, 1, 0, 1, 4)
+    assert stats.dropped_groups == {g1} and "4 pairs dropped (1 whole group)" in stats.summary()
+    assert ds.drops().groups == {g1} and ds.group_path(g1).is_file()  # the group file is kept
+    # a merge takes only what is not dropped
+    other = PreferenceDataset.open(tmp_path, "other", create=True)
+    other.merge_from(ds)
+    assert other.group_ids() == [g2] and [(p.winner, p.loser) for p in other.read_pairs()[0]] == [(2, 0)]
+    with pytest.raises(DatasetError, match="invalid group id"):
+        ds.drop_group("../../x")
+
+
+def test_an_edited_or_torn_tombstone_is_reported_and_ignored(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+    ds.add_pairs(g, [(0, 1), (2, 1)], "human")
+    start = ds.pairs_path.stat().st_size
+    ds.drop_pair(ds.read_pairs()[0][0])
+    data = ds.pairs_path.read_bytes()
+    edited = data[:start] + data[start:].replace(b'"winner": 0', b'"winner": 2')
+    ds.pairs_path.write_bytes(edited)
+    pairs, stats = ds.read_pairs()
+    assert len(pairs) == 2 and stats.dropped == 0  # an edited tombstone drops nothing
+    assert any("checksum mismatch" in p for p in stats.problems)
+    for cut in range(start + 1, len(data) - 1):  # a writer killed mid-tombstone: nothing dropped, line reported
+        ds.pairs_path.write_bytes(data[:cut])
+        pairs, stats = ds.read_pairs()
+        assert len(pairs) == 2 and stats.dropped == 0, cut
+        assert len(stats.problems) == 1, (cut, stats.problems)
+    ds.drop_group(g)  # the next append ends the torn line first
+    pairs, stats = ds.read_pairs()
+    assert pairs == [] and stats.dropped == 2 and len(stats.problems) == 1
+
+
+@pytest.mark.parametrize("field,value,want", [
+    ("drop", "answer", "drop must be one of"), ("group", "../x", "group must be a group id"),
+    ("winner", "0", "winner must be a whole number"), ("source", "crowd", "source must be one of"),
+    ("reason", "x" * 201, "reason must be a text"), ("pair_created", 5, "pair_created must be"),
+])
+def test_hostile_tombstones_are_reported_and_skipped(field, value, want, tmp_path):
+    from physmaster.preferences import _crc
+
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+    ds.add_pair(g, 0, 1, "human")
+    record = {"drop": "pair", "group": g, "winner": 0, "loser": 1, "source": "human",
+              "pair_created": ds.read_pairs()[0][0].created, "created": "now", "reason": ""}
+    record[field] = value
+    record["crc"] = _crc(record)
+    with open(ds.pairs_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    pairs, stats = ds.read_pairs()
+    assert len(pairs) == 1 and stats.dropped == 0
+    assert len(stats.problems) == 1 and want in stats.problems[0], stats.problems
+
+
+def _dropper(path, groups):
+    ds = PreferenceDataset(path)
+    for g in groups:
+        ds.drop_group(g, "two writers")
+
+
+def test_drops_and_answers_from_two_processes_at_once(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+    others = [_group(ds, n=2) for _ in range(40)]
+    for o in others:
+        ds.add_pair(o, 0, 1, "judge")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(ds.path, g, 0, 150)),
+             ctx.Process(target=_dropper, args=(ds.path, others))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    pairs, stats = ds.read_pairs()
+    assert stats.problems == [] and len(pairs) == 150 and {p.group for p in pairs} == {g}
+    assert stats.dropped == 40 and stats.groups == 1

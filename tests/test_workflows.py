@@ -61,3 +61,26 @@ def test_schema_has_every_physmaster_node():
     apply = SCHEMA["PhysMasterApply"]
     assert apply["input_order"]["required"] == ["positive", "negative", "physical_tokens", "strength", "apply_to"]
     assert apply["output"] == ["CONDITIONING", "CONDITIONING"]
+
+
+def test_the_landed_marking_workflow_loads_unchanged_after_the_picker_grew_a_widget():
+    """Issue 13: ranking_pairs was appended to the picker as an optional widget; the marking workflow saved before
+    it has no value for it and still converts (the frontend and the host use the default)."""
+    workflow = json.loads((ROOT / "workflows" / "physmaster_mark_preferences.json").read_text())
+    node = next(n for n in workflow["nodes"] if n["type"] == "PhysMasterPreferencePicker")
+    assert node["widgets_values"] == ["my_preferences", "ask", 600, "skip", 16.0]  # as it landed
+    picker = SCHEMA["PhysMasterPreferencePicker"]
+    assert picker["input_order"]["optional"][-1] == "ranking_pairs"
+    assert picker["input"]["optional"]["ranking_pairs"][1]["default"] == "all ordered pairs"
+    prompt = ui_to_api(workflow, SCHEMA)
+    inputs = next(v for v in prompt.values() if v["class_type"] == "PhysMasterPreferencePicker")["inputs"]
+    assert "ranking_pairs" not in inputs
+    assert (inputs["dataset_name"], inputs["mode"], inputs["timeout_seconds"], inputs["fps"]) == \
+        ("my_preferences", "ask", 600, 16.0)
+    node["widgets_values"].append("best vs each")  # a workflow saved now carries it
+    inputs = next(v for v in ui_to_api(workflow, SCHEMA).values()
+                  if v["class_type"] == "PhysMasterPreferencePicker")["inputs"]
+    assert inputs["ranking_pairs"] == "best vs each"
+    node["widgets_values"] = node["widgets_values"][:4]  # a required widget missing is still an error
+    with pytest.raises(WorkflowError, match="too few values"):
+        ui_to_api(workflow, SCHEMA)

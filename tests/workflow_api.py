@@ -48,9 +48,13 @@ def socket_inputs(info: dict) -> dict[str, str]:
 
 
 def map_widgets(node_type: str, info: dict, values: list, node_id: Any = "?") -> dict[str, Any]:
-    """Map a UI node's widgets_values onto input names. Raises WorkflowError when the count is off."""
+    """Map a UI node's widgets_values onto input names. Raises WorkflowError when the count is off.
+
+    Widgets appended to a node as *optional* inputs after a workflow was saved have no value in it: like the
+    frontend (which leaves such widgets at their defaults), they are left out, so the host uses their defaults."""
     values = list(values)
     out: dict[str, Any] = {}
+    optional = set(info.get("input", {}).get("optional", {}))
 
     def take(what: str):
         if not values:
@@ -64,6 +68,8 @@ def map_widgets(node_type: str, info: dict, values: list, node_id: Any = "?") ->
                 continue
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             key = prefix + name
+            if not values and not prefix and name in optional:  # appended after the workflow was saved
+                continue
             value = take(key)
             out[key] = value
             if spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):

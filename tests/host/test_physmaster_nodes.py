@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 OUR_NODES = ["PhysMasterEncoderLoader", "PhysMasterEncoderNew", "PhysMasterEncoderSave", "PhysMasterEncode",
              "PhysMasterApply", "PhysMasterDropScene", "PhysMasterPhysicsScore", "PhysMasterPreferencePicker",
-             "PhysMasterPreferenceDataset", "PhysMasterTrainSFT", "PhysMasterTrainDPO", "PhysMasterSaveTrainingVideos"]
+             "PhysMasterPreferenceDataset", "PhysMasterTrainSFT", "PhysMasterTrainDPO", "PhysMasterSaveTrainingVideos",
+             "PhysMasterPreferenceReview"]
 TOKENS = 8
 
 

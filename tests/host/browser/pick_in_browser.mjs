@@ -52,8 +52,9 @@ try {
   const cards = page.locator(".physmaster-picker-candidate");
   await cards.first().waitFor({ state: "attached", timeout: 600000 });
   const n = await cards.count();
-  await page.waitForFunction(() => [...document.querySelectorAll(".physmaster-picker-candidate img")]
-    .every((img) => img.complete && img.naturalWidth > 0), null, { timeout: 60000 });
+  // every candidate's sheet (a /view file) is loaded and drawn
+  await page.waitForFunction(() => [...document.querySelectorAll(".physmaster-picker-candidate canvas")]
+    .every((c) => c.dataset.ready === "1" && Number(c.dataset.frame) >= 0), null, { timeout: 60000 });
   await page.screenshot({ path: shot("picker_waiting.png") });
   await page.locator(".physmaster-picker-best").nth(Number(best)).click();
   await page.screenshot({ path: shot("picker_best_marked.png") });
