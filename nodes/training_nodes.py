@@ -321,8 +321,8 @@ def memory_preflight(model, stages: list[str], latent_shape, context_tokens: int
     device = model.load_device
     cpu = comfy.model_management.is_device_cpu(device)
     free = comfy.model_management.get_free_memory(device)
-    if not cpu:  # what this model already holds on the device is free for it
-        free += model.loaded_size()
+    if not cpu:  # what this model already holds on the device is free for it; --reserve-vram is not
+        free += model.loaded_size() - comfy.model_management.extra_reserved_memory()
     if not accounting.supports(dm):
         return "", None
     profile = None
@@ -343,7 +343,11 @@ def memory_preflight(model, stages: list[str], latent_shape, context_tokens: int
         # on a CPU the weights are in RAM already (the model is loaded): the step adds the rest
         need = est.without_weights if cpu else est.peak
         if need > free:
-            fits = fitting_plans(estimate, plan, free) if not cpu else []
+            if cpu:  # weights already in RAM; offloading and activations_on_cpu mean nothing there
+                fits = [e for e in fitting_plans(estimate, plan, free + est.weights)
+                        if not (e.plan.offloading or e.plan.activations_on_cpu)]
+            else:
+                fits = fitting_plans(estimate, plan, free)
             where = "this machine's free RAM" if cpu else f"the free memory of {device}"
             if fits:
                 best = fits[0]
@@ -667,22 +671,23 @@ def _common_inputs(default_steps: int) -> list:
 
 
 def _memory_inputs() -> list:
-    """Memory widgets (appended after each node's existing widgets: widget order is public API)."""
+    """Memory widgets, appended after each node's existing widgets (widget order is public API); optional, so API
+    prompts written before them still run (with the defaults)."""
     return [
-        io.Combo.Input("training_dtype", options=TRAINING_DTYPES, default="auto",
+        io.Combo.Input("training_dtype", options=TRAINING_DTYPES, default="auto", optional=True,
                        tooltip="Compute dtype of training (autocast, as core Train LoRA): auto = bf16 on a GPU that "
                                "has it, as loaded on a CPU; none = the model's own. fp8 weights: load the model "
                                "with UNETLoader weight_dtype fp8_e4m3fn, they are cast layer by layer."),
-        io.Boolean.Input("offloading", default=False,
+        io.Boolean.Input("offloading", default=False, optional=True,
                          tooltip="Keep the weights that do not fit next to the training in system RAM (ComfyUI's "
                                  "partial loading) instead of loading the whole model on the GPU."),
-        io.Boolean.Input("split_passes", default=False,
+        io.Boolean.Input("split_passes", default=False, optional=True,
                          tooltip="One video per forward/backward pass with gradient accumulation (Flow-DPO: "
                                  "winner and loser apart, policy errors from an extra pass without a graph): "
                                  "about half the activation memory, about 20% slower."),
-        io.Boolean.Input("activations_on_cpu", default=False,
+        io.Boolean.Input("activations_on_cpu", default=False, optional=True,
                          tooltip="Keep what backward needs (each checkpointed block's input) in system RAM."),
-        io.Boolean.Input("quantized_backward", default=False,
+        io.Boolean.Input("quantized_backward", default=False, optional=True,
                          tooltip="fp8 matrix products in backward for fp8-quantized models (core Train LoRA's "
                                  "option; needs an NVIDIA Ada/Hopper GPU)."),
     ]
