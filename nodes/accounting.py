@@ -17,25 +17,37 @@ from ..physmaster.memory import (ActivationProfile, MemoryEstimate, TrainingPlan
 
 
 class _MetaAttention(torch.autograd.Function):
-    """Fused attention as far as memory goes: an output shaped like q, saving q, k, v, out and the LSE."""
+    """Attention as far as memory goes: an output shaped like q, saving q, k, v, out and the LSE (fused kernels:
+    PyTorch SDPA, flash, sage, xformers) or, with `probs`, also the softmax probabilities [B, H, Lq, Lk] (what
+    ComfyUI's split / sub-quadratic / basic attention, its choice on a CPU, keeps for backward)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, heads):
+    def forward(ctx, q, k, v, heads, probs):
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[0], heads, q.shape[1], dtype=torch.float32, device=q.device)
-        ctx.save_for_backward(q, k, v, out, lse)
+        kept = [q, k, v, out, lse]
+        if probs:
+            kept.append(torch.empty(q.shape[0], heads, q.shape[1], k.shape[1], dtype=q.dtype, device=q.device))
+        ctx.save_for_backward(*kept)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, None
+
+
+def _fused_attention() -> bool:
+    import comfy.ldm.modules.attention as attention
+
+    return getattr(attention.optimized_attention, "__name__", "") in (
+        "attention_pytorch", "attention_flash", "attention_sage", "attention_xformers")
 
 
 def _meta_attention(func, q, k, v, heads, *args, skip_reshape=False, skip_output_reshape=False, **kwargs):
     if skip_reshape:  # [B, H, L, d] -> [B, L, H*d]
         q, k, v = (t.transpose(1, 2).flatten(2) for t in (q, k, v))
-    out = _MetaAttention.apply(q, k, v, heads)
+    out = _MetaAttention.apply(q, k, v, heads, not _fused_attention())
     if skip_output_reshape:
         return out.unflatten(2, (heads, -1)).transpose(1, 2)
     return out
@@ -54,6 +66,18 @@ def weight_stats(diffusion_model) -> tuple[int, int]:
 def wan_profile(diffusion_model, latent_shape, context_tokens: int, dtype: torch.dtype) -> ActivationProfile:
     """ActivationProfile of a Wan DiT for one video [C, T, H, W] with `context_tokens` text (+ physical) tokens,
     computing in `dtype`."""
+    import comfy.model_management
+
+    was = comfy.model_management.in_training
+    comfy.model_management.in_training = True  # the code path training takes (e.g. Wan's differentiable rope)
+    try:
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode, where autograd records nothing
+            return _wan_profile(diffusion_model, latent_shape, context_tokens, dtype)
+    finally:
+        comfy.model_management.in_training = was
+
+
+def _wan_profile(diffusion_model, latent_shape, context_tokens: int, dtype: torch.dtype) -> ActivationProfile:
     dm = diffusion_model
     in_ch = int(dm.patch_embedding.in_channels)
     text_dim = int(next(p for p in dm.text_embedding.parameters() if p.ndim == 2).shape[1])

@@ -437,9 +437,10 @@ def _run(node_cls, model, encoder: PhysEncoder, stages: list[str], make_inputs, 
     server = PromptServer.instance
     with torch.inference_mode(False):
         mp, how = training_patcher(model)
-        autocast = compute_dtype(mp, options.training_dtype)
+        dtype = compute_dtype(mp, options.training_dtype)
         if options.training_dtype in ("bf16", "fp32"):
-            mp.set_model_compute_dtype(autocast)
+            mp.set_model_compute_dtype(dtype)
+        autocast = dtype if dtype in (torch.bfloat16, torch.float16) else None  # fp32: no autocast needed
         need = None
         if memory is not None and not comfy.model_management.is_device_cpu(mp.load_device):
             need = int(memory["without_weights"] * 1.1)

@@ -178,6 +178,8 @@ class MetaTrace:
     def _exit(self, name: str) -> None:
         if name in self._stack:
             self._stack.remove(name)
+            r = self.regions[name]
+            r["kept"] = self.live - r["entry"]  # what the region leaves alive (its output, what backward needs)
 
     def __enter__(self):
         import torch
@@ -218,13 +220,16 @@ class ActivationProfile:
     blocks: int  # transformer blocks
     block_input: int  # one block's input (what a checkpoint keeps per block)
     shared_inputs: int  # the block arguments all blocks share (context, time embedding, rope): kept once
-    block_saved: int  # the most one block keeps for backward (no checkpointing)
+    block_saved: int  # the most one block keeps alive for backward (no checkpointing), its output included
     block_peak: int  # the most one block needs at once with a graph (saved + temporaries)
     block_peak_nograd: int  # the same without a graph (reference and pre-passes)
-    saved_total: int  # everything one forward keeps for backward without checkpointing
+    saved_total: int  # everything one forward keeps alive for backward without checkpointing
     outside_saved: int  # of which outside the blocks (embeddings, head)
     io: int  # model input + output of one video
     tokens: int  # sequence length (video tokens)
+    # what a block keeps that autograd's saved-tensor hooks never see (tensors custom autograd functions hold on
+    # their ctx): gradient checkpointing cannot drop it, so it stays per block even with checkpointing
+    block_stash: int = 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -301,12 +306,13 @@ def estimate_training(profile: ActivationProfile, plan: TrainingPlan, *, weights
     p = profile
     per_pass = 1 if plan.split_passes else (2 * plan.batch_size if plan.stage != "sft" else plan.batch_size)
     if plan.gradient_checkpointing:
-        boundary = p.blocks * p.block_input + p.shared_inputs
+        boundary = p.blocks * (p.block_input + p.block_stash) + p.shared_inputs
         on_device = 2 * p.block_input if plan.activations_on_cpu else boundary
         act = per_pass * (on_device + p.outside_saved + p.block_peak + 2 * p.block_input + p.io)
         host = per_pass * boundary if plan.activations_on_cpu else 0
     else:
-        act = per_pass * (p.saved_total + p.block_peak + 2 * p.block_input + p.io)
+        # backward walks the kept tensors down, one block's temporaries and the gradients in flight on top
+        act = per_pass * (p.saved_total + max(0, p.block_peak - p.block_saved) + 2 * p.block_input + p.io)
         host = 0
     ref_pass = 1 if plan.split_passes else per_pass
     reference = ref_pass * (p.block_peak_nograd + p.io) if plan.stage != "sft" else 0
@@ -387,18 +393,21 @@ def profile_activations(forward, blocks, exclude=(), tokens: int = 0) -> Activat
                 out = forward()
                 io = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_flatten(out)[0]
                          if isinstance(t, torch.Tensor))
+                kept = trace.live  # everything the graph holds once the forward is done, the output included
         finally:
             for h in handles:
                 h.remove()
-        return trace, inputs, io
+        return trace, inputs, io, kept
 
-    tr, inputs, io = run(True)
-    blocks_saved = [r["saved"] for r in tr.regions.values()]
-    nograd, _, _ = run(False)
-    if not blocks_saved:
+    tr, inputs, io, kept = run(True)
+    regions = list(tr.regions.values())
+    nograd, _, _, _ = run(False)
+    if not regions:
         raise PhysMasterError("the memory estimate found no transformer block in this model's forward")
+    blocks_kept = [r.get("kept", r["saved"]) for r in regions]
     return ActivationProfile(
-        blocks=len(blocks_saved), block_input=inputs.get("x", 0), shared_inputs=inputs.get("shared", 0),
-        block_saved=max(blocks_saved), block_peak=max(r["peak"] for r in tr.regions.values()),
+        blocks=len(regions), block_input=inputs.get("x", 0), shared_inputs=inputs.get("shared", 0),
+        block_saved=max(blocks_kept), block_peak=max(r["peak"] for r in regions),
         block_peak_nograd=max((r["peak"] for r in nograd.regions.values()), default=0),
-        saved_total=tr.saved, outside_saved=max(0, tr.saved - sum(blocks_saved)), io=2 * io, tokens=int(tokens))
+        saved_total=kept, outside_saved=max(0, kept - sum(blocks_kept)), io=2 * io, tokens=int(tokens),
+        block_stash=max(max(0, k - r["saved"] - inputs.get("x", 0)) for k, r in zip(blocks_kept, regions)))

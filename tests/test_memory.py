@@ -104,12 +104,13 @@ def test_meta_profile_counts_what_autograd_really_keeps_without_allocating():
     prof = profile_activations(forward, list(meta_net.blocks), exclude=list(meta_net.parameters()), tokens=tokens)
     real = _real_saved(_Net(), torch.randn(1, tokens, d, requires_grad=True), torch.randn(1, 10, d,
                                                                                           requires_grad=True))
-    assert prof.saved_total == real == 716800
+    # what stays alive after the forward: everything autograd saved, plus the output (and tiny context means)
+    assert real == 716800
+    assert real + tokens * d * 4 <= prof.saved_total <= 1.1 * (real + tokens * d * 4)
     assert prof.blocks == 3 and prof.block_input == tokens * d * 4 and prof.shared_inputs == 10 * d * 4
-    # a block keeps its input, the pre-activation and the activation (4 d wide), its sum input ...
     assert prof.block_saved * 3 + prof.outside_saved == prof.saved_total
     assert prof.block_peak >= prof.block_saved > prof.block_peak_nograd > 0
-    assert prof.outside_saved == tokens * d * 4  # the output layer keeps its input
+    assert prof.block_stash == 0  # nothing hidden from the saved-tensor hooks in plain PyTorch layers
 
 
 def test_training_estimate_follows_the_options():
