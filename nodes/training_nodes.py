@@ -157,14 +157,16 @@ class ComfyDenoiser(X0Denoiser):
             yield
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each of the DiT's top-level modules (its transformer blocks ...) in backward."""
+        """Recompute each of the DiT's top-level modules (its transformer blocks, embeddings, head) in backward,
+        with core's own patch/unpatch (comfy_extras.nodes_train)."""
         from comfy_extras.nodes_train import find_modules_at_depth, patch, unpatch
 
         for m in self._checkpointed:
             unpatch(m)
         self._checkpointed = []
         if enabled:
-            self._checkpointed = find_modules_at_depth(self.module, depth=1)
+            # depth 1 is the DiT itself (find_modules_at_depth counts the root): 2 = its blocks and embeddings
+            self._checkpointed = find_modules_at_depth(self.module, depth=2)
             for m in self._checkpointed:
                 patch(m)
 
