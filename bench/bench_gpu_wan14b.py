@@ -57,12 +57,15 @@ def setup_comfy(comfy: str, cpu: bool):
         importlib.import_module("physmaster_pack.nodes.accounting")
 
 
-def meta_wan14b():
+SMOKE = dict(WAN14B_I2V, dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # --smoke-cpu: the same code, tiny
+
+
+def meta_wan14b(config=None):
     import torch
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
     with torch.device("meta"):
-        return WanModel(operations=comfy.ops.manual_cast, dtype=torch.float8_e4m3fn, **WAN14B_I2V)
+        return WanModel(operations=comfy.ops.manual_cast, dtype=torch.float8_e4m3fn, **(config or WAN14B_I2V))
 
 
 def plan_table(acc, memory) -> None:
@@ -118,11 +121,11 @@ def step_ratio(est) -> str:
     return text
 
 
-def random_fp8_state_dict(device):
+def random_fp8_state_dict(device, config=None):
     """Wan 14B I2V weights (ComfyUI's key names), random, fp8 (norms and modulations kept bf16 like real fp8
     checkpoints), made on the GPU tensor by tensor and moved to the CPU."""
     import torch
-    dm = meta_wan14b()
+    dm = meta_wan14b(config)
     sd = {}
     g = torch.Generator(device=device).manual_seed(0)
     for name, p in dm.state_dict().items():
@@ -175,7 +178,8 @@ def train(tn, model, encoder, group: dict, stage: str, steps: int, options):
         return {s: PreferenceSet([pair]) for s in stages}, constants, False
 
     node = types.SimpleNamespace(hidden=None)
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
     enc, lora_sd, loss_map, summary, histories, _ = tn._run(node, model, encoder, stages, make_inputs, build, config,
                                                            lora_rank, "bench", 1, options, memory)
@@ -189,16 +193,18 @@ def main() -> int:
     ap.add_argument("--vram-gib", type=float, default=24.0, help="treat the GPU as this big (0 = as it is)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--plan-only", action="store_true", help="print the accounting table and stop (no GPU)")
+    ap.add_argument("--smoke-cpu", action="store_true", help="the same code path on the CPU with a tiny Wan, "
+                                                             "one step, 64x64 (checks the script, measures nothing)")
     args = ap.parse_args()
     comfy = os.environ.get("COMFYUI_PATH")
     if not comfy:
         print("set COMFYUI_PATH to a ComfyUI checkout", file=sys.stderr)
         return 2
     import torch
-    if not args.plan_only and not torch.cuda.is_available():
+    if not (args.plan_only or args.smoke_cpu) and not torch.cuda.is_available():
         print("no CUDA device: run with --plan-only for the accounting table", file=sys.stderr)
         return 2
-    tn, acc = setup_comfy(comfy, cpu=args.plan_only)
+    tn, acc = setup_comfy(comfy, cpu=args.plan_only or args.smoke_cpu)
     memory = importlib.import_module("physmaster_pack.physmaster.memory")
     t_start = time.monotonic()
     if args.plan_only:
@@ -209,26 +215,32 @@ def main() -> int:
     import comfy.sd
     from physmaster_pack.physmaster.encoder import HeadConfig, PhysEncoder
     device = mm.get_torch_device()
-    total = torch.cuda.get_device_properties(device).total_memory
-    if args.vram_gib:
-        mm.EXTRA_RESERVED_VRAM = max(0, int(total - args.vram_gib * 2 ** 30))
-    print(f"{torch.cuda.get_device_name(device)}, {total / 2**30:.0f} GiB; acting as {args.vram_gib or total / 2**30:.0f}"
-          f" GiB (reserved {mm.EXTRA_RESERVED_VRAM / 2**30:.0f} GiB)", flush=True)
+    config, size = (SMOKE, (64, 64)) if args.smoke_cpu else (WAN14B_I2V, (832, 480))
+    if not args.smoke_cpu:
+        total = torch.cuda.get_device_properties(device).total_memory
+        if args.vram_gib:
+            mm.EXTRA_RESERVED_VRAM = max(0, int(total - args.vram_gib * 2 ** 30))
+        print(f"{torch.cuda.get_device_name(device)}, {total / 2**30:.0f} GiB; acting as "
+              f"{args.vram_gib or total / 2**30:.0f} GiB (reserved {mm.EXTRA_RESERVED_VRAM / 2**30:.0f} GiB)",
+              flush=True)
     t0 = time.monotonic()
     with torch.inference_mode():  # as ComfyUI runs its loaders: the weights are inference tensors
-        sd = random_fp8_state_dict(device)
+        sd = random_fp8_state_dict(device, config)
         model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float8_e4m3fn})
     del sd
     print(f"random fp8 Wan 14B loaded in {time.monotonic() - t0:.0f} s "
           f"({sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e9:.1f} B parameters)", flush=True)
     encoder = PhysEncoder.new(HeadConfig(**HEAD), seed=0)
     options = tn.MemoryOptions(training_dtype="bf16", offloading=True, split_passes=True, activations_on_cpu=True)
-    for stage, frames in (("III", 81), ("II", 33)):
-        group = one_pair(frames)
-        text, memory, run, wall = train(tn, model, encoder, group, stage, args.steps, options)
+    if args.smoke_cpu:
+        options = tn.MemoryOptions(training_dtype="fp32", split_passes=True)
+    for stage, frames in (("III", 81 if not args.smoke_cpu else 5), ("II", 33 if not args.smoke_cpu else 5)):
+        group = one_pair(frames, *size)
+        text, memory, run, wall = train(tn, model, encoder, group, stage, 1 if args.smoke_cpu else args.steps,
+                                        options)
         h = run["history"]
         per_step = run["seconds"] / max(1, len(h))
-        measured = run["memory"]["measured_peak"]
+        measured = run["memory"]["measured_peak"] or 0
         print(f"Stage {stage}, 480p x {frames} frames ({memory['profile']['tokens']} tokens), {len(h)} steps: "
               f"{per_step:.1f} s/step (run {wall:.0f} s); peak VRAM measured {measured / 2**30:.2f} GiB, "
               f"predicted {memory['peak'] / 2**30:.2f} GiB ({measured / memory['peak']:.2f}x); losses "
