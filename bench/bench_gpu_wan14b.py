@@ -83,13 +83,13 @@ def plan_table(acc, memory) -> None:
     for card in (24, 16):
         avail = (card - 2) * gib  # 2 GiB for the CUDA context, the desktop and fragmentation
         print(f"\n{card} GB card (budget {avail / gib:.0f} GiB):")
-        print(f"{'stage':<10} {'video':<16} {'tokens':>7} {'options':<70} {'peak GiB':>8} {'RAM act.':>8} "
-              f"{'step ÷ sampling':>15}")
+        print(f"{'stage':<10} {'video':<16} {'tokens':>7} {'options':<70} {'peak GiB':>8} {'non-weight':>9} "
+              f"{'resident':>9} {'RAM act.':>8} {'step ÷ sampling':>15}")
         for w, h, frames in rows:
             t = (frames - 1) // 4 + 1
             if (w, h, frames) not in profiles:
                 profiles[w, h, frames] = acc.wan_profile(dm, (16, t, h // 8, w // 8), TEXT_TOKENS + HEAD["num_tokens"],
-                                                         torch.bfloat16)
+                                                         torch.bfloat16, fused_attention=True)  # a GPU's SDPA
             profile = profiles[w, h, frames]
             for stage, train in (("dpo-head", head_params), ("dpo-lora", 0)):
                 def est(plan, _stage=stage, _train=train, _profile=profile):
@@ -103,7 +103,8 @@ def plan_table(acc, memory) -> None:
                     continue
                 best = fits[0]
                 print(f"{name:<10} {f'{w}x{h}x{frames}':<16} {profile.tokens:>7} {best.plan.describe():<70} "
-                      f"{best.peak / gib:>8.1f} {best.host_activations / gib:>8.1f} "
+                      f"{best.peak / gib:>8.1f} {best.without_weights / gib:>9.1f} "
+                      f"{best.weights_resident / gib:>9.1f} {best.host_activations / gib:>8.1f} "
                       f"{step_ratio(best):>15}")
 
 

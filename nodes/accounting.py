@@ -44,13 +44,15 @@ def _fused_attention() -> bool:
         "attention_pytorch", "attention_flash", "attention_sage", "attention_xformers")
 
 
-def _meta_attention(func, q, k, v, heads, *args, skip_reshape=False, skip_output_reshape=False, **kwargs):
-    if skip_reshape:  # [B, H, L, d] -> [B, L, H*d]
-        q, k, v = (t.transpose(1, 2).flatten(2) for t in (q, k, v))
-    out = _MetaAttention.apply(q, k, v, heads, not _fused_attention())
-    if skip_output_reshape:
-        return out.unflatten(2, (heads, -1)).transpose(1, 2)
-    return out
+def _meta_attention(fused: bool):
+    def attention(func, q, k, v, heads, *args, skip_reshape=False, skip_output_reshape=False, **kwargs):
+        if skip_reshape:  # [B, H, L, d] -> [B, L, H*d]
+            q, k, v = (t.transpose(1, 2).flatten(2) for t in (q, k, v))
+        out = _MetaAttention.apply(q, k, v, heads, not fused)
+        if skip_output_reshape:
+            return out.unflatten(2, (heads, -1)).transpose(1, 2)
+        return out
+    return attention
 
 
 def supports(diffusion_model) -> bool:
@@ -63,21 +65,25 @@ def weight_stats(diffusion_model) -> tuple[int, int]:
     return sum(sizes), max(sizes, default=0)
 
 
-def wan_profile(diffusion_model, latent_shape, context_tokens: int, dtype: torch.dtype) -> ActivationProfile:
+def wan_profile(diffusion_model, latent_shape, context_tokens: int, dtype: torch.dtype,
+                fused_attention: bool | None = None) -> ActivationProfile:
     """ActivationProfile of a Wan DiT for one video [C, T, H, W] with `context_tokens` text (+ physical) tokens,
-    computing in `dtype`."""
+    computing in `dtype`. `fused_attention`: count attention as a fused kernel (a GPU's SDPA / flash / sage) or
+    as ComfyUI's split attention; None = what this host uses."""
+    fused = _fused_attention() if fused_attention is None else bool(fused_attention)
     import comfy.model_management
 
     was = comfy.model_management.in_training
     comfy.model_management.in_training = True  # the code path training takes (e.g. Wan's differentiable rope)
     try:
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode, where autograd records nothing
-            return _wan_profile(diffusion_model, latent_shape, context_tokens, dtype)
+            return _wan_profile(diffusion_model, latent_shape, context_tokens, dtype, fused)
     finally:
         comfy.model_management.in_training = was
 
 
-def _wan_profile(diffusion_model, latent_shape, context_tokens: int, dtype: torch.dtype) -> ActivationProfile:
+def _wan_profile(diffusion_model, latent_shape, context_tokens: int, dtype: torch.dtype,
+                 fused: bool) -> ActivationProfile:
     dm = diffusion_model
     in_ch = int(dm.patch_embedding.in_channels)
     text_dim = int(next(p for p in dm.text_embedding.parameters() if p.ndim == 2).shape[1])
@@ -95,7 +101,7 @@ def _wan_profile(diffusion_model, latent_shape, context_tokens: int, dtype: torc
         x = torch.empty(1, in_ch, t, h, w, dtype=dtype, device="meta", requires_grad=True)
         ts = torch.empty(1, dtype=torch.float32, device="meta")
         ctx = torch.empty(1, int(context_tokens), text_dim, dtype=dtype, device="meta", requires_grad=True)
-        kwargs = {"transformer_options": {"optimized_attention_override": _meta_attention}}
+        kwargs = {"transformer_options": {"optimized_attention_override": _meta_attention(fused)}}
         if clip_width is not None:
             kwargs["clip_fea"] = torch.empty(1, 257, clip_width, dtype=dtype, device="meta")
         return torch.func.functional_call(dm, meta, (x, ts, ctx), kwargs, strict=False)

@@ -1,7 +1,10 @@
 """Training on ComfyUI's own loaded MODEL: Stage I SFT and Flow-DPO (Stages II/III) through the core trainer.
 
 The Denoiser is implemented over a ModelPatcher the way core comfy_extras/nodes_train.py trains: under
-`torch.inference_mode(False)`, on a `force_deepcopy` clone, with the host's TrainGuider preparing the model and the
+`torch.inference_mode(False)`, with the host's TrainGuider preparing the model and the conditioning, but on a plain
+clone that shares the user's loaded weights (no deep copy, no reload: see `training_patcher`; nothing a stage
+trains is a DiT weight), with the LoRA in the host's bypass mode, memory options as core's TrainLoraNode offers
+them and a pre-flight estimate of the step's peak memory (`memory_preflight`, nodes/accounting.py). The
 conditioning (ComfyUI's own `extra_conds` turns each group's conditioning into model inputs: Wan's mask + image
 latent concat and CLIP features, LTX's attention mask ...), and the LoRA as the host's weight adapters, so core
 SaveLoRA saves it and LoraLoaderModelOnly loads it. `BaseModel.apply_model` returns the denoised estimate x̂_0; the
