@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .errors import BatchMismatchError, PhysMasterError
 
-__all__ = ["flow_matching_loss", "flow_dpo_loss", "DPOOutput", "per_sample_sq_error", "LOG2"]
+__all__ = ["flow_matching_loss", "flow_dpo_loss", "flow_dpo_from_errors", "dpo_error_weights", "DPOOutput",
+           "per_sample_sq_error", "LOG2"]
 
 LOG2 = math.log(2.0)
 
@@ -90,6 +91,15 @@ def flow_dpo_loss(
     with torch.no_grad():
         ref_w = per_sample_sq_error(v_ref_w.detach(), target_w, reduction)
         ref_l = per_sample_sq_error(v_ref_l.detach(), target_l, reduction)
+    return flow_dpo_from_errors(err_w, err_l, ref_w, ref_l, beta)
+
+
+def flow_dpo_from_errors(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+                         beta: float) -> DPOOutput:
+    """Flow-DPO from the per-sample squared errors [B] of the policy (`err_*`) and the reference (`ref_*`): the
+    loss depends on the model only through `err_w` and `err_l`, which lets a trainer run winner and loser in
+    separate passes (see `dpo_error_weights`)."""
+    beta = float(beta)
     reward_w = -0.5 * beta * (err_w - ref_w)
     reward_l = -0.5 * beta * (err_l - ref_l)
     inside = reward_w - reward_l
@@ -99,3 +109,20 @@ def flow_dpo_loss(
     return DPOOutput(loss=per_pair.mean(), accuracy=acc, margin=inside.detach().mean(),
                      reward_winner=reward_w.detach().mean(), reward_loser=reward_l.detach().mean(),
                      per_pair_margin=inside.detach(), per_pair_loss=per_pair.detach())
+
+
+def dpo_error_weights(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+                      beta: float) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
+    """The Flow-DPO loss at these errors (all [B], no graph) and its derivatives dL/d err_w, dL/d err_l [B].
+
+    Since L depends on the trainable weights only through the policy's errors, backpropagating
+    `(weights_w * err_w(θ)).sum()` and `(weights_l * err_l(θ)).sum()` in two separate passes (errors recomputed
+    with a graph, one video at a time) gives exactly the gradient of L: winner and loser never need to be in
+    memory together."""
+    with torch.enable_grad():
+        ew = err_w.detach().float().clone().requires_grad_(True)
+        el = err_l.detach().float().clone().requires_grad_(True)
+        out = flow_dpo_from_errors(ew, el, ref_w.detach().float(), ref_l.detach().float(), beta)
+        gw, gl = torch.autograd.grad(out.loss, (ew, el))
+    out.loss = out.loss.detach()
+    return out, gw, gl

@@ -74,3 +74,25 @@ def test_dpo_shape_mismatch_and_half_precision():
     h = torch.ones(1, 2, dtype=torch.float16)
     out = flow_dpo_loss(h, h, h * 2, h * 2, h * 0, h * 0, beta=1.0)
     assert out.loss.dtype == torch.float32
+
+
+def test_dpo_error_weights_give_the_exact_gradient_in_separate_passes():
+    """Issue 10: winner and loser in separate passes. dL/d err times each error's own gradient, summed over two
+    backward passes, equals the gradient of the batched Flow-DPO loss."""
+    from physmaster.losses import dpo_error_weights, flow_dpo_loss, per_sample_sq_error
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)  # stands in for the policy's weights
+    xw, xl, tw, tl = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(4))
+    rw, rl = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    out = flow_dpo_loss(w * xw, w * xl, rw, rl, tw, tl, beta=7.0)
+    (batched,) = torch.autograd.grad(out.loss, w)
+    with torch.no_grad():
+        ew, el = per_sample_sq_error(w * xw, tw), per_sample_sq_error(w * xl, tl)
+        refw, refl = per_sample_sq_error(rw, tw), per_sample_sq_error(rl, tl)
+    split_out, gw, gl = dpo_error_weights(ew, el, refw, refl, 7.0)
+    assert split_out.loss.item() == pytest.approx(out.loss.item(), rel=1e-6) and not split_out.loss.requires_grad
+    (gw * per_sample_sq_error(w * xw, tw)).sum().backward()
+    (gl * per_sample_sq_error(w * xl, tl)).sum().backward()
+    assert torch.allclose(w.grad, batched, rtol=1e-5, atol=1e-7)
+    assert split_out.logs()["accuracy"] == pytest.approx(out.logs()["accuracy"])

@@ -45,7 +45,8 @@ from torch import nn
 from ..encoder import PhysEncoder
 from ..errors import CheckpointError, PhysMasterError
 from ..fileio import atomic_path
-from ..losses import flow_dpo_loss, flow_matching_loss
+from ..losses import dpo_error_weights, flow_dpo_loss, flow_matching_loss, per_sample_sq_error
+from ..memory import saved_on_cpu
 from .data import PreferenceSet, VideoSet
 from .denoiser import Conditioning, Denoiser
 
@@ -81,6 +82,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     gradient_checkpointing: bool = False
     grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size per process)
+    # memory (the same gradient, less memory): one video per pass with gradient accumulation (Flow-DPO: the
+    # policy's errors from a pass without a graph, then one pass with a graph per video), and what autograd
+    # keeps for backward held in CPU memory (see physmaster.memory.saved_on_cpu)
+    split_passes: bool = False
+    activations_on_cpu: bool = False
 
     TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
                          "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout")
@@ -105,6 +111,8 @@ class TrainConfig:
             problems.append(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if int(self.grad_accum) < 1:
             problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.split_passes and int(self.grad_accum) > 1:
+            problems.append("split_passes already accumulates one video per pass; use grad_accum 1 with it")
         if problems:
             raise TrainingError("invalid training config: " + "; ".join(problems))
 
@@ -183,6 +191,9 @@ class StageTrainer:
         self.rank = int(accelerator.process_index) if accelerator is not None else 0
         self.world = int(accelerator.num_processes) if accelerator is not None else 1
         self.global_batch = int(config.batch_size) * self.world * int(config.grad_accum)
+        if config.split_passes and self.world > 1:
+            raise TrainingError("split_passes runs on one process; with several processes (accelerate) use "
+                                "--grad-accum and a smaller --batch-size instead")
         self._loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # tests: corrupt a loss
         if stage == "sft":
             if not isinstance(data, VideoSet):
@@ -289,7 +300,8 @@ class StageTrainer:
                 tokens = tokens * keep.view(-1, 1, 1)
             c = cond.with_tokens(tokens, cfg.token_strength)
             x_t = self.denoiser.add_noise(x0, noise, t)
-            v = self.denoiser.predict_velocity(x_t, t, c)
+            with self._keep_activations():
+                v = self.denoiser.predict_velocity(x_t, t, c)
             loss = flow_matching_loss(v, self.denoiser.velocity_target(x0, noise, t))
             return loss, {"loss": float(loss.detach())}
 
@@ -304,20 +316,103 @@ class StageTrainer:
         x_t = self.denoiser.add_noise(x0, eps, tt)
         target = self.denoiser.velocity_target(x0, eps, tt)
         cond2 = cond.repeat(2)
+        # the reference first, without a graph: nothing of it is in memory while the policy's graph is
+        v_ref = self._reference_velocity(x_t, tt, cond2)
+        with self._keep_activations():
+            v_pol = self.denoiser.predict_velocity(x_t, tt, self._policy_cond(cond2))
+        out = flow_dpo_loss(v_pol[:b], v_pol[b:], v_ref[:b], v_ref[b:], target[:b], target[b:], cfg.beta)
+        return out.loss, out.logs()
+
+    def _policy_cond(self, cond: Conditioning) -> Conditioning:
+        """The policy's conditioning: tokens of the trained head (with a graph in Stages I and III)."""
+        head = self.encoder.head if self.encoder is not None else None
         if self.stage == "dpo-lora":
             with torch.no_grad():
-                tokens = self._tokens(head, cond2)
-            c = cond2.with_tokens(tokens, cfg.token_strength)
-            v_pol = self.denoiser.predict_velocity(x_t, tt, c)
-            with torch.no_grad(), self.denoiser.lora_disabled():
-                v_ref = self.denoiser.predict_velocity(x_t, tt, c)
-        else:  # dpo-head: the DiT is frozen, the tokens differ
-            v_pol = self.denoiser.predict_velocity(x_t, tt, cond2.with_tokens(self._tokens(head, cond2),
-                                                                             cfg.token_strength))
-            with torch.no_grad():
-                c_ref = cond2.with_tokens(self._tokens(self.ref_head, cond2), cfg.token_strength)
-                v_ref = self.denoiser.predict_velocity(x_t, tt, c_ref)
-        out = flow_dpo_loss(v_pol[:b], v_pol[b:], v_ref[:b], v_ref[b:], target[:b], target[b:], cfg.beta)
+                return cond.with_tokens(self._tokens(head, cond), self.config.token_strength)
+        return cond.with_tokens(self._tokens(head, cond), self.config.token_strength)
+
+    def _reference_velocity(self, x_t, t, cond: Conditioning) -> torch.Tensor:
+        """Flow-DPO's reference (no graph): the model before the stage (Stage II: LoRA off; III: the frozen head)."""
+        with torch.no_grad():
+            if self.stage == "dpo-lora":
+                head = self.encoder.head if self.encoder is not None else None
+                c = cond.with_tokens(self._tokens(head, cond), self.config.token_strength)
+                with self.denoiser.lora_disabled():
+                    return self.denoiser.predict_velocity(x_t, t, c)
+            c = cond.with_tokens(self._tokens(self.ref_head, cond), self.config.token_strength)
+            return self.denoiser.predict_velocity(x_t, t, c)
+
+    def _keep_activations(self):
+        """Where autograd keeps what backward needs: CPU memory when `activations_on_cpu`."""
+        return saved_on_cpu() if self.config.activations_on_cpu else contextlib.nullcontext()
+
+    def split_backward(self, step: int) -> tuple[torch.Tensor, dict]:
+        """`compute_loss(step)` and its backward with one video per pass (gradient accumulation): the same loss
+        and gradient (up to float summation order), about half the activation memory of a batch of 2.
+
+        Stage I: each video's flow-matching error, backpropagated with weight 1/B. Flow-DPO: the reference's and
+        the policy's errors for each video without a graph, the loss and its derivatives by each error
+        (`losses.dpo_error_weights`), then one pass with a graph per video backpropagating `dL/d err · err`.
+        Returns the loss (0-d, no graph) and the logs; the gradients are in the parameters' `.grad`."""
+        cfg = self.config
+        dev = self.denoiser.device
+        gen = step_generator(cfg.seed, step)
+        idx = batch_indices(len(self.data), cfg.batch_size, cfg.seed, step)
+        head = self.encoder.head if self.encoder is not None else None
+        if self.stage == "sft":
+            x0, cond = self.data.batch(idx)
+            b = x0.shape[0]
+            t = sample_t(cfg, b, gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            keep = None
+            if head is not None and cond.features is not None and cfg.token_dropout > 0:
+                keep = (torch.rand(b, generator=gen) >= cfg.token_dropout).float()
+            x0, noise, t, cond = x0.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
+            x_t = self.denoiser.add_noise(x0, noise, t)
+            target = self.denoiser.velocity_target(x0, noise, t)
+            total = torch.zeros((), dtype=torch.float32)
+            for i in range(b):
+                ci = cond.map(lambda x, i=i: x[i:i + 1])
+                tokens = self._tokens(head, ci)
+                if tokens is not None and keep is not None:
+                    tokens = tokens * keep[i:i + 1].to(tokens).view(-1, 1, 1)
+                with self._keep_activations():
+                    v = self.denoiser.predict_velocity(x_t[i:i + 1], t[i:i + 1], ci.with_tokens(tokens,
+                                                                                                cfg.token_strength))
+                err = per_sample_sq_error(v, target[i:i + 1])
+                (err.sum() / b).backward()
+                total += err.detach().sum().cpu() / b
+            return total, {"loss": float(total)}
+
+        xw, xl, cond = self.data.batch(idx)
+        b = xw.shape[0]
+        t = sample_t(cfg, b, gen)
+        noise = torch.randn(xw.shape, generator=gen)
+        xw, xl, noise, t, cond = xw.to(dev), xl.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
+        x0 = torch.cat([xw, xl])
+        eps = torch.cat([noise, noise])
+        tt = torch.cat([t, t])
+        x_t = self.denoiser.add_noise(x0, eps, tt)
+        target = self.denoiser.velocity_target(x0, eps, tt)
+        cond2 = cond.repeat(2)
+        one = [cond2.map(lambda x, i=i: x[i:i + 1]) for i in range(2 * b)]
+        ref, pol = [], []
+        with torch.no_grad():
+            for i in range(2 * b):
+                ref.append(per_sample_sq_error(self._reference_velocity(x_t[i:i + 1], tt[i:i + 1], one[i]),
+                                               target[i:i + 1]))
+            for i in range(2 * b):
+                v = self.denoiser.predict_velocity(x_t[i:i + 1], tt[i:i + 1], self._policy_cond(one[i]))
+                pol.append(per_sample_sq_error(v, target[i:i + 1]))
+        ref_e, pol_e = torch.cat(ref), torch.cat(pol)
+        out, gw, gl = dpo_error_weights(pol_e[:b], pol_e[b:], ref_e[:b], ref_e[b:], cfg.beta)
+        if torch.isfinite(out.loss):  # a non-finite loss stops the run before any backward
+            weights = torch.cat([gw, gl])
+            for i in range(2 * b):
+                with self._keep_activations():
+                    v = self.denoiser.predict_velocity(x_t[i:i + 1], tt[i:i + 1], self._policy_cond(one[i]))
+                err = per_sample_sq_error(v, target[i:i + 1])
+                (weights[i:i + 1].to(err) * err).sum().backward()
         return out.loss, out.logs()
 
     # -- the loop ---------------------------------------------------------------------------------------------
@@ -333,9 +428,14 @@ class StageTrainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = self._lr(step)
             self.optimizer.zero_grad(set_to_none=True)
-            loss, logs = self._accumulate(step)
-            if not torch.isfinite(loss):
-                stopped = (f"stopped at step {step + 1}: the loss is not finite ({float(loss)}); the "
+            if cfg.split_passes:  # one video per pass (memory); backward done inside
+                loss, logs = self.split_backward(step)
+                if self._loss_hook is not None:
+                    loss = self._loss_hook(step, loss)
+            else:  # micro-batches and processes (accelerate); backward done inside
+                loss, logs = self._accumulate(step)
+            if not torch.isfinite(loss.detach()):
+                stopped = (f"stopped at step {step + 1}: the loss is not finite ({float(loss.detach())}); the "
                            f"weights are those after step {step}. Lower the learning rate or check the data.")
                 self.optimizer.zero_grad(set_to_none=True)
                 break

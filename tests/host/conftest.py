@@ -93,7 +93,7 @@ def tiny_models(comfyui_path) -> dict:
     """name -> Path of the cached tiny model files (written on first use; see tiny_models.MODELS)."""
     import tiny_models as tm
 
-    return tm.ensure_tiny_models(comfyui_path=str(comfyui_path))
+    return tm.ensure_tiny_models(tm.DEFAULT_MODELS, comfyui_path=str(comfyui_path))
 
 
 @pytest.fixture(scope="session")

@@ -460,3 +460,130 @@ def test_videos_saved_in_the_graph_train_with_the_sft_cli(host, tmp_path):
     stage = load_encoder(out / "encoder.safetensors").provenance["stages"][0]
     assert stage["stage"] == "sft" and stage["dataset"] == "cli_videos" and stage["dataset_size"] >= 2
     assert stage["processes"] == 1 and (out / "lora.safetensors").is_file()
+
+
+# -- issue 10: nothing copied, the user's model untouched, reproducible, memory options and accounting -------------
+
+def _sample(host, prefix: str):
+    build, _ = FAMILIES["wan21_i2v"]
+    latent, _ = _run_and_load(host, build(prefix))
+    return latent
+
+
+def test_training_shares_the_weights_and_leaves_the_users_model_bit_identical(host, marked_dataset):
+    """Stage III trains on the user's loaded weights (no deep copy, no reload), Stage II adds the LoRA in bypass
+    mode: sampling the same model with the same latent before and after gives bit-identical latents."""
+    before = _sample(host, "share/before")  # loads the model (cached by UNETLoader for what follows)
+    for stage in ("head (Stage III)", "dit lora (Stage II)"):
+        entry = host.run(dpo_prompt(marked_dataset, stage, steps=3), timeout=900)
+        (run,) = _history(entry)
+        assert run["weights"] == "the loaded weights, shared" and len(run["history"]) == 3
+        mem = run["memory"]
+        assert mem["stage"] == run["stage"] and mem["peak"] > mem["without_weights"] > 0
+        summary = entry["outputs"]["train"]["text"][0]
+        assert "estimated peak" in summary and "activations" in summary, summary
+        after = _sample(host, f"share/after_{run['stage']}")
+        assert torch.equal(before, after), f"sampling changed after {stage}"
+
+
+def test_two_identical_runs_give_identical_losses_and_files(fresh_host_cache, marked_dataset):
+    """The LoRA's initial values follow training_seed: two identical Stage II runs (caches emptied between)
+    give the same losses and bit-identical LoRA files; alpha is saved and stays rank (frozen)."""
+    host = fresh_host_cache
+    runs = []
+    for i in range(2):
+        host.free()
+        p = dpo_prompt(marked_dataset, "dit lora (Stage II)", steps=3)
+        p["save_lora"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["train", 1],
+                                                               "prefix": f"loras/hosttest_repro{i}"}}
+        entry = host.run(p, timeout=900)
+        (run,) = _history(entry)
+        (path,) = sorted((host.output_dir / "loras").glob(f"hosttest_repro{i}_*.safetensors"))[-1:]
+        runs.append(([h["loss"] for h in run["history"]], harness.load_tensors(path)))
+    (losses0, lora0), (losses1, lora1) = runs
+    assert losses0 == losses1 and len(losses0) == 3 and losses0[1] != losses0[0]
+    assert set(lora0) == set(lora1) and all(torch.equal(lora0[k], lora1[k]) for k in lora0)
+    alphas = [v for k, v in lora0.items() if k.endswith(".alpha")]
+    assert alphas and all(float(a) == 4.0 for a in alphas)  # lora_rank 4: alpha = rank, not trained
+
+
+def test_memory_options_this_machine_cannot_use_are_named_before_training(host, marked_dataset):
+    for option, words in (("offloading", "set offloading off"), ("quantized_backward", "set quantized_backward off"),
+                          ("activations_on_cpu", "set activations_on_cpu off")):
+        p = dpo_prompt(marked_dataset, "head (Stage III)", steps=2)
+        p["train"]["inputs"][option] = True
+        with pytest.raises(harness.ExecutionFailed) as err:
+            host.run(p, timeout=300)
+        msg = err.value.exception_message
+        assert err.value.node_id == "train" and words in msg and "CPU" in msg, msg
+
+
+def test_a_latent_too_big_for_any_option_is_refused_with_the_numbers(host):
+    """SFT on a 1920x1920, 201-frame latent (734,400 video tokens) would need more than the machine's RAM: the
+    pre-flight says so, with the estimate, before anything is trained."""
+    build, _ = FAMILIES["wan21_i2v"]
+    p = with_physmaster(build("toobig"), 1.0)
+    del p["image"], p["sampler"], p["save"]
+    p["i2v"]["inputs"].update({"width": 1920, "height": 1920, "length": 201})
+    del p["i2v"]["inputs"]["start_image"]
+    p["apply"]["inputs"].update({"positive": ["i2v", 0], "negative": ["i2v", 1]})
+    p["train"] = {"class_type": "PhysMasterTrainSFT", "inputs": {
+        "model": ["unet", 0], "encoder": ["enc", 0], "latents": ["i2v", 2], "positive": ["apply", 0],
+        "train": "head and lora", "steps": 2, "learning_rate": 1e-3, "lora_rank": 4, "batch_size": 1,
+        "training_seed": 0, "gradient_checkpointing": False}}
+    p["summary"] = {"class_type": "PreviewAny", "inputs": {"source": ["train", 3]}}
+    t0 = time.monotonic()
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(p, timeout=600)
+    msg = err.value.exception_message
+    assert err.value.node_id == "train", msg
+    assert "needs estimated peak" in msg and "free RAM" in msg and "GiB" in msg, msg
+    assert "gradient_checkpointing" in msg, msg  # the option that fits, or that none does
+    print(f"refused in {time.monotonic() - t0:.1f} s: {msg[:300]}")
+
+
+def _status_kib(pid: int, key: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def sft_memory_prompt(size: int, length: int, steps: int, seed: int, checkpointing: bool, split: bool = False) -> dict:
+    """Stage I SFT on the mid-size Wan (WanImageToVideo's latent of a size x size, `length`-frame video)."""
+    build, _ = FAMILIES["wan21_i2v"]
+    p = with_physmaster(build("mem"), 1.0)
+    del p["sampler"], p["save"]
+    p["unet"]["inputs"]["unet_name"] = tm.MODELS["wan21_i2v_mid"][1]
+    p["image"]["inputs"].update({"width": size, "height": size})
+    p["i2v"]["inputs"].update({"width": size, "height": size, "length": length})
+    p["apply"]["inputs"].update({"positive": ["i2v", 0], "negative": ["i2v", 1]})
+    p["train"] = {"class_type": "PhysMasterTrainSFT", "inputs": {
+        "model": ["unet", 0], "encoder": ["enc", 0], "latents": ["i2v", 2], "positive": ["apply", 0],
+        "train": "head and lora", "steps": steps, "learning_rate": 1e-4, "lora_rank": 4, "batch_size": 1,
+        "training_seed": seed, "gradient_checkpointing": checkpointing, "split_passes": split}}
+    p["summary"] = {"class_type": "PreviewAny", "inputs": {"source": ["train", 3]}}
+    return p
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_estimate_matches_the_measured_peak(comfyui_path, checkpointing):
+    """The pre-flight's estimate of what a training step adds (activations, trainable weights and AdamW) against
+    the server's measured peak RSS over its RSS with the model loaded, on a mid-size Wan 2.1 I2V (512 wide, 4
+    blocks) at 256x256x17 (1,280 video tokens): within ±25%. The server runs with a fixed malloc mmap threshold so
+    freed activations go back to the OS and RSS follows what is live."""
+    models = tm.model_folders(tm.ensure_tiny_models(["wan21_i2v_mid", "wan21_vae"], comfyui_path=str(comfyui_path)))
+    with harness.ComfyHost(comfyui_path, models=models, env={"MALLOC_MMAP_THRESHOLD_": "65536"}) as host:
+        host.run(sft_memory_prompt(256, 17, 1, 0, checkpointing), timeout=900)  # loads, encodes, caches
+        pid = host.proc.pid
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        base = _status_kib(pid, "VmRSS") * 1024
+        entry = host.run(sft_memory_prompt(256, 17, 3, 1, checkpointing), timeout=900)  # only the train node
+        peak = _status_kib(pid, "VmHWM") * 1024
+    (run,) = _history(entry)
+    estimate = run["memory"]["without_weights"]
+    measured = peak - base
+    print(f"checkpointing={checkpointing}: estimated {estimate / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB "
+          f"(ratio {measured / estimate:.2f}); profile {run['memory']['profile']}")
+    assert 0.75 * estimate <= measured <= 1.25 * estimate

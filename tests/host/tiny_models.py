@@ -51,7 +51,15 @@ MODELS = {
     "clip_vision_h": ("clip_vision", "physmaster_test_clip_vision_h_random_fp16.safetensors"),
     "hunyuan_i2v": ("diffusion_models", "physmaster_test_hunyuan_video_i2v_tiny.safetensors"),
     "hunyuan_vae": ("vae", "physmaster_test_hunyuan_video_vae_random_fp16.safetensors"),
+    # built only when asked for (not by the session fixture): the memory accounting test and the memory bench
+    "wan21_i2v_mid": ("diffusion_models", "physmaster_test_wan21_i2v_mid.safetensors"),
+    "wan21_i2v_bench": ("diffusion_models", "physmaster_test_wan21_i2v_bench.safetensors"),
 }
+ON_DEMAND = ("wan21_i2v_mid", "wan21_i2v_bench")
+DEFAULT_MODELS = [n for n in MODELS if n not in ON_DEMAND]
+# Wan 2.1 I2V-class DiTs of middling size, same recipe as the tiny one: for measuring memory, not function
+WAN_MID = dict(dim=512, ffn_dim=1536, num_layers=4)  # 4 heads of 128; ~0.09 GiB fp32
+WAN_BENCH = dict(dim=1536, ffn_dim=8960, num_layers=8)  # 12 heads of 128, Wan 1.3B's width; ~1.6 GiB fp32
 
 # Widths the models take at their inputs (real-model widths, so conditioning built for real models fits).
 WAN_TEXT_DIM = 4096  # umT5-XXL hidden size; WanModel's text_embedding input (not inferred from weights)
@@ -187,9 +195,12 @@ def _build(name: str, root: Path):
     ops = comfy.ops.disable_weight_init
     path = model_path(name, root)
     f32 = torch.float32
-    if name in ("wan21_i2v", "wan22_ti2v"):
+    if name in ("wan21_i2v", "wan22_ti2v", "wan21_i2v_mid", "wan21_i2v_bench"):
         from comfy.ldm.wan.model import WanModel
-        if name == "wan21_i2v":
+        if name in ("wan21_i2v_mid", "wan21_i2v_bench"):
+            sizes = WAN_MID if name == "wan21_i2v_mid" else WAN_BENCH
+            cfg = dict(WAN_DIT, **sizes, model_type="i2v", in_dim=36, out_dim=16, num_heads=sizes["dim"] // 128)
+        elif name == "wan21_i2v":
             cfg = dict(WAN_DIT, model_type="i2v", in_dim=36, out_dim=16, num_heads=WAN_DIT["dim"] // 128)
         else:
             cfg = dict(WAN_DIT, model_type="t2v", in_dim=48, out_dim=48, num_heads=WAN_DIT["dim"] // 128)
