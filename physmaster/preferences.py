@@ -88,6 +88,22 @@ def validate_name(name: str) -> str:
     return name
 
 
+def open_folder(root: str | os.PathLike, name: str, create: bool, error: type[Exception], what: str,
+                temp_folders: tuple[str, ...], how_to_make: str) -> Path:
+    """`root/name` of a dataset-like folder (`what`: "preference dataset", "video set"), its name validated.
+    An existing folder has the temp files of killed writers removed from `temp_folders` ("" = itself); a file
+    in its place, or a missing folder without `create`, is an `error` that says what to do."""
+    path = Path(root) / validate_name(name)
+    if path.is_dir():
+        for sub in temp_folders:
+            remove_stale_temps(path / sub if sub else path)
+    elif path.exists():
+        raise error(f"{path} is a file, not a {what} folder: choose another name")
+    elif not create:
+        raise error(f"{what} {name!r} not found in {root}; {how_to_make}, or check the name")
+    return path
+
+
 def _make_pairs(group: str | None, n: int, pairs: Iterable[tuple], source: str) -> list["Pair"]:
     """Checked Pairs of one answer for a group of `n` candidates (None: a group not written yet; its Pairs get the
     group "" until it is), sharing one `created` time."""
@@ -322,16 +338,8 @@ class PreferenceDataset:
         """Open dataset `name` in `root`. With `create`, a dataset that does not exist yet is allowed: its folder is
         made by the first write (`add_group`), so opening and then writing nothing (a cancelled picker) leaves
         nothing behind. Temp files that killed writers left behind (over an hour old) are removed."""
-        path = Path(root) / validate_name(name)
-        if path.is_dir():
-            for folder in (path, path / "groups"):
-                remove_stale_temps(folder)
-        elif path.exists():
-            raise DatasetError(f"{path} is a file, not a preference dataset folder: choose another dataset name")
-        elif not create:
-            raise DatasetError(f"preference dataset {name!r} not found in {root}; mark pairs with "
-                               "PhysMasterPreferencePicker first, or check the name")
-        return cls(path)
+        return cls(open_folder(root, name, create, DatasetError, "preference dataset", ("", "groups"),
+                               "mark pairs with PhysMasterPreferencePicker first"))
 
     @property
     def name(self) -> str:

@@ -28,8 +28,8 @@ import torch
 from filelock import FileLock, Timeout
 
 from .errors import PhysMasterError
-from .fileio import atomic_path, atomic_write_text, remove_stale_temps
-from .preferences import FLOAT_DTYPES, LOCK_TIMEOUT, MAX_INFO, validate_name
+from .fileio import atomic_path, atomic_write_text
+from .preferences import FLOAT_DTYPES, LOCK_TIMEOUT, MAX_INFO, open_folder
 
 KIND = "physmaster.videos"
 FORMAT_VERSION = 1
@@ -59,15 +59,8 @@ class VideoDataset:
 
     @classmethod
     def open(cls, root: str | os.PathLike, name: str, create: bool = False) -> "VideoDataset":
-        path = Path(root) / validate_name(name)
-        if path.is_dir():
-            remove_stale_temps(path / "videos")
-        elif path.exists():
-            raise VideoSetError(f"{path} is a file, not a video set folder: choose another name")
-        elif not create:
-            raise VideoSetError(f"video set {name!r} not found in {root}; save videos with "
-                                "PhysMasterSaveTrainingVideos first, or check the name")
-        return cls(path)
+        return cls(open_folder(root, name, create, VideoSetError, "video set", ("videos",),
+                               "save videos with PhysMasterSaveTrainingVideos first"))
 
     @property
     def name(self) -> str:

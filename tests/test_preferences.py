@@ -622,3 +622,18 @@ def test_drops_and_answers_from_two_processes_at_once(tmp_path):
     pairs, stats = ds.read_pairs()
     assert stats.problems == [] and len(pairs) == 150 and {p.group for p in pairs} == {g}
     assert stats.dropped == 40 and stats.groups == 1
+
+
+def test_opening_a_missing_or_misplaced_folder_says_what_to_do(tmp_path):
+    from physmaster.videoset import VideoDataset, VideoSetError
+
+    for cls, error, what, advice in ((PreferenceDataset, DatasetError, "preference dataset",
+                                      "PhysMasterPreferencePicker"),
+                                     (VideoDataset, VideoSetError, "video set", "PhysMasterSaveTrainingVideos")):
+        with pytest.raises(error, match=f"{what} 'nope' not found in .*{advice} first, or check the name"):
+            cls.open(tmp_path, "nope")
+        (tmp_path / "afile").write_text("x")
+        with pytest.raises(error, match=f"is a file, not a {what} folder: choose another name"):
+            cls.open(tmp_path, "afile", create=True)
+        assert cls.open(tmp_path, "new", create=True).path == tmp_path / "new"
+        assert not (tmp_path / "new").exists()  # opening writes nothing
