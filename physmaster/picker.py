@@ -60,27 +60,36 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
-def parse_answer(body: bytes | str) -> tuple[str, Any]:
-    """(request_id, choice) from a POST body `{"request_id": "...", "choice": {...}}`, bounded in size and depth.
-    Raises MalformedAnswer for anything else; the choice itself is checked by `PendingChoices.answer`."""
+def parse_json_object(body: bytes | str, keys: set[str], max_body: int, error: type[Exception], what: str,
+                      shape: str) -> dict:
+    """A POST body, bounded in size and depth, as a JSON object (UTF-8, no NaN) with exactly `keys`; anything else
+    raises `error`, naming `what` the body should be and its `shape`. The picker's answers and the review's drops
+    are both read by it."""
     if not isinstance(body, (bytes, bytearray, str)):
-        raise MalformedAnswer(f"body must be JSON text, got {type(body).__name__}")
-    if len(body) > MAX_BODY:
-        raise MalformedAnswer(f"request body is {len(body)} bytes, more than an answer can be ({MAX_BODY})")
+        raise error(f"body must be JSON text, got {type(body).__name__}")
+    if len(body) > max_body:
+        raise error(f"request body is {len(body)} bytes, more than {what} can be ({max_body})")
     if not isinstance(body, str):  # a browser sends UTF-8; json.loads would also guess UTF-16/32 from the bytes
         try:
             body = bytes(body).decode("utf-8")
         except UnicodeDecodeError:
-            raise MalformedAnswer("body must be JSON in UTF-8: {\"request_id\": ..., \"choice\": ...}") from None
+            raise error(f"body must be JSON in UTF-8: {shape}") from None
     try:
         data = json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:
-        raise MalformedAnswer("body is nested too deeply to be an answer: send {\"request_id\": ..., "
-                              "\"choice\": ...}") from None
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError, NaN, over-long integers
-        raise MalformedAnswer("body must be JSON: {\"request_id\": ..., \"choice\": ...}") from None
-    if not isinstance(data, dict) or set(data) != {"request_id", "choice"}:
-        raise MalformedAnswer("send exactly {\"request_id\": ..., \"choice\": ...}")
+        raise error(f"body is nested too deeply to be {what}: send {shape}") from None
+    except ValueError:  # JSONDecodeError, NaN, over-long integers
+        raise error(f"body must be JSON: {shape}") from None
+    if not isinstance(data, dict) or set(data) != keys:
+        raise error(f"send exactly {shape}")
+    return data
+
+
+def parse_answer(body: bytes | str) -> tuple[str, Any]:
+    """(request_id, choice) from a POST body `{"request_id": "...", "choice": {...}}`, bounded in size and depth.
+    Raises MalformedAnswer for anything else; the choice itself is checked by `PendingChoices.answer`."""
+    data = parse_json_object(body, {"request_id", "choice"}, MAX_BODY, MalformedAnswer, "an answer",
+                             "{\"request_id\": ..., \"choice\": ...}")
     request_id = data["request_id"]
     if not isinstance(request_id, str) or len(request_id) > 64:
         raise MalformedAnswer(f"request_id must be the id the picker sent, got {describe(request_id)}")

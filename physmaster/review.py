@@ -12,14 +12,13 @@ that cannot be written is a `DropFailed` (409) and nothing is changed.
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 import time
 from collections import Counter
-from typing import Any
 
 from .errors import PhysMasterError, describe
+from .picker import parse_json_object
 from .preferences import DatasetError, PreferenceDataset
 
 #: largest POST body accepted (a drop is about 200 bytes)
@@ -45,25 +44,10 @@ class DropFailed(ReviewRejected):
     """The drop was valid but could not be written (a full disk): HTTP 409; nothing changed."""
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
-
-
 def parse_review_body(body: bytes | str) -> tuple[str, dict]:
     """(token, drop) from a POST body, bounded in size and depth; MalformedReview for anything else."""
-    if not isinstance(body, (bytes, bytearray, str)):
-        raise MalformedReview(f"body must be JSON text, got {type(body).__name__}")
-    if len(body) > MAX_BODY:
-        raise MalformedReview(f"request body is {len(body)} bytes, more than a drop can be ({MAX_BODY})")
-    try:
-        text = body if isinstance(body, str) else bytes(body).decode("utf-8")
-        data = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise MalformedReview("body is nested too deeply to be a drop") from None
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError, NaN
-        raise MalformedReview("body must be JSON in UTF-8: {\"token\": ..., \"drop\": {...}}") from None
-    if not isinstance(data, dict) or set(data) != {"token", "drop"}:
-        raise MalformedReview("send exactly {\"token\": ..., \"drop\": {\"group\": ...}}")
+    data = parse_json_object(body, {"token", "drop"}, MAX_BODY, MalformedReview, "a drop",
+                             "{\"token\": ..., \"drop\": {\"group\": ...}}")
     token, drop = data["token"], data["drop"]
     if not isinstance(token, str) or len(token) > 64:
         raise MalformedReview(f"token must be the review's token, got {describe(token)}")

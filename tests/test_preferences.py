@@ -110,16 +110,21 @@ def _writer(path, group, start, count):
         ds.add_pair(group, (start + i) % 3, (start + i + 1) % 3, "human", float(i))
 
 
-def test_two_processes_append_at_once(tmp_path):
-    ds = PreferenceDataset.open(tmp_path, "d", create=True)
-    g = _group(ds)
+def run_at_once(*jobs):
+    """Start every (target, args) in its own spawned process, then wait; each must exit 0."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(ds.path, g, s, 150)) for s in (0, 1)]
+    procs = [ctx.Process(target=target, args=args) for target, args in jobs]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+
+
+def test_two_processes_append_at_once(tmp_path):
+    ds = PreferenceDataset.open(tmp_path, "d", create=True)
+    g = _group(ds)
+    run_at_once((_writer, (ds.path, g, 0, 150)), (_writer, (ds.path, g, 1, 150)))
     pairs, stats = ds.read_pairs()
     assert stats.problems == [] and len(pairs) == 300
 
@@ -611,14 +616,7 @@ def test_drops_and_answers_from_two_processes_at_once(tmp_path):
     others = [_group(ds, n=2) for _ in range(40)]
     for o in others:
         ds.add_pair(o, 0, 1, "judge")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(ds.path, g, 0, 150)),
-             ctx.Process(target=_dropper, args=(ds.path, others))]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    run_at_once((_writer, (ds.path, g, 0, 150)), (_dropper, (ds.path, others)))
     pairs, stats = ds.read_pairs()
     assert stats.problems == [] and len(pairs) == 150 and {p.group for p in pairs} == {g}
     assert stats.dropped == 40 and stats.groups == 1

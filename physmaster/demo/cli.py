@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .pipeline import dpo, make_pairs, stage_one
 
     vm, backbone = assets
-    vm = copy.deepcopy(vm)  # each seed starts from the shipped base
+    vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))  # each seed trains a fresh copy of the shipped base
     vm.guidance = float(st.guidance)
     scenes = held_out(st.eval_scenes, eval_seed)
     cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)

@@ -309,13 +309,7 @@ class StageTrainer:
         b = xw.shape[0]
         t = sample_t(cfg, big, gen)[part]
         noise = torch.randn((big, *xw.shape[1:]), generator=gen)[part]  # the same noise and t for winner and loser
-        xw, xl, noise, t, cond = xw.to(dev), xl.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
-        x0 = torch.cat([xw, xl])
-        eps = torch.cat([noise, noise])
-        tt = torch.cat([t, t])
-        x_t = self.denoiser.add_noise(x0, eps, tt)
-        target = self.denoiser.velocity_target(x0, eps, tt)
-        cond2 = cond.repeat(2)
+        x_t, tt, target, cond2 = self._noised_pairs(xw, xl, cond, t, noise)
         # the reference first, without a graph: nothing of it is in memory while the policy's graph is
         v_ref = self._reference_velocity(x_t, tt, cond2)
         with self._keep_activations():
@@ -345,6 +339,17 @@ class StageTrainer:
     def _keep_activations(self):
         """Where autograd keeps what backward needs: CPU memory when `activations_on_cpu`."""
         return saved_on_cpu() if self.config.activations_on_cpu else contextlib.nullcontext()
+
+    def _noised_pairs(self, xw, xl, cond, t, noise):
+        """Winners then losers noised with the same t and ε, on the device: (x_t, t, velocity target, cond) for
+        the 2B videos of a Flow-DPO batch (the batched loss and `split_backward` draw them alike)."""
+        dev = self.denoiser.device
+        xw, xl, noise, t, cond = xw.to(dev), xl.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
+        x0 = torch.cat([xw, xl])
+        eps = torch.cat([noise, noise])
+        tt = torch.cat([t, t])
+        return (self.denoiser.add_noise(x0, eps, tt), tt, self.denoiser.velocity_target(x0, eps, tt),
+                cond.repeat(2))
 
     def split_backward(self, step: int) -> tuple[torch.Tensor, dict]:
         """`compute_loss(step)` and its backward with one video per pass (gradient accumulation): the same loss
@@ -388,13 +393,7 @@ class StageTrainer:
         b = xw.shape[0]
         t = sample_t(cfg, b, gen)
         noise = torch.randn(xw.shape, generator=gen)
-        xw, xl, noise, t, cond = xw.to(dev), xl.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
-        x0 = torch.cat([xw, xl])
-        eps = torch.cat([noise, noise])
-        tt = torch.cat([t, t])
-        x_t = self.denoiser.add_noise(x0, eps, tt)
-        target = self.denoiser.velocity_target(x0, eps, tt)
-        cond2 = cond.repeat(2)
+        x_t, tt, target, cond2 = self._noised_pairs(xw, xl, cond, t, noise)
         one = [cond2.map(lambda x, i=i: x[i:i + 1]) for i in range(2 * b)]
         ref, pol = [], []
         with torch.no_grad():

@@ -62,6 +62,23 @@ def _mean(rows, key):
     return sum(r[key] for r in rows) / len(rows)
 
 
+
+def assert_core_lora_loader_applies(host, lora_name: str, tag: str) -> torch.Tensor:
+    """Core LoraLoaderModelOnly loads `lora_name` on the tiny Wan with no 'lora key not loaded', and the sample
+    changes. Returns the sample without the LoRA."""
+    build, _ = FAMILIES["wan21_i2v"]
+    base, _ = _run_and_load(host, build(f"train/{tag}_base"))
+    with_lora = build(f"train/{tag}_lora")
+    with_lora["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["unet", 0], "lora_name": lora_name, "strength_model": 1.0}}
+    with_lora["sampler"]["inputs"]["model"] = ["lora", 0]
+    log_start = len(host.log())
+    latent, _ = _run_and_load(host, with_lora)
+    assert "lora key not loaded" not in host.log()[log_start:]
+    assert latent.shape == base.shape and not torch.equal(latent, base)
+    return base
+
+
 def test_dpo_on_marked_pairs_learns_the_preferences(host, marked_dataset):
     t0 = time.monotonic()
     entry = host.run(dpo_prompt(marked_dataset, "head (Stage III)", steps=40), timeout=900)
@@ -219,16 +236,7 @@ def test_cancel_in_stage_two_keeps_the_lora_loadable_and_the_provenance_exact(ho
     assert set(kept) == set(reference) and any(k.endswith("lora_up.weight") for k in kept)
     assert all(torch.equal(kept[k], reference[k]) for k in kept), "the interrupted LoRA is not the k-step LoRA"
     # and the person's loaders take both: core LoraLoaderModelOnly lists and applies the LoRA ...
-    build, _ = FAMILIES["wan21_i2v"]
-    base, _ = _run_and_load(host, build("train/cut_base"))
-    with_lora = build("train/cut_lora")
-    with_lora["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": ["unet", 0], "lora_name": lora_name, "strength_model": 1.0}}
-    with_lora["sampler"]["inputs"]["model"] = ["lora", 0]
-    log_start = len(host.log())
-    latent, _ = _run_and_load(host, with_lora)
-    assert "lora key not loaded" not in host.log()[log_start:]
-    assert latent.shape == base.shape and not torch.equal(latent, base)
+    assert_core_lora_loader_applies(host, lora_name, "cut")
     # ... and PhysMasterEncoderLoader the encoder
     p = {"enc": {"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": enc_name}},
          "save": {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["enc", 0],
@@ -409,16 +417,7 @@ def test_cli_trained_lora_and_encoder_load_in_comfyui(host, marked_dataset, tmp_
     lora = tmp_path / "physmaster_cli_dpo_lora.safetensors"
     shutil.copyfile(out / "lora.safetensors", lora)
     lora_name = host.add_model_file("loras", lora).name
-    build, _ = FAMILIES["wan21_i2v"]
-    base, _ = _run_and_load(host, build("train/cli_base"))
-    with_lora = build("train/cli_lora")
-    with_lora["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": ["unet", 0], "lora_name": lora_name, "strength_model": 1.0}}
-    with_lora["sampler"]["inputs"]["model"] = ["lora", 0]
-    log_start = len(host.log())
-    latent, _ = _run_and_load(host, with_lora)
-    assert "lora key not loaded" not in host.log()[log_start:]
-    assert latent.shape == base.shape and not torch.equal(latent, base)
+    base = assert_core_lora_loader_applies(host, lora_name, "cli")
 
     enc_file = tmp_path / "physmaster_cli_encoder.safetensors"
     shutil.copyfile(out / "encoder.safetensors", enc_file)
@@ -432,7 +431,7 @@ def test_cli_trained_lora_and_encoder_load_in_comfyui(host, marked_dataset, tmp_
     assert (stage["stage"], stage["dataset"], stage["dataset_size"], stage["processes"], stage["global_batch"],
             stage["steps"]) == ("dpo-lora", marked_dataset, 6, 2, 2, 3)
     # the loaded encoder's tokens condition a sample in the graph
-    with_tokens = with_physmaster(build("train/cli_tokens"), 1.0)
+    with_tokens = with_physmaster(FAMILIES["wan21_i2v"][0]("train/cli_tokens"), 1.0)
     with_tokens["enc"] = {"class_type": "PhysMasterEncoderLoader", "inputs": {"encoder_name": enc_name}}
     tokens_latent, _ = _run_and_load(host, with_tokens)
     assert tokens_latent.shape == base.shape and not torch.equal(tokens_latent, base)
