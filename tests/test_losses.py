@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from physmaster.errors import BatchMismatchError, PhysMasterError
-from physmaster.losses import LOG2, flow_dpo_loss, flow_matching_loss, per_sample_sq_error
+from physmaster.losses import (LOG2, flow_dpo_loss, flow_matching_loss, motion_weights, per_sample_sq_error,
+                               weighted_sq_error)
 
 
 def test_flow_matching_hand_computed():
@@ -96,3 +97,26 @@ def test_dpo_error_weights_give_the_exact_gradient_in_separate_passes():
     (gl * per_sample_sq_error(w * xl, tl)).sum().backward()
     assert torch.allclose(w.grad, batched, rtol=1e-5, atol=1e-7)
     assert split_out.logs()["accuracy"] == pytest.approx(out.logs()["accuracy"])
+
+
+def test_motion_weights_favour_what_moves_and_average_one():
+    x = torch.zeros(2, 3, 4, 5, 5)
+    x[0, :, 2:, 1, 1] = 1.0  # one latent pixel changes from frame 2 on
+    w = motion_weights(x, 9.0)
+    assert w.shape == (2, 1, 4, 5, 5)
+    assert torch.allclose(w.flatten(1).mean(1), torch.ones(2))
+    # 100 elements, 2 of them moved (d = 50 there after normalising): w = 1 + 9 * 50 = 451 vs 1, then / mean
+    assert w[0, 0, 2, 1, 1] / w[0, 0, 0, 0, 0] == pytest.approx(451.0)
+    assert torch.allclose(w[1], torch.ones_like(w[1]))  # a still video keeps uniform weights
+    assert torch.allclose(motion_weights(x, 0.0), torch.ones_like(w))
+    with pytest.raises(PhysMasterError, match=r"video latents \[B, C, T, H, W\]"):
+        motion_weights(torch.zeros(2, 3, 4), 1.0)
+
+
+def test_weighted_sq_error_hand_computed():
+    pred, target = torch.zeros(1, 1, 2, 1, 1), torch.tensor([1.0, 2.0]).view(1, 1, 2, 1, 1)
+    w = torch.tensor([3.0, 1.0]).view(1, 1, 2, 1, 1)
+    assert weighted_sq_error(pred, target, w).item() == pytest.approx((3 * 1 + 1 * 4) / 2)
+    assert torch.equal(weighted_sq_error(pred, target, None), per_sample_sq_error(pred, target))
+    with pytest.raises(BatchMismatchError, match="prediction is shaped"):
+        weighted_sq_error(pred, target[:, :, :1], w)

@@ -380,3 +380,27 @@ def test_split_passes_stop_on_a_nonfinite_loss_before_any_backward():
     res = tr.run()
     assert res.steps_done == 1 and "not finite" in res.stopped
     assert all(p.grad is None for p in tr.params)
+
+
+def test_motion_weight_weighs_the_sft_loss_the_same_batched_and_split():
+    """Stage I's motion weighting (losses.motion_weights) changes the loss, and one-video-per-pass agrees."""
+    data = videos(3)
+    out = {}
+    for mw, split in ((0.0, False), (5.0, False), (5.0, True)):
+        den, enc = setup()
+        tr = StageTrainer("sft", den, enc, data, TrainConfig(steps=1, lr=1e-3, batch_size=2, seed=4,
+                                                             motion_weight=mw, split_passes=split))
+        tr.optimizer.zero_grad(set_to_none=True)
+        if split:
+            loss, _ = tr.split_backward(0)
+        else:
+            loss, _ = tr.compute_loss(0)
+            loss.backward()
+        out[(mw, split)] = (float(loss.detach()), [p.grad.clone() for p in tr.params if p.grad is not None])
+    assert out[(5.0, False)][0] != pytest.approx(out[(0.0, False)][0], rel=1e-3)
+    assert out[(5.0, True)][0] == pytest.approx(out[(5.0, False)][0], rel=1e-4)
+    assert all((a - b).abs().max() <= 1e-4 * a.abs().max() for a, b in zip(out[(5.0, False)][1], out[(5.0, True)][1]))
+    assert "motion_weight" not in TrainConfig().trajectory()  # off: old checkpoints still resume
+    assert TrainConfig(motion_weight=2.0).trajectory()["motion_weight"] == 2.0
+    with pytest.raises(TrainingError, match="motion_weight must be >= 0"):
+        TrainConfig(motion_weight=-1.0)

@@ -45,7 +45,7 @@ from torch import nn
 from ..encoder import PhysEncoder
 from ..errors import CheckpointError, PhysMasterError
 from ..fileio import atomic_path
-from ..losses import dpo_error_weights, flow_dpo_loss, flow_matching_loss, per_sample_sq_error
+from ..losses import dpo_error_weights, flow_dpo_loss, motion_weights, per_sample_sq_error, weighted_sq_error
 from ..memory import saved_on_cpu
 from .data import PreferenceSet, VideoSet
 from .denoiser import Conditioning, Denoiser
@@ -79,6 +79,7 @@ class TrainConfig:
     shift: float = 1.0  # timestep shift t' = s t / (1 + (s − 1) t), as Wan's schedulers (1 = none)
     token_strength: float = 1.0
     token_dropout: float = 0.0  # Stage I: fraction of samples whose physical tokens are zeroed (seeded per step)
+    motion_weight: float = 0.0  # Stage I: up-weight the loss where the latent moves (losses.motion_weights; 0 = off)
     checkpoint_every: int = 0  # 0 = only at the end
     gradient_checkpointing: bool = False
     grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size per process)
@@ -89,7 +90,7 @@ class TrainConfig:
     activations_on_cpu: bool = False
 
     TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
-                         "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout")
+                         "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout", "motion_weight")
 
     def __post_init__(self) -> None:
         problems = []
@@ -107,6 +108,8 @@ class TrainConfig:
             problems.append(f"shift must be > 0, got {self.shift}")
         if not 0.0 <= self.token_dropout < 1.0:
             problems.append(f"token_dropout must be in [0, 1), got {self.token_dropout}")
+        if not (self.motion_weight >= 0 and math.isfinite(self.motion_weight)):
+            problems.append(f"motion_weight must be >= 0, got {self.motion_weight}")
         if int(self.checkpoint_every) < 0:
             problems.append(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if int(self.grad_accum) < 1:
@@ -117,7 +120,10 @@ class TrainConfig:
             raise TrainingError("invalid training config: " + "; ".join(problems))
 
     def trajectory(self) -> dict:
-        return {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
+        out = {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
+        if not self.motion_weight:  # off: the trajectory (and checkpoints) of runs made before the option
+            del out["motion_weight"]
+        return out
 
 
 @dataclass
@@ -302,7 +308,8 @@ class StageTrainer:
             x_t = self.denoiser.add_noise(x0, noise, t)
             with self._keep_activations():
                 v = self.denoiser.predict_velocity(x_t, t, c)
-            loss = flow_matching_loss(v, self.denoiser.velocity_target(x0, noise, t))
+            w = motion_weights(x0, cfg.motion_weight) if cfg.motion_weight > 0 else None
+            loss = weighted_sq_error(v, self.denoiser.velocity_target(x0, noise, t), w).mean()
             return loss, {"loss": float(loss.detach())}
 
         xw, xl, cond = self.data.batch(idx)
@@ -375,6 +382,7 @@ class StageTrainer:
             x0, noise, t, cond = x0.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
             x_t = self.denoiser.add_noise(x0, noise, t)
             target = self.denoiser.velocity_target(x0, noise, t)
+            w = motion_weights(x0, cfg.motion_weight) if cfg.motion_weight > 0 else None
             total = torch.zeros((), dtype=torch.float32)
             for i in range(b):
                 ci = cond.map(lambda x, i=i: x[i:i + 1])
@@ -384,7 +392,7 @@ class StageTrainer:
                 with self._keep_activations():
                     v = self.denoiser.predict_velocity(x_t[i:i + 1], t[i:i + 1], ci.with_tokens(tokens,
                                                                                                 cfg.token_strength))
-                err = per_sample_sq_error(v, target[i:i + 1])
+                err = weighted_sq_error(v, target[i:i + 1], None if w is None else w[i:i + 1])
                 (err.sum() / b).backward()
                 total += err.detach().sum().cpu() / b
             return total, {"loss": float(total)}
