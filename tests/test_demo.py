@@ -16,17 +16,26 @@ from physmaster.demo.world import FRAMES, SIZE, drop_scene, material_restitution
 
 
 def test_demo_fast(tmp_path, capsys):
-    rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "1"])
+    rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "1", "--online", "1"])
     assert rc == 0
     out = capsys.readouterr().out
-    for row in ("base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"):
-        assert f"\n{row:22s}|" in out
+    names = ("base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III", "Stage III (judge labels)",
+            "online round 1 (judge)")
+    for row in names:
+        assert f"\n{row:24s}|" in out
     assert "token influence" in out and "coherence" in out
     table = (tmp_path / "table.txt").read_text()
     assert "Stage III - Stage II" in table and "Stage II - Stage I" in table and "Stage I - base" in table
     res = json.loads((tmp_path / "results.json").read_text())
     rows = res["runs"][0]["rows"]
-    assert list(rows) == ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
+    assert list(rows) == list(names)
+    assert "Stage III (judge labels) - Stage II" in table and "online round 1 (judge) - Stage II" in table
+    assert "judge vs ground-truth L2 on the Stage I candidates" in out
+    agreement = res["judge_agreement"]
+    assert set(agreement) == {"Stage I candidates", "Stage II candidates", "online round 1 (judge) candidates"}
+    for a in agreement.values():
+        assert 0.0 <= a["overall"] <= 1.0 and a["n_pairs"] == len(a["per_pair"]["agree"])
+        assert sum(t["n_pairs"] for t in a["terciles"]) == a["n_pairs"]
     for row in rows.values():
         for metric in ("l2", "chamfer", "iou"):
             assert len(row["per_scene"][metric]) == 4 and np.all(np.isfinite(row["per_scene"][metric]))

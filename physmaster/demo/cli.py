@@ -19,6 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+JUDGE_ROW = "Stage III (judge labels)"
+ONLINE_SEED = 600_000
+
+
+def online_row(r: int) -> str:
+    return f"online round {r} (judge)"
+
+
 HELP = "PhysMaster's Table 1 (Stage I SFT, Stage II/III Flow-DPO) on the drop proxy world, on CPU"
 EVAL_SEED = 900_000
 
@@ -48,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=_guidance, default=1.0,
                         help="sample guided by the pretrained base model with this weight (autoguidance; 1 = off, "
                         "the default; 2 halves Stage I's avg L2 but leaves Stage II no significant gain: README)")
+    parser.add_argument("--online", type=_non_negative, default=0, metavar="K",
+                        help="after Stage II, K online rounds: fresh candidates from the current model, labelled by "
+                        "the physics judge alone, Flow-DPO on the head with the current head as reference (a row "
+                        "each)")
     parser.add_argument("--fast", action="store_true", help="a seconds-long smoke run; numbers mean nothing")
     parser.add_argument("--make-base", action="store_true",
                         help="remake the shipped weights (autoencoder, backbone, base DiT; slow)")
@@ -70,7 +82,7 @@ def held_out(n: int, eval_seed: int):
 def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import score_scenes
-    from .pipeline import dpo, make_pairs, stage_one
+    from .pipeline import dpo, gt_pairs, judge_agreement, judge_pairs, sample_candidates, stage_one
 
     vm, backbone = assets
     vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))  # each seed trains a fresh copy of the shipped base
@@ -98,39 +110,66 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         influence[name] = {"l2": float(results[name]["l2"].mean()), "l2_zeroed": float(r0["l2"].mean()),
                            "per_scene_l2_zeroed": r0["l2"].tolist()}
 
-    log("[1/6] base model")
+    total = 7 + st.online_rounds
+    log(f"[1/{total}] base model")
     evaluate("base", None)
-    log("[2/6] Stage I: SFT of the physical head + DiT LoRA on drops")
+    log(f"[2/{total}] Stage I: SFT of the physical head + DiT LoRA on drops")
     encoder = stage_one(vm, backbone, st, seed, log)
     evaluate("Stage I", encoder.head)
     influence_of("Stage I", encoder.head)
-    log("[3/6] candidates from the Stage I model")
-    pairs_1 = make_pairs(vm, encoder.head, backbone, st, seed, log, "Stage I")
-    log("[4/6] Stage I + DPO on the encoder only")
+    log(f"[3/{total}] candidates from the Stage I model")
+    cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I")
+    pairs_1 = gt_pairs(cands_1, st, log, "Stage I")
+    log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
     dpo("dpo-head", vm, enc_only, pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
     evaluate("Stage I + DPO encoder", enc_only.head)
-    log("[5/6] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")
+    log(f"[5/{total}] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")
     vm.den.fold_lora(seed=seed + 2)
     dpo("dpo-lora", vm, encoder, pairs_1, st, seed + 2, log, "Stage II")
     evaluate("Stage II", encoder.head)
-    log("[6/6] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
+    log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
     vm.den.fold_lora(seed=seed + 3)
     vm.den.set_lora_enabled(False)  # the folded LoRA is zero: skip its compute
-    pairs_2 = make_pairs(vm, encoder.head, backbone, st, seed, log, "Stage II")
+    cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II")
+    pairs_2 = gt_pairs(cands_2, st, log, "Stage II")
+    stage_two = encoder.clone()  # what the judge-labelled row and the online rounds start from
     dpo("dpo-head", vm, encoder, pairs_2, st, seed + 3, log, "Stage III")
     evaluate("Stage III", encoder.head)
     influence_of("Stage III", encoder.head)
-    ordered = {name: results[name] for name in ("base", "Stage I", "Stage I + DPO encoder", "Stage II",
-                                                "Stage III")}
+    log(f"[7/{total}] {JUDGE_ROW}: the Stage II candidates labelled by the physics judge")
+    agreement = {"Stage I candidates": judge_agreement(cands_1), "Stage II candidates": judge_agreement(cands_2)}
+    for name, a in agreement.items():
+        log(f"  judge vs ground-truth L2 on {name} ({a['n_pairs']} pairs differing by >= {a['min_gap']}): "
+            f"{a['overall']:.1%} agree; by confidence tercile "
+            + ", ".join(f"{t['agreement']:.0%} (n={t['n_pairs']})" for t in a["terciles"]))
+    judged = stage_two.clone()
+    pairs_j = judge_pairs(cands_2, st, log, "Stage II")
+    dpo("dpo-head", vm, judged, pairs_j, st, seed + 3, log, JUDGE_ROW)
+    evaluate(JUDGE_ROW, judged.head)
+    names = ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III", JUDGE_ROW]
+    online = stage_two.clone()
+    n_pairs = {"Stage I": len(pairs_1), "Stage II": len(pairs_2), JUDGE_ROW: len(pairs_j)}
+    for r in range(1, st.online_rounds + 1):
+        name = online_row(r)
+        log(f"[{7 + r}/{total}] {name}: fresh candidates from the current model, judged, Flow-DPO "
+            "on the head (reference: the current head)")
+        cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r)
+        pairs_r = judge_pairs(cands_r, st, log, name)
+        agreement[name + " candidates"] = judge_agreement(cands_r)
+        dpo("dpo-head", vm, online, pairs_r, st, seed + 3 + r, log, name)
+        evaluate(name, online.head)
+        names.append(name)
+        n_pairs[name] = len(pairs_r)
+    ordered = {name: results[name] for name in names}
     return {"results": ordered, "influence": influence, "videos": videos, "scenes": scenes, "encoder": encoder,
-            "pairs": {"Stage I": len(pairs_1), "Stage II": len(pairs_2)}}
+            "pairs": n_pairs, "judge_agreement": agreement}
 
 
 def run(args: argparse.Namespace) -> int:
     from .assets import ASSET_FILE, load_assets
     from .pipeline import Settings
-    from .report import format_influence, format_table, seeds_table, write_gif, write_results
+    from .report import format_influence, format_judge, format_table, seeds_table, write_gif, write_results
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -147,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     st = Settings.fast() if args.fast else Settings()
     st.guidance = float(args.guidance)
+    st.online_rounds = int(args.online)
     if args.scenes is not None:
         st.eval_scenes = min(1000, max(1, int(args.scenes)))
     vm, backbone, info = load_assets(Path(args.assets) if args.assets else ASSET_FILE)
@@ -167,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(last["results"], n)
     log(table)
     log(format_influence(last["influence"]))
-    text = table + "\n" + format_influence(last["influence"]) + "\n"
+    judge_text = format_judge(last["results"], last["judge_agreement"])
+    log(judge_text)
+    text = table + "\n" + format_influence(last["influence"]) + "\n" + judge_text + "\n"
     if len(runs) > 1:
         multi = seeds_table([r["results"] for r in runs], n)
         log(f"\nacross {len(runs)} training seeds (average of seen and unseen), mean ± sd:\n{multi}")
@@ -179,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                                                                           range(len(runs))],
                "eval_seed": args.eval_seed, "wall_seconds": wall, "assets": info,
                "scenes": {"seen": n, "unseen": n},
-               "runs": [{"seed": int(args.seed) + i, "pairs": r["pairs"],
+               "runs": [{"seed": int(args.seed) + i, "pairs": r["pairs"], "judge_agreement": r["judge_agreement"],
                          "rows": {name: {"per_scene": {m: v.tolist() for m, v in res.items() if m != "coherence"},
                                          "coherence": float(res["coherence"].mean()),
                                          "per_scene_coherence": res["coherence"].tolist()}
@@ -189,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
                                              for name, v in r["influence"].items()}}
                         for i, r in enumerate(runs)]}
     summary["per_scene"] = summary["runs"][-1]["rows"]
+    summary["judge_agreement"] = summary["runs"][-1]["judge_agreement"]
     write_results(out / "results.json", summary)
     last["encoder"].save(out / "demo_encoder.safetensors")  # the Stage III head; its provenance lists the stages
     log(f"\nwrote {gif} (ground truth | base | Stage I | Stage III), {out / 'table.txt'}, {out / 'results.json'} "

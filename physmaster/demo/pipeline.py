@@ -35,6 +35,7 @@ class Settings:
     sft_scenes: int = 512
     sft_steps: int = 1200
     token_dropout: float = 0.1
+    motion_weight: float = 10.0  # Stage I: flow-matching loss up-weighted where the latent moves (0 = uniform)
     dpo_scenes: int = 96
     candidates: int = 8  # per start image
     pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
@@ -54,6 +55,8 @@ class Settings:
     head_tokens: int = 4
     head_gain: float = 1.0
     gif_scenes: int = 6
+    judge_min_confidence: float = 0.05  # judge-labelled pairs: the least confidence kept
+    online_rounds: int = 0  # `--online K`: rounds of (sample -> judge -> Flow-DPO on the head) after Stage II
 
     @classmethod
     def fast(cls) -> "Settings":
@@ -99,39 +102,95 @@ def stage_one(vm, backbone, st: Settings, seed: int, log):
     vm.den.add_lora(st.lora_rank, targets=LORA_TARGETS, seed=seed)
     data = video_set(vm, [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)], backbone)
     cfg = TrainConfig(steps=st.sft_steps, lr=st.lr_sft, batch_size=st.batch, seed=seed,
-                      warmup_steps=min(30, st.sft_steps), token_dropout=st.token_dropout)
+                      warmup_steps=min(30, st.sft_steps), token_dropout=st.token_dropout,
+                      motion_weight=st.motion_weight)
     t0 = time.perf_counter()
     result = StageTrainer("sft", vm.den, encoder, data, cfg).run(progress("Stage I", log, t0))
     record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drops", dataset_size=len(data))
     return encoder
 
 
-def make_pairs(vm, head, backbone, st: Settings, seed: int, log, tag: str):
-    """On-policy candidates from the current model (vm + head), labelled by similarity to the ground truth."""
-    from ..training import PreferencePair, PreferenceSet
+@dataclass
+class Candidates:
+    """On-policy candidates of one model: `k` videos per start image, with what the ground truth says of each."""
 
+    scenes: list
+    cond: object  # Conditioning of the start images
+    latents: object  # [n * k, C, T, h, w]
+    videos: list  # n * k decoded videos [T, H, W, 3]
+    l2: np.ndarray  # [n, k] ground-truth avg L2 of each candidate
+    similarity: np.ndarray  # [n, k] physics.gt_similarity of each candidate
+    k: int
+    seconds: float
+
+    def start_images(self) -> np.ndarray:
+        return np.stack([s.frames[0] for s in self.scenes])
+
+    def videos_of(self, j: int) -> list:
+        return self.videos[j * self.k:(j + 1) * self.k]
+
+
+def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED
+                      ) -> Candidates:
+    """`st.candidates` videos per start image from the current model (vm + head), scored against the truth."""
     t0 = time.perf_counter()
-    scenes = [drop_scene(DPO_SEED + i, "seen") for i in range(st.dpo_scenes)]
+    scenes = [drop_scene(scene_base + i, "seen") for i in range(st.dpo_scenes)]
     k = st.candidates
     cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
     rep = cond.map(lambda x: x.repeat_interleave(k, 0))
     noise = [hash_seed(seed, tag, i) for i in range(len(scenes) * k)]
     lat = vm.sample(head, rep, noise, st.sample_steps)
     videos = vm.decode(lat)
-    pairs, gaps = [], []
+    l2, sims = np.zeros((len(scenes), k)), np.zeros((len(scenes), k))
     for j, s in enumerate(scenes):
         gt = s.object_masks()
-        sims = np.array([gt_similarity(score_video(videos[j * k + i], gt)) for i in range(k)])
+        for i in range(k):
+            m = score_video(videos[j * k + i], gt)
+            l2[j, i], sims[j, i] = m["l2"], gt_similarity(m)
+    return Candidates(scenes, cond, lat, videos, l2, sims, k, time.perf_counter() - t0)
+
+
+def gt_pairs(c: Candidates, st: Settings, log, tag: str):
+    """Pairs labelled by the ground truth (the paper's synthetic-data recipe): per start image, 1st vs last,
+    2nd vs second-to-last, ... by similarity to the true masks, while the gap is at least `min_margin`."""
+    from ..training import PreferencePair, PreferenceSet
+
+    pairs, gaps = [], []
+    for j, s in enumerate(c.scenes):
+        sims = c.similarity[j]
         order = np.argsort(-sims)
-        for r in range(min(st.pairs_per_image, k // 2)):
+        for r in range(min(st.pairs_per_image, c.k // 2)):
             w, lo = int(order[r]), int(order[-1 - r])
             if sims[w] - sims[lo] < st.min_margin:
                 break
             gaps.append(sims[w] - sims[lo])
-            pairs.append(PreferencePair(cond.map(lambda x: x[j:j + 1]), lat[j * k + w], lat[j * k + lo],
-                                        "similarity", float(sims[w] - sims[lo]), f"scene{s.meta['seed']}"))
-    log(f"  {len(pairs)} pairs from {len(scenes)} start images x {k} candidates of the {tag} model "
-        f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {time.perf_counter() - t0:.0f}s)")
+            pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
+                                        c.latents[j * c.k + lo], "similarity", float(sims[w] - sims[lo]),
+                                        f"scene{s.meta['seed']}"))
+    log(f"  {len(pairs)} pairs from {len(c.scenes)} start images x {c.k} candidates of the {tag} model "
+        f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {c.seconds:.0f}s)")
+    return PreferenceSet(pairs)
+
+
+def judge_pairs(c: Candidates, st: Settings, log, tag: str):
+    """Pairs labelled by the physics judge alone (`judging.judge_label_pairs`: it sees the candidates and the
+    start image, never the ground truth): per start image, the judge's best vs its worst, 2nd vs second-to-last,
+    ... while its confidence is at least `judge_min_confidence`; the margin is that confidence."""
+    from ..training import PreferencePair, PreferenceSet
+    from .judging import judge_label_pairs
+    from .world import FPS
+
+    pairs, confs, right = [], [], []
+    for j, s in enumerate(c.scenes):
+        for w, lo, m in judge_label_pairs(c.videos_of(j), s.frames[0], FPS, max_pairs=st.pairs_per_image,
+                                          min_confidence=st.judge_min_confidence):
+            confs.append(m)
+            right.append(c.l2[j, w] < c.l2[j, lo])
+            pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
+                                        c.latents[j * c.k + lo], "judge", float(m), f"scene{s.meta['seed']}"))
+    log(f"  {len(pairs)} judge-labelled pairs from {len(c.scenes)} start images x {c.k} candidates of the {tag} "
+        f"model (mean confidence {np.mean(confs) if confs else 0:.3f}; the ground truth, not shown to the judge, "
+        f"prefers the same video in {np.mean(right) if right else 0:.0%} of them)")
     return PreferenceSet(pairs)
 
 
@@ -145,6 +204,14 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
     result = StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
     record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",
                  dataset_size=len(pairs))
+
+
+def judge_agreement(c: Candidates, min_gap: float = 0.02) -> dict:
+    """The judge's agreement with the ground-truth L2 ordering on these candidates (`judging.judge_agreement`)."""
+    from .judging import judge_agreement as agreement
+    from .world import FPS
+
+    return agreement([c.videos_of(j) for j in range(len(c.scenes))], c.l2, c.start_images(), FPS, min_gap)
 
 
 def hash_seed(seed: int, tag: str, i: int) -> int:

@@ -14,7 +14,14 @@ from .world import FPS, FRAMES, SIZE
 ROWS = ("base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III")
 #: each row against the row it builds on (PhysMaster Table 1), and the paper's headline last
 COMPARISONS = (("Stage I", "base"), ("Stage I + DPO encoder", "Stage I"), ("Stage II", "Stage I"),
-               ("Stage III", "Stage II"), ("Stage III", "Stage I"))
+               ("Stage III", "Stage II"), ("Stage III", "Stage I"), ("Stage III (judge labels)", "Stage II"))
+
+
+def comparisons(names) -> list[tuple[str, str]]:
+    """The paper's comparisons, then each online round against the model it started from."""
+    out = [c for c in COMPARISONS if c[0] in names and c[1] in names]
+    online = [n for n in names if n.startswith("online round")]
+    return out + list(zip(online, ["Stage II"] + online[:-1]))
 COLUMNS = (("l2", "L2"), ("chamfer", "CD"), ("iou", "IoU"))
 
 
@@ -25,20 +32,19 @@ def split_means(values: np.ndarray, n_seen: int) -> tuple[float, float, float]:
 
 def format_table(results: dict, n_seen: int) -> str:
     """Seen / unseen / average L2, CD, IoU and coherence per row, then the paired differences."""
-    lines = [f"{'':22s}|{'seen':^27s}|{'unseen':^27s}|{'average':^27s}|{'coherence':>10s}",
-             f"{'model':22s}|" + "|".join(f"{'L2':>9s}{'CD':>9s}{'IoU':>9s}" for _ in range(3)) + "|"]
+    w = max([22] + [len(n) for n in results])
+    lines = [f"{'':{w}s}|{'seen':^27s}|{'unseen':^27s}|{'average':^27s}|{'coherence':>10s}",
+             f"{'model':{w}s}|" + "|".join(f"{'L2':>9s}{'CD':>9s}{'IoU':>9s}" for _ in range(3)) + "|"]
     lines.append("-" * len(lines[1]) + "-" * 10)
     for name, r in results.items():
         cells = []
         for part in range(3):
             cells.append("".join(f"{split_means(r[k], n_seen)[part]:9.4f}" for k, _ in COLUMNS))
         coh = f"{r['coherence'].mean():10.3f}" if "coherence" in r else ""
-        lines.append(f"{name:22s}|" + "|".join(cells) + "|" + coh)
+        lines.append(f"{name:{w}s}|" + "|".join(cells) + "|" + coh)
     lines += ["", "paired per-scene difference against the row it builds on (all held-out scenes), "
               "mean (relative) [bootstrap 95% interval]:"]
-    for cur, prev in COMPARISONS:
-        if cur not in results or prev not in results:
-            continue
+    for cur, prev in comparisons(list(results)):
         parts = []
         for k, label in COLUMNS:
             d = results[cur][k] - results[prev][k]
@@ -56,6 +62,26 @@ def format_influence(influence: dict) -> str:
     parts = [f"{name} {v['l2_zeroed'] - v['l2']:+.4f} (L2 {v['l2']:.4f} with tokens, {v['l2_zeroed']:.4f} zeroed)"
              for name, v in influence.items()]
     return "token influence (held-out avg L2 with the physical tokens zeroed minus with them): " + "; ".join(parts)
+
+
+def format_judge(results: dict, agreement: dict) -> str:
+    """The judge's agreement with the ground truth on each candidate set, and how much of the ground-truth-labelled
+    Stage III's avg-L2 gain (over Stage II) the judge-labelled one reaches."""
+    lines = []
+    for name, a in agreement.items():
+        lines.append(f"judge vs ground-truth L2 on the {name} ({a['n_pairs']} pairs whose L2 differs by >= "
+                     f"{a['min_gap']}): {a['overall']:.1%} agree; by confidence tercile (low to high): "
+                     + ", ".join(f"{t['agreement']:.0%} (n={t['n_pairs']}, confidence {t['confidence_range'][0]:.2f}"
+                                 f"-{t['confidence_range'][1]:.2f})" for t in a["terciles"]))
+    judged = "Stage III (judge labels)"
+    if judged in results and "Stage III" in results and "Stage II" in results:
+        base = results["Stage II"]["l2"].mean()
+        gt_gain = base - results["Stage III"]["l2"].mean()
+        j_gain = base - results[judged]["l2"].mean()
+        share = f"{100 * j_gain / gt_gain:.0f}%" if gt_gain > 0 else "n/a (the ground-truth-labelled row has no gain)"
+        lines.append(f"avg-L2 gain over Stage II: ground-truth labels {gt_gain:+.4f}, judge labels {j_gain:+.4f} "
+                     f"(judge / ground truth: {share})")
+    return "\n".join(lines)
 
 
 def write_gif(path: Path, gt_videos, columns: dict, n: int, scale: int = 3) -> Path:
@@ -91,11 +117,12 @@ def write_results(path: Path, summary: dict) -> Path:
 
 def seeds_table(runs: list[dict], n_seen: int) -> str:
     """Each row's average metrics as mean ± sd across training seeds (`--seeds K`)."""
-    lines = [f"{'model':22s}" + "".join(f"{label:>20s}" for _, label in COLUMNS) + f"{'coherence':>18s}"]
+    w = max([22] + [len(n) for n in runs[0]])
+    lines = [f"{'model':{w}s}" + "".join(f"{label:>20s}" for _, label in COLUMNS) + f"{'coherence':>18s}"]
     for name in runs[0]:
         cells = []
         for k, _ in COLUMNS + (("coherence", ""),):
             vals = [split_means(r[name][k], n_seen)[2] for r in runs]
             cells.append(f"{np.mean(vals):11.4f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.4f}")
-        lines.append(f"{name:22s}" + "".join(f"{c:>20s}" for c in cells[:3]) + f"{cells[3]:>18s}")
+        lines.append(f"{name:{w}s}" + "".join(f"{c:>20s}" for c in cells[:3]) + f"{cells[3]:>18s}")
     return "\n".join(lines)
