@@ -212,6 +212,8 @@ def judge_candidates(videos: list, reference=None, fps: float = 16.0, gravity_pr
         if nan_frames[i]:
             reason = (f"frames {nan_frames[i][:5]}{'...' if len(nan_frames[i]) > 5 else ''} hold NaN or infinite "
                       "values (a failed decode or sampler) and count as frames without the object")
+        elif not found and float(_colour_distance(V[i], V[i, :1]).max()) < 0.04:
+            reason = "static video: nothing moves in it, so the dropped object is not found after the start image"
         elif not found:
             reason = "no object found: the object of the start image is not found in any frame"
         elif n_lost:
