@@ -9,6 +9,7 @@ One concern per module, so the generator or the backbone can be swapped without 
 - `assets`      the shipped weights file (one reader) and `--make-base`, which remakes it
 - `pipeline`    Stage I, on-policy candidates and their labels, Flow-DPO stages
 - `evaluation`  PISA metrics, coherence, paired bootstrap intervals
+- `judging`     the physics judge as labeller: judge-labelled pairs and their agreement with the ground truth
 - `report`      the table, the GIF, results.json
 - `cli`         the command: rows in the paper's order, seeds, eval seeds
 """

@@ -319,20 +319,50 @@ def judge(frames, gt_masks=None, fps: float = 16.0, gt_fps: float | None = None,
                        reason=reason, penalties=penalties, fit=fit, masks=m)
 
 
-def rank_candidates(videos, gt_masks=None, fps: float = 16.0, min_margin: float = 0.05, **judge_kwargs):
-    """Judge N candidate videos of one start image; preference pairs (winner, loser, margin) for every pair
-    whose score difference is at least `min_margin` (margin = the difference), largest margin first."""
+def rank_candidates(videos, gt_masks=None, fps: float = 16.0, min_margin: float = 0.05, *, reference=None,
+                    **judge_kwargs):
+    """Judge N candidate videos of one start image (image-to-video) and turn them into preference pairs.
+
+    Returns (results, pairs): results[i] is a `JudgeResult` (.score in [0, 1], higher = closer to the drop the
+    start image implies; .reason; .found; .track); pairs is a list of (winner, loser, confidence) for every pair
+    whose confidence (how sure the judge is that the winner is more physical, in [0, 1]; see
+    `tracking.pair_confidence`) is at least `min_margin`, largest first.
+
+    reference: the start image [H, W, 3] in [0, 1] (default: the first frame of the first video); the judge finds
+    the object in it and tracks it through every candidate (`tracking.judge_candidates`). gt_masks: optional
+    ground-truth masks ([T, H, W]); then the real PISA L2 ranks the candidates. judge_kwargs: gravity_prior
+    (image heights / s^2, default the proxy world's 3.0; None for footage of unknown scale) and gt_fps.
+    A candidate with NaN frames, no object or a static object gets a low score and a reason; candidates of
+    different sizes, or a reference or ground truth of another size, are a PhysMasterError naming the fix.
+    """
+    from .tracking import judge_candidates, pair_confidence
+
     if videos is None or len(videos) == 0:
         raise PhysMasterError("rank_candidates needs at least one video; pass a list of [T, H, W, 3] videos")
     if not (isinstance(min_margin, (int, float)) and min_margin >= 0):
         raise PhysMasterError(f"min_margin must be a number >= 0 (got {min_margin!r})")
-    results = [judge(v, gt_masks=gt_masks, fps=fps, **judge_kwargs) for v in videos]
+    unknown = set(judge_kwargs) - {"gravity_prior", "gt_fps"}
+    if unknown:
+        raise PhysMasterError(f"rank_candidates got unknown option(s) {sorted(unknown)}; "
+                              "it takes reference, gravity_prior and gt_fps")
+    try:
+        fps = float(fps)
+    except (TypeError, ValueError):
+        raise PhysMasterError(f"fps must be a number (got {fps!r}); pass the videos' frame rate") from None
+    if not (math.isfinite(fps) and fps > 0):
+        raise PhysMasterError(f"fps must be a positive number (got {fps}); pass the videos' frame rate")
+    results, group = judge_candidates(list(videos), reference=reference, fps=fps,
+                                      gravity_prior=judge_kwargs.get("gravity_prior", NOMINAL_GRAVITY),
+                                      gt_masks=gt_masks, gt_fps=judge_kwargs.get("gt_fps"))
+    sigma = 1e-6 if gt_masks is not None else group.sigma
     pairs = []
     for i in range(len(results)):
         for j in range(len(results)):
-            d = results[i].score - results[j].score
-            if i != j and d > 0 and d >= min_margin:
-                pairs.append((i, j, float(d)))
+            if i == j or results[i].score <= results[j].score:
+                continue
+            c = pair_confidence(group.l2[i], group.l2[j], sigma)
+            if c > 0 and c >= min_margin:
+                pairs.append((i, j, c))
     pairs.sort(key=lambda p: -p[2])
     return results, pairs
 

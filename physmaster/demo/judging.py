@@ -1,0 +1,91 @@
+"""The physics judge as the demo's labeller: pairs labelled without ground truth, and how often they agree with it.
+
+- `judge_label_pairs`: one start image's candidates -> preference pairs (winner, loser, confidence) chosen by the
+  judge alone (`physics.rank_candidates`: it sees the candidates and the start image, never the ground truth).
+- `judge_agreement`: over many start images, how often the judge prefers the candidate with the lower ground-truth
+  PISA L2, on every pair whose L2 differs by at least `min_gap`, overall and per tercile of the judge's confidence
+  (agreement should rise with it). A pair the judge scores equal counts half (confidence 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import PhysMasterError
+from ..physics import rank_candidates
+
+
+def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = None,
+                      min_confidence: float = 0.05) -> list[tuple[int, int, float]]:
+    """Preference pairs for one start image, labelled by the judge alone: its best candidate against its worst,
+    the second best against the second worst, ... (each candidate in at most one pair), while the judge's
+    confidence (`rank_candidates`' third value) is at least `min_confidence`; at most `max_pairs` (default: N // 2).
+
+    videos: N candidates [T, H, W, 3] of `reference` (the start image [H, W, 3] in [0, 1]). Returns a list of
+    (winner index, loser index, confidence in [0, 1]).
+    """
+    results, ranked = rank_candidates(videos, fps=fps, min_margin=0.0, reference=reference)
+    conf = {(w, lo): c for w, lo, c in ranked}
+    order = np.argsort([-r.score for r in results], kind="stable")
+    n = len(results) // 2 if max_pairs is None else min(int(max_pairs), len(results) // 2)
+    out = []
+    for r in range(n):
+        w, lo = int(order[r]), int(order[-1 - r])
+        c = conf.get((w, lo), 0.0)
+        if c < min_confidence or c <= 0:
+            break
+        out.append((w, lo, float(c)))
+    return out
+
+
+def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float = 0.02) -> dict:
+    """How often the judge, without ground truth, prefers the candidate of lower ground-truth L2.
+
+    videos: [S, K, T, H, W, 3] (or S lists of K videos): K candidates for each of S start images; gt_l2: [S, K]
+    their ground-truth PISA L2; reference_images: [S, H, W, 3] the start images. Returns {"overall", "n_pairs",
+    "min_gap", "terciles": [{"confidence_range": [lo, hi], "agreement", "n_pairs"}, ...] (by rising confidence),
+    "per_pair": {"agree", "confidence"}}.
+    """
+    gt_l2 = np.asarray(gt_l2, np.float64)
+    if gt_l2.ndim != 2:
+        raise PhysMasterError(f"gt_l2 is shaped {list(gt_l2.shape)}; expected [start images, candidates]")
+    if len(videos) != len(gt_l2) or len(reference_images) != len(gt_l2):
+        raise PhysMasterError(f"got {len(videos)} groups of videos, {len(gt_l2)} rows of gt_l2 and "
+                              f"{len(reference_images)} start images; pass one of each per start image")
+    agree, conf = [], []
+    for j in range(len(gt_l2)):
+        if len(videos[j]) != gt_l2.shape[1]:
+            raise PhysMasterError(f"start image {j} has {len(videos[j])} videos but gt_l2 has {gt_l2.shape[1]} "
+                                  "values per start image; pass one L2 per video")
+        ref = np.asarray(reference_images[j])
+        if ref.dtype == np.uint8:
+            ref = ref.astype(np.float32) / 255.0
+        _, ranked = rank_candidates(list(videos[j]), fps=fps, min_margin=0.0, reference=ref)
+        said = {(w, lo): c for w, lo, c in ranked}
+        K = gt_l2.shape[1]
+        for a in range(K):
+            for b in range(a + 1, K):
+                if abs(gt_l2[j, a] - gt_l2[j, b]) < min_gap:
+                    continue
+                better, worse = (a, b) if gt_l2[j, a] < gt_l2[j, b] else (b, a)
+                if (better, worse) in said:
+                    agree.append(1.0), conf.append(said[(better, worse)])
+                elif (worse, better) in said:
+                    agree.append(0.0), conf.append(said[(worse, better)])
+                else:
+                    agree.append(0.5), conf.append(0.0)
+    return summarise(np.array(agree), np.array(conf), min_gap)
+
+
+def summarise(agree: np.ndarray, conf: np.ndarray, min_gap: float) -> dict:
+    """Overall agreement and agreement per tercile of confidence (ties in confidence keep their pair order)."""
+    out = {"min_gap": float(min_gap), "n_pairs": int(len(agree)),
+           "overall": float(agree.mean()) if len(agree) else 0.0, "terciles": [],
+           "per_pair": {"agree": agree.tolist(), "confidence": conf.tolist()}}
+    if len(agree):
+        order = np.argsort(conf, kind="stable")
+        for part in np.array_split(order, 3):
+            if len(part):
+                out["terciles"].append({"confidence_range": [float(conf[part].min()), float(conf[part].max())],
+                                        "agreement": float(agree[part].mean()), "n_pairs": int(len(part))})
+    return out
