@@ -16,7 +16,7 @@ from physmaster.demo.world import FRAMES, SIZE, drop_scene, material_restitution
 
 
 def test_demo_fast(tmp_path, capsys):
-    rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "1", "--online", "1"])
+    rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "1", "--judge-labels", "--online", "1"])
     assert rc == 0
     out = capsys.readouterr().out
     names = ("base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III", "Stage III (judge labels)",
@@ -200,3 +200,8 @@ def test_guidance_flag_is_recorded_and_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--fast", "--out", str(tmp_path), "--guidance", "0.5"])
     assert "must be between 1 (off) and 10, got 0.5" in capsys.readouterr().err
+
+
+def test_bad_motion_weight_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--motion-weight must be a number >= 0"):
+        main(["demo", "--fast", "--out", str(tmp_path), "--motion-weight", "-1"])

@@ -35,7 +35,7 @@ class Settings:
     sft_scenes: int = 512
     sft_steps: int = 1200
     token_dropout: float = 0.1
-    motion_weight: float = 10.0  # Stage I: flow-matching loss up-weighted where the latent moves (0 = uniform)
+    motion_weight: float = 0.0  # Stage I: flow-matching loss up-weighted where the latent moves (0 = uniform)
     dpo_scenes: int = 96
     candidates: int = 8  # per start image
     pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
@@ -56,6 +56,7 @@ class Settings:
     head_gain: float = 1.0
     gif_scenes: int = 6
     judge_min_confidence: float = 0.05  # judge-labelled pairs: the least confidence kept
+    judge_labels: bool = False  # `--judge-labels`: the row "Stage III (judge labels)"
     online_rounds: int = 0  # `--online K`: rounds of (sample -> judge -> Flow-DPO on the head) after Stage II
 
     @classmethod
@@ -172,7 +173,7 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str):
     return PreferenceSet(pairs)
 
 
-def judge_pairs(c: Candidates, st: Settings, log, tag: str):
+def judge_pairs(c: Candidates, st: Settings, log, tag: str):  # -> PreferenceSet | None (no pair)
     """Pairs labelled by the physics judge alone (`judging.judge_label_pairs`: it sees the candidates and the
     start image, never the ground truth): per start image, the judge's best vs its worst, 2nd vs second-to-last,
     ... while its confidence is at least `judge_min_confidence`; the margin is that confidence."""
@@ -191,7 +192,7 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str):
     log(f"  {len(pairs)} judge-labelled pairs from {len(c.scenes)} start images x {c.k} candidates of the {tag} "
         f"model (mean confidence {np.mean(confs) if confs else 0:.3f}; the ground truth, not shown to the judge, "
         f"prefers the same video in {np.mean(right) if right else 0:.0%} of them)")
-    return PreferenceSet(pairs)
+    return PreferenceSet(pairs) if pairs else None
 
 
 def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str):
