@@ -8,7 +8,6 @@ import os
 import secrets
 import threading
 
-import numpy as np
 import torch
 from comfy_api.latest import io
 
@@ -18,6 +17,7 @@ from server import PromptServer
 
 from ..physmaster.conditioning import RECORD_KEY, strip_tokens
 from ..physmaster.errors import PhysMasterError
+from ..physmaster.judge_labels import DEFAULT_MIN_CONFIDENCE, JudgeLabels, check_min_confidence, label_group
 from ..physmaster.picker import RANKING_PAIRS, choice_pairs
 from ..physmaster.preferences import DatasetError, PreferenceDataset, validate_name
 from ..physmaster.previews import judge_tracks, save_sheet
@@ -111,13 +111,11 @@ def send_tracks(frames: torch.Tensor, fps: float, request_id: str, node_id: str)
     return thread
 
 
-def judge_pairs(frames: torch.Tensor, fps: float, gt_masks) -> tuple[list[tuple[int, int, float]], list]:
-    from ..physmaster.physics import rank_candidates
-
-    videos = [v.numpy() for v in frames]
-    gt = None if gt_masks is None else gt_masks.detach().float().cpu().numpy() > 0.5
-    results, pairs = rank_candidates(videos, gt_masks=gt, fps=fps)
-    return [(int(w), int(l), float(m)) for w, l, m in pairs], results
+def judge_labels(frames: torch.Tensor, fps: float, gt_masks, min_confidence: float) -> JudgeLabels:
+    """The judge's pairs for the candidates (physmaster.judge_labels): confidences as margins, pairs below
+    `min_confidence` skipped; bad video reported, never raised; wrong mask shapes a clear error."""
+    gt = None if gt_masks is None else gt_masks.detach().float().cpu().numpy()
+    return label_group([v.numpy() for v in frames], fps, min_confidence, gt)
 
 
 class PhysMasterPreferencePicker(io.ComfyNode):
@@ -158,6 +156,12 @@ class PhysMasterPreferencePicker(io.ComfyNode):
                                tooltip="The pairs a ranking writes: every ordered pair (what paper-style Flow-DPO "
                                        "prefers: all that you said), or only the best against each other one. "
                                        "Best/worst always writes one pair."),
+                io.Float.Input("min_confidence", default=DEFAULT_MIN_CONFIDENCE, min=0.0, max=1.0, step=0.01,
+                               optional=True,
+                               tooltip="When the judge labels (mode 'judge', or on_timeout 'judge'): a pair whose "
+                                       "judge confidence (0..1) is below this is skipped, not saved. The confidence "
+                                       "of each saved pair is its margin in the dataset (Train DPO's margin_use "
+                                       "can filter or weight by it). Your own answers are always saved."),
             ],
             outputs=[
                 io.Latent.Output(display_name="winner_latent"),
@@ -170,8 +174,10 @@ class PhysMasterPreferencePicker(io.ComfyNode):
     @classmethod
     def execute(cls, latents, positive, dataset_name: str, mode: str, timeout_seconds: int, on_timeout: str,
                 fps: float, images=None, vae=None, ground_truth_masks=None,
-                ranking_pairs: str = RANKING_PAIRS[0]) -> io.NodeOutput:
+                ranking_pairs: str = RANKING_PAIRS[0],
+                min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> io.NodeOutput:
         validate_name(dataset_name)
+        min_confidence = check_min_confidence(min_confidence)
         if mode not in MODES or on_timeout not in ON_TIMEOUT:
             raise PhysMasterError(f"mode must be one of {MODES} and on_timeout one of {ON_TIMEOUT}")
         if ranking_pairs not in RANKING_PAIRS:
@@ -220,19 +226,18 @@ class PhysMasterPreferencePicker(io.ComfyNode):
                     note = "ranked all candidates equal: no pair"
         else:
             source = "judge"
-        results = None
-        if source == "judge":
-            pairs, results = judge_pairs(frames, fps, ground_truth_masks)
-            note = (note + "; " if note else "") + f"judge: {len(pairs)} pairs above the margin"
+        labels = None
+        if source == "judge":  # margins = the judge's confidences; pairs below min_confidence are not saved
+            labels = judge_labels(frames, fps, ground_truth_masks, min_confidence)
+            pairs = labels.pairs
+            note = (note + "; " if note else "") + labels.note()
 
         if choice and "ranking" in choice:
             winner = choice["ranking"][0] if isinstance(choice["ranking"][0], int) else choice["ranking"][0][0]
         elif choice and "best" in choice:
             winner = choice["best"]
-        elif pairs:
-            winner = pairs[0][0]
-        elif results:
-            winner = int(np.argmax([r.score for r in results]))
+        elif labels is not None and labels.winner is not None:
+            winner = labels.winner
         else:
             winner = 0
         group = None
@@ -253,8 +258,11 @@ class PhysMasterPreferencePicker(io.ComfyNode):
                  if pairs else "answered: all equal, nothing saved" if "ranking" in choice
                  else "answered: skipped, nothing saved")
         stats = dataset.stats()
-        report = json.dumps({"dataset": dataset_name, "candidates": n, "source": source, "pairs_written": len(pairs),
-                             "winner": winner, "note": note, "dataset_stats": stats.summary()})
+        fields = {"dataset": dataset_name, "candidates": n, "source": source, "pairs_written": len(pairs),
+                  "winner": winner, "note": note, "dataset_stats": stats.summary()}
+        if labels is not None:
+            fields["judge"] = labels.report()
+        report = json.dumps(fields)
         log.info("PhysMaster picker: %s", report)
         winner_latent = {"samples": samples[winner:winner + 1].clone()}
         return io.NodeOutput(winner_latent, frames[winner].clone(), stats.pairs, report,

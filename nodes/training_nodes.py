@@ -36,9 +36,9 @@ from ..physmaster.encoder import PhysEncoder
 from ..physmaster.errors import PhysMasterError, WidthMismatchError
 from ..physmaster.fileio import atomic_path
 from ..physmaster.memory import TooLargeError, TrainingPlan, describe, fitting_plans
-from ..physmaster.training import (Conditioning, PreferencePair, PreferenceSet, StageTrainer, TrainConfig,
-                                   VideoSample, VideoSet, X0Denoiser, describe_skips, nonfinite_group,
-                                   plottable_losses, record_stage, stage_entry)
+from ..physmaster.training import (MARGIN_USES, Conditioning, DataError, PreferencePair, PreferenceSet,
+                                   StageTrainer, TrainConfig, VideoSample, VideoSet, X0Denoiser, describe_skips,
+                                   nonfinite_group, plan_margins, plottable_losses, record_stage, stage_entry)
 from . import paths
 from .preference_nodes import PhysPreferencesType
 from .types import CATEGORY, PhysEncoderType
@@ -732,6 +732,18 @@ class PhysMasterTrainDPO(io.ComfyNode):
                                tooltip="Flow-DPO beta: how strongly to follow the preferences (constant, as in the "
                                        "paper)."),
                 *_memory_inputs(),
+                # appended after the memory widgets (widget order is public API); optional, so older prompts and
+                # workflows run as before (margins ignored)
+                io.Combo.Input("margin_use", options=list(MARGIN_USES), default="ignore", optional=True,
+                               tooltip="How the pairs' margins are used. ignore: every pair weighs the same (the "
+                                       "paper's loss). weight: each pair's loss is scaled by its margin over the mean "
+                                       "margin of its source (judge: the judge's confidence; human: the rank gap), so "
+                                       "each source averages 1. filter: judge pairs whose confidence is below "
+                                       "min_margin are left out (your own pairs are always kept). filter and weight: "
+                                       "both."),
+                io.Float.Input("min_margin", default=0.1, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="With margin_use filter: the lowest judge confidence (0..1) a pair needs to be "
+                                       "trained on."),
             ],
             outputs=_outputs(),
         )
@@ -739,7 +751,8 @@ class PhysMasterTrainDPO(io.ComfyNode):
     @classmethod
     def execute(cls, model, encoder, preferences, stage, steps, learning_rate, lora_rank, batch_size, training_seed,
                 gradient_checkpointing, beta, training_dtype="auto", offloading=False, split_passes=False,
-                activations_on_cpu=False, quantized_backward=False) -> io.NodeOutput:
+                activations_on_cpu=False, quantized_backward=False, margin_use="ignore",
+                min_margin=0.1) -> io.NodeOutput:
         stages = DPO_STAGES.get(stage)
         if stages is None:
             raise PhysMasterError(f"stage must be one of {list(DPO_STAGES)}")
@@ -749,9 +762,12 @@ class PhysMasterTrainDPO(io.ComfyNode):
         given = preferences["pairs"]
         options = MemoryOptions(training_dtype, offloading, split_passes, activations_on_cpu, quantized_backward)
         check_memory_options(model, options)
+        if margin_use not in MARGIN_USES:
+            raise PhysMasterError(f"margin_use must be one of {list(MARGIN_USES)}, got {margin_use!r}")
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=training_seed, beta=beta,
                              gradient_checkpointing=gradient_checkpointing, split_passes=split_passes,
-                             activations_on_cpu=activations_on_cpu)
+                             activations_on_cpu=activations_on_cpu, margin_use=margin_use,
+                             min_margin=float(min_margin))
         # the groups may have changed since the Dataset node read them: the same header checks again
         pairs, problems = dataset.screen_pairs(given)
         # then the data itself: a pair whose latents or conditioning hold NaN/inf is skipped and named
@@ -771,6 +787,14 @@ class PhysMasterTrainDPO(io.ComfyNode):
             raise PhysMasterError(f"none of the {len(given)} pairs of dataset {dataset.name!r} can be trained on: "
                                   + "; ".join(problems + [describe_skips(nonfinite, count=False)]).strip("; ")
                                   + ". Re-mark those groups with PhysMasterPreferencePicker or remove them.")
+        # the margins (margin_use): the filter here, so the count is in the summary and an empty result is an error
+        # before the model is touched; the trainer applies the same plan (the weights) to the pairs it gets
+        try:
+            margins = plan_margins(pairs, margin_use, min_margin)
+        except DataError as e:
+            raise PhysMasterError(f"dataset {dataset.name!r}: {e} (widgets margin_use and min_margin of this "
+                                  "node)") from None
+        pairs = margins.kept
         groups = sorted({p.group for p in pairs})
         loaded = {g: loaded[g] for g in groups}
         first = loaded[groups[0]]
@@ -781,6 +805,8 @@ class PhysMasterTrainDPO(io.ComfyNode):
         mem_text, memory = memory_preflight(model, stages, tuple(first["latents"].shape[1:]), tokens, encoder,
                                             lora_rank, batch_size, gradient_checkpointing, options)
         summary = _with_memory(summary, mem_text)
+        if margin_use != "ignore":
+            summary += "\n" + margins.summary()
         log.info("PhysMaster TrainDPO: %s", summary)
         index = {g: i for i, g in enumerate(groups)}
 

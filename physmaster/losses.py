@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .errors import BatchMismatchError, PhysMasterError
 
 __all__ = ["flow_matching_loss", "flow_dpo_loss", "flow_dpo_from_errors", "dpo_error_weights", "DPOOutput",
-           "per_sample_sq_error", "LOG2"]
+           "per_sample_sq_error", "check_pair_weights", "LOG2"]
 
 LOG2 = math.log(2.0)
 
@@ -93,6 +93,7 @@ def flow_dpo_loss(
     target_w: torch.Tensor, target_l: torch.Tensor,
     beta: float,
     reduction: str = "mean",
+    weight: torch.Tensor | None = None,
 ) -> DPOOutput:
     """Flow-DPO (PhysMaster Eq. 3, constant β):
 
@@ -101,6 +102,8 @@ def flow_dpo_loss(
     `v_theta_*` / `v_ref_*` are the policy's / reference's velocity predictions on the noisy winner / loser (made
     with the *same* noise and t for both), `target_*` their velocity targets `ε − x_0`. Returns the mean loss
     over pairs and the implicit accuracy and reward margin. The reference predictions are detached.
+    `weight` [B] (optional, >= 0) scales each pair's loss: the loss is then `mean(weight * per-pair loss)` (see
+    `flow_dpo_from_errors`).
     """
     try:
         beta = float(beta)
@@ -117,14 +120,33 @@ def flow_dpo_loss(
     with torch.no_grad():
         ref_w = per_sample_sq_error(v_ref_w.detach(), target_w, reduction)
         ref_l = per_sample_sq_error(v_ref_l.detach(), target_l, reduction)
-    return flow_dpo_from_errors(err_w, err_l, ref_w, ref_l, beta)
+    return flow_dpo_from_errors(err_w, err_l, ref_w, ref_l, beta, weight)
+
+
+def check_pair_weights(weight, batch: int) -> torch.Tensor:
+    """`weight` as a float32 [batch] tensor of finite values >= 0, or a PhysMasterError naming what is wrong."""
+    if not isinstance(weight, torch.Tensor):
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+    if weight.ndim != 1 or weight.shape[0] != batch:
+        raise BatchMismatchError(f"Flow-DPO pair weights are shaped {list(weight.shape)}; expected one weight per "
+                                 f"pair, [{batch}]")
+    weight = weight.detach().float()
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+        raise PhysMasterError(f"Flow-DPO pair weights must be finite and >= 0, got {weight.tolist()[:8]}; they come "
+                              "from the pairs' margins (check the preference dataset's margins)")
+    return weight
 
 
 def flow_dpo_from_errors(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-                         beta: float) -> DPOOutput:
+                         beta: float, weight: torch.Tensor | None = None) -> DPOOutput:
     """Flow-DPO from the per-sample squared errors [B] of the policy (`err_*`) and the reference (`ref_*`): the
     loss depends on the model only through `err_w` and `err_l`, which lets a trainer run winner and loser in
-    separate passes (see `dpo_error_weights`)."""
+    separate passes (see `dpo_error_weights`).
+
+    `weight` [B] (optional): each pair's loss is multiplied by its weight and the batch loss is the plain mean,
+    `mean(weight * per_pair)`: with weights normalised to mean 1 over the training set (as
+    `training.data.plan_margins` makes them) this is an unbiased estimate of the set's weighted mean loss, and
+    weights of 1 give exactly the unweighted loss. The logged accuracy and margins stay unweighted."""
     beta = float(beta)
     reward_w = -0.5 * beta * (err_w - ref_w)
     reward_l = -0.5 * beta * (err_l - ref_l)
@@ -132,14 +154,19 @@ def flow_dpo_from_errors(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.
     per_pair = -F.logsigmoid(inside)
     with torch.no_grad():
         acc = (inside > 0).float().mean()
-    return DPOOutput(loss=per_pair.mean(), accuracy=acc, margin=inside.detach().mean(),
+    if weight is None:
+        loss = per_pair.mean()
+    else:
+        loss = (per_pair * check_pair_weights(weight, per_pair.shape[0]).to(per_pair.device)).mean()
+    return DPOOutput(loss=loss, accuracy=acc, margin=inside.detach().mean(),
                      reward_winner=reward_w.detach().mean(), reward_loser=reward_l.detach().mean(),
                      per_pair_margin=inside.detach(), per_pair_loss=per_pair.detach())
 
 
 def dpo_error_weights(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-                      beta: float) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
-    """The Flow-DPO loss at these errors (all [B], no graph) and its derivatives dL/d err_w, dL/d err_l [B].
+                      beta: float, weight: torch.Tensor | None = None) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
+    """The Flow-DPO loss at these errors (all [B], no graph) and its derivatives dL/d err_w, dL/d err_l [B]
+    (`weight`: per-pair loss weights, as in `flow_dpo_from_errors`).
 
     Since L depends on the trainable weights only through the policy's errors, backpropagating
     `(weights_w * err_w(θ)).sum()` and `(weights_l * err_l(θ)).sum()` in two separate passes (errors recomputed
@@ -148,7 +175,7 @@ def dpo_error_weights(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Ten
     with torch.enable_grad():
         ew = err_w.detach().float().clone().requires_grad_(True)
         el = err_l.detach().float().clone().requires_grad_(True)
-        out = flow_dpo_from_errors(ew, el, ref_w.detach().float(), ref_l.detach().float(), beta)
+        out = flow_dpo_from_errors(ew, el, ref_w.detach().float(), ref_l.detach().float(), beta, weight)
         gw, gl = torch.autograd.grad(out.loss, (ew, el))
     out.loss = out.loss.detach()
     return out, gw, gl

@@ -57,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train-sft") -> N
         parser.add_argument("--stage", choices=("lora", "head"), default="head",
                             help="Stage II trains the DiT LoRA, Stage III (default) the physical head only")
         parser.add_argument("--beta", type=float, default=500.0, help="Flow-DPO beta (> 0; default 500)")
+        parser.add_argument("--margin-use", default="ignore", type=lambda s: s.replace("-", " "),
+                            choices=("ignore", "weight", "filter", "filter and weight"),
+                            help="how the pairs' margins are used: ignore (default: every pair weighs the same), "
+                                 "weight (each pair's loss scaled by its margin over its source's mean margin), "
+                                 "filter (judge pairs below --min-margin dropped; a person's pairs are kept), "
+                                 "filter-and-weight")
+        parser.add_argument("--min-margin", type=float, default=0.1,
+                            help="with --margin-use filter: the lowest judge confidence (0..1) kept (default 0.1)")
     parser.add_argument("--out", required=True, help="output folder (encoder, LoRA, checkpoints)")
     parser.add_argument("--encoder", help="PhysEncoder .safetensors to start from (default: a new one)")
     parser.add_argument("--tokens", type=int, default=16, help="physical tokens of a new encoder (default 16)")
@@ -474,12 +482,15 @@ def _train(args, accelerator, stage, sft, out, dtype, report, world, main) -> in
     config = TrainConfig(steps=args.steps, lr=lr, batch_size=args.batch_size, seed=args.seed,
                          beta=getattr(args, "beta", 500.0), checkpoint_every=args.checkpoint_every,
                          gradient_checkpointing=args.gradient_checkpointing, shift=args.shift,
-                         grad_accum=args.grad_accum)
+                         grad_accum=args.grad_accum, margin_use=getattr(args, "margin_use", "ignore"),
+                         min_margin=getattr(args, "min_margin", 0.0))
     trainer = StageTrainer(stage, den, encoder, data, config, out / "checkpoints", resume=not args.no_resume,
                            accelerator=accelerator)
-    report(f"{stage}: {len(data)} {'videos' if sft else 'pairs'} from {dataset}; {world} process"
+    report(f"{stage}: {len(trainer.data)} {'videos' if sft else 'pairs'} from {dataset}; {world} process"
            f"{'es' if world > 1 else ''} x batch {config.batch_size} x accumulation {config.grad_accum} = global "
            f"batch {trainer.global_batch}")
+    if trainer.margins is not None and config.margin_use != "ignore":
+        report(f"{stage}: {trainer.margins.summary()}")
     if trainer.step:
         report(f"resuming {stage} from step {trainer.step} ({trainer.checkpoint_path})")
 
@@ -502,7 +513,7 @@ def _train(args, accelerator, stage, sft, out, dtype, report, world, main) -> in
     if not main:
         return 1 if result.stopped else 0
     record_stage(encoder, result, config, base_model=Path(args.model).resolve().name.removesuffix(".safetensors"),
-                 dataset=dataset, dataset_size=len(data),
+                 dataset=dataset, dataset_size=len(trainer.data),
                  extra={"lora": bool(den.has_lora), "processes": world, "global_batch": trainer.global_batch,
                         "grad_accum": config.grad_accum, "mixed_precision": str(accelerator.mixed_precision)})
     enc_path = encoder.save(out / "encoder.safetensors")

@@ -217,3 +217,24 @@ def test_gradient_accumulation_follows_the_global_batch(tmp_path, i2v_model, cap
         assert main(dpo(i2v_model, ds.path, outs[name], "--lr", "3e-3", "--steps", "3", *extra)) == 0
     assert "batch 2 x accumulation 2 = global batch 4" in capsys.readouterr().out
     td.assert_same_head(outs["big"], outs["accum"])  # the tolerance of 2 processes vs 1
+
+
+def test_train_dpo_filters_and_weights_by_margin(tmp_path, i2v_model, capsys):
+    """Issue 11 item 4: --margin-use / --min-margin. The filter drops judge pairs below the threshold (a person's
+    pairs stay), the weights are normalised per source; the stage's provenance records both."""
+    ds = td.write_preferences(tmp_path, "mixed")  # 6 human pairs (margin 0: weight 1 each)
+    group = ds.group_ids()[0]
+    ds.add_pairs(group, [(1, 2, 0.05), (0, 2, 0.6), (0, 1, 0.3)], "judge")
+    out = tmp_path / "dpo"
+    assert main(dpo(i2v_model, ds.path, out, "--margin-use", "filter-and-weight", "--min-margin", "0.1")) == 0
+    printed = capsys.readouterr().out
+    assert "8 pairs from mixed" in printed
+    assert "margin_use 'filter and weight': filter dropped 1 machine-labelled pair with margin below min_margin " \
+           "0.1, kept 8; loss weighted by margin over its source's mean (weights: human 6 pairs 1.00..1.00, " \
+           "judge 2 pairs 0.67..1.33)" in printed
+    (stage,) = load_encoder(out / "encoder.safetensors").provenance["stages"]
+    assert (stage["margin_use"], stage["min_margin"], stage["dataset_size"]) == ("filter and weight", 0.1, 8)
+    assert main(dpo(i2v_model, ds.path, tmp_path / "none", "--margin-use", "filter", "--min-margin", "0.7",
+                    "--sources", "judge")) == 2
+    err = capsys.readouterr().err
+    assert "margin_use 'filter' with min_margin 0.7 drops all 3 pairs" in err and "Lower min_margin" in err

@@ -70,7 +70,7 @@ def test_the_landed_marking_workflow_loads_unchanged_after_the_picker_grew_a_wid
     node = next(n for n in workflow["nodes"] if n["type"] == "PhysMasterPreferencePicker")
     assert node["widgets_values"] == ["my_preferences", "ask", 600, "skip", 16.0]  # as it landed
     picker = SCHEMA["PhysMasterPreferencePicker"]
-    assert picker["input_order"]["optional"][-1] == "ranking_pairs"
+    assert picker["input_order"]["optional"][3] == "ranking_pairs"  # where it landed (min_confidence came after)
     assert picker["input"]["optional"]["ranking_pairs"][1]["default"] == "all ordered pairs"
     prompt = ui_to_api(workflow, SCHEMA)
     inputs = next(v for v in prompt.values() if v["class_type"] == "PhysMasterPreferencePicker")["inputs"]
@@ -84,3 +84,29 @@ def test_the_landed_marking_workflow_loads_unchanged_after_the_picker_grew_a_wid
     node["widgets_values"] = node["widgets_values"][:4]  # a required widget missing is still an error
     with pytest.raises(WorkflowError, match="too few values"):
         ui_to_api(workflow, SCHEMA)
+
+
+def test_widgets_appended_for_margins_leave_the_landed_workflows_unchanged():
+    """Issue 11 item 4: min_confidence (picker) and margin_use / min_margin (Train DPO) were appended as optional
+    widgets; workflows saved before them convert unchanged (the defaults apply), and ones saved now carry them."""
+    picker = SCHEMA["PhysMasterPreferencePicker"]
+    assert picker["input_order"]["optional"][-2:] == ["ranking_pairs", "min_confidence"]
+    assert picker["input"]["optional"]["min_confidence"] == ["FLOAT", {"default": 0.1, "max": 1.0, "min": 0.0}]
+    dpo = SCHEMA["PhysMasterTrainDPO"]
+    assert dpo["input_order"]["optional"][-3:] == ["quantized_backward", "margin_use", "min_margin"]
+    assert dpo["input"]["optional"]["margin_use"][1] == {"default": "ignore",
+                                                        "options": ["ignore", "weight", "filter", "filter and weight"]}
+    workflow = json.loads((ROOT / "workflows" / "physmaster_train_dpo.json").read_text())
+    node = next(n for n in workflow["nodes"] if n["type"] == "PhysMasterTrainDPO")
+    assert len(node["widgets_values"]) == 13  # as it landed: no margin widgets
+    inputs = next(v for v in ui_to_api(workflow, SCHEMA).values() if v["class_type"] == "PhysMasterTrainDPO")["inputs"]
+    assert "margin_use" not in inputs and inputs["beta"] == 500.0 and inputs["quantized_backward"] is False
+    node["widgets_values"] += ["filter", 0.25]
+    inputs = next(v for v in ui_to_api(workflow, SCHEMA).values() if v["class_type"] == "PhysMasterTrainDPO")["inputs"]
+    assert (inputs["margin_use"], inputs["min_margin"]) == ("filter", 0.25)
+    workflow = json.loads((ROOT / "workflows" / "physmaster_mark_preferences.json").read_text())
+    node = next(n for n in workflow["nodes"] if n["type"] == "PhysMasterPreferencePicker")
+    node["widgets_values"] += ["all ordered pairs", 0.3]
+    inputs = next(v for v in ui_to_api(workflow, SCHEMA).values()
+                  if v["class_type"] == "PhysMasterPreferencePicker")["inputs"]
+    assert inputs["min_confidence"] == 0.3 and inputs["mode"] == "ask"

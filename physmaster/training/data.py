@@ -8,6 +8,7 @@ from the group file, `winner`/`loser` = the group's candidate latents at the lin
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -20,6 +21,88 @@ from .denoiser import Conditioning
 
 class DataError(PhysMasterError):
     """Training data that cannot be trained on (empty, mismatched shapes, not finite)."""
+
+
+#: how Flow-DPO uses the pairs' margins (TrainConfig.margin_use, the Train DPO node's margin_use widget, the CLI's
+#: --margin-use); see `plan_margins`
+MARGIN_USES = ("ignore", "weight", "filter", "filter and weight")
+#: the one source whose margin is not a confidence: a person's rank gap (physmaster.picker.choice_pairs)
+HUMAN = "human"
+
+
+@dataclass
+class MarginPlan:
+    """What `plan_margins` made of a list of pairs: the pairs kept (in order), those the filter dropped, and each
+    kept pair's loss weight (None when not weighting)."""
+
+    use: str
+    min_margin: float
+    kept: list
+    dropped: list
+    weights: list[float] | None = None
+
+    def summary(self) -> str:
+        """One line for a log or a node's report: what the filter dropped and what the weights are."""
+        if self.use == "ignore":
+            return "margins ignored (every pair weighs the same)"
+        parts = []
+        if "filter" in self.use:
+            n = len(self.dropped)
+            parts.append(f"filter dropped {n} machine-labelled pair{'s' if n != 1 else ''} with margin below "
+                         f"min_margin {self.min_margin:g}, kept {len(self.kept)}")
+        if self.weights is not None:
+            by_source: dict[str, list[float]] = {}
+            for p, w in zip(self.kept, self.weights):
+                by_source.setdefault(str(p.source), []).append(w)
+            spans = ", ".join(f"{src} {len(ws)} pairs {min(ws):.2f}..{max(ws):.2f}"
+                              for src, ws in sorted(by_source.items()))
+            parts.append(f"loss weighted by margin over its source's mean (weights: {spans})")
+        return f"margin_use '{self.use}': " + "; ".join(parts)
+
+
+def plan_margins(pairs: Sequence, use: str = "ignore", min_margin: float = 0.0) -> MarginPlan:
+    """Filter and/or weight preference pairs (anything with `.source` and `.margin`) by their margins.
+
+    The two sources' margins mean different things: a judge pair's margin is the judge's confidence in [0, 1] (the
+    picker saves it), a person's is the rank gap of a ranking scaled to (0, 1] (best over worst = 1, neighbours in a
+    ranking of 4 = 1/3). So:
+
+    * ``filter`` drops the machine-labelled pairs (every source but "human") whose margin is below `min_margin`. A
+      person's pairs are never dropped by it (their margin is not a confidence: drop wrong ones in the review).
+      None left is a DataError naming `min_margin`.
+    * ``weight`` gives each kept pair the weight margin / (mean margin of the kept pairs of its source): each source's
+      weights average 1, so neither source outweighs the other by its scale, the set's weights average 1, and within
+      a source a clearer pair (a confident judge, best over worst) counts more. A source whose margins are all 0
+      weighs 1 each. The Flow-DPO loss of a batch is then mean(weight * per-pair loss).
+    * ``filter and weight``: the filter, then the weights over the pairs it kept. ``ignore``: every pair weighs 1.
+    """
+    if use not in MARGIN_USES:
+        raise DataError(f"margin_use must be one of {list(MARGIN_USES)}, got {use!r}")
+    try:
+        min_margin = float(min_margin)
+    except (TypeError, ValueError):
+        raise DataError(f"min_margin must be a number >= 0, got {min_margin!r}") from None
+    if not (math.isfinite(min_margin) and min_margin >= 0):
+        raise DataError(f"min_margin must be a number >= 0 (a judge confidence, 0..1), got {min_margin!r}")
+    pairs = list(pairs)
+    kept, dropped = pairs, []
+    if "filter" in use:
+        kept = [p for p in pairs if p.source == HUMAN or float(p.margin) >= min_margin]
+        dropped = [p for p in pairs if not (p.source == HUMAN or float(p.margin) >= min_margin)]
+        if pairs and not kept:
+            margins = [float(p.margin) for p in dropped]
+            raise DataError(f"margin_use {use!r} with min_margin {min_margin:g} drops all {len(pairs)} pairs: they are "
+                            f"all machine-labelled (judge) pairs with margins {min(margins):.3g}..{max(margins):.3g}, "
+                            f"below min_margin. Lower min_margin (below {max(margins):.3g}), or set margin_use to "
+                            "'weight' or 'ignore'")
+    weights = None
+    if "weight" in use:
+        means: dict[str, float] = {}
+        for src in {str(p.source) for p in kept}:
+            ms = [float(p.margin) for p in kept if str(p.source) == src]
+            means[src] = sum(ms) / len(ms)
+        weights = [float(p.margin) / means[str(p.source)] if means[str(p.source)] > 0 else 1.0 for p in kept]
+    return MarginPlan(use, min_margin, kept, dropped, weights)
 
 
 @dataclass
@@ -206,11 +289,19 @@ class PreferenceSet:
             detail = f"; {self.skip_summary()}" if self.skips else ""
             raise DataError(f"the preference set has no usable pairs ({n_in} pairs in, {why}{detail}). Flow-DPO "
                             "needs pairs of different candidates from the same start image with finite data; "
-                            "pick more pairs (PhysMasterPreferencePicker) or lower the judge's min_margin.")
+                            "pick more pairs (PhysMasterPreferencePicker) or lower the picker's min_confidence.")
 
     def skip_summary(self) -> str:
         """'3 skipped: non-finite latents in group 1a2b3c4d (2 pairs); ...' ('' when none was skipped)."""
         return describe_skips(self.skips)
+
+    def subset(self, pairs: Sequence[PreferencePair]) -> "PreferenceSet":
+        """A set of some of these (already validated) pairs, keeping this set's skips; at least one pair."""
+        if not pairs:
+            raise DataError("a preference set needs at least one pair")
+        out = copy.copy(self)
+        out.pairs = list(pairs)
+        return out
 
     def __len__(self) -> int:
         return len(self.pairs)

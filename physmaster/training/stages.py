@@ -47,7 +47,7 @@ from ..errors import CheckpointError, PhysMasterError
 from ..fileio import atomic_path
 from ..losses import dpo_error_weights, flow_dpo_loss, motion_weights, per_sample_sq_error, weighted_sq_error
 from ..memory import saved_on_cpu
-from .data import PreferenceSet, VideoSet
+from .data import MARGIN_USES, MarginPlan, PreferenceSet, VideoSet, plan_margins
 from .denoiser import Conditioning, Denoiser
 
 STAGES = ("sft", "dpo-lora", "dpo-head")
@@ -88,6 +88,11 @@ class TrainConfig:
     # keeps for backward held in CPU memory (see physmaster.memory.saved_on_cpu)
     split_passes: bool = False
     activations_on_cpu: bool = False
+    # Flow-DPO: how the pairs' margins are used (physmaster.training.data.plan_margins): "ignore" (every pair
+    # weighs 1, the paper's loss), "weight" (each pair's loss scaled by its margin, normalised to mean 1 per
+    # source), "filter" (judge pairs with margin < min_margin dropped), "filter and weight"
+    margin_use: str = "ignore"
+    min_margin: float = 0.0
 
     TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
                          "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout", "motion_weight")
@@ -116,6 +121,10 @@ class TrainConfig:
             problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.split_passes and int(self.grad_accum) > 1:
             problems.append("split_passes already accumulates one video per pass; use grad_accum 1 with it")
+        if self.margin_use not in MARGIN_USES:
+            problems.append(f"margin_use must be one of {list(MARGIN_USES)}, got {self.margin_use!r}")
+        if not (isinstance(self.min_margin, (int, float)) and math.isfinite(self.min_margin) and self.min_margin >= 0):
+            problems.append(f"min_margin must be a number >= 0, got {self.min_margin!r}")
         if problems:
             raise TrainingError("invalid training config: " + "; ".join(problems))
 
@@ -123,6 +132,8 @@ class TrainConfig:
         out = {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
         if not self.motion_weight:  # off: the trajectory (and checkpoints) of runs made before the option
             del out["motion_weight"]
+        if self.margin_use != "ignore":  # only then, so checkpoints from before these fields still resume
+            out.update(margin_use=self.margin_use, min_margin=float(self.min_margin))
         return out
 
 
@@ -206,6 +217,16 @@ class StageTrainer:
                 raise TrainingError("Stage I (sft) trains on videos: pass a VideoSet")
         elif not isinstance(data, PreferenceSet):
             raise TrainingError(f"{stage} trains on preference pairs: pass a PreferenceSet")
+        # Flow-DPO: the pairs' margins filter the set and/or weight each pair's loss (config.margin_use)
+        self.margins: MarginPlan | None = None
+        self.pair_weights: torch.Tensor | None = None
+        if stage != "sft":
+            self.margins = plan_margins(data.pairs, config.margin_use, config.min_margin)
+            if self.margins.dropped:
+                data = data.subset(self.margins.kept)
+                self.data = data
+            if self.margins.weights is not None:
+                self.pair_weights = torch.tensor(self.margins.weights, dtype=torch.float32)
         if stage == "dpo-head" and encoder is None:
             raise TrainingError("Stage III (dpo-head) trains the physical head: pass a PhysEncoder")
         lora = list(denoiser.lora_parameters())
@@ -321,8 +342,13 @@ class StageTrainer:
         v_ref = self._reference_velocity(x_t, tt, cond2)
         with self._keep_activations():
             v_pol = self.denoiser.predict_velocity(x_t, tt, self._policy_cond(cond2))
-        out = flow_dpo_loss(v_pol[:b], v_pol[b:], v_ref[:b], v_ref[b:], target[:b], target[b:], cfg.beta)
+        out = flow_dpo_loss(v_pol[:b], v_pol[b:], v_ref[:b], v_ref[b:], target[:b], target[b:], cfg.beta,
+                            weight=self._weights(idx))
         return out.loss, out.logs()
+
+    def _weights(self, idx: Sequence[int]) -> torch.Tensor | None:
+        """The loss weights of these pairs (their margins, `config.margin_use`), None when not weighting."""
+        return None if self.pair_weights is None else self.pair_weights[list(idx)]
 
     def _policy_cond(self, cond: Conditioning) -> Conditioning:
         """The policy's conditioning: tokens of the trained head (with a graph in Stages I and III)."""
@@ -412,7 +438,7 @@ class StageTrainer:
                 v = self.denoiser.predict_velocity(x_t[i:i + 1], tt[i:i + 1], self._policy_cond(one[i]))
                 pol.append(per_sample_sq_error(v, target[i:i + 1]))
         ref_e, pol_e = torch.cat(ref), torch.cat(pol)
-        out, gw, gl = dpo_error_weights(pol_e[:b], pol_e[b:], ref_e[:b], ref_e[b:], cfg.beta)
+        out, gw, gl = dpo_error_weights(pol_e[:b], pol_e[b:], ref_e[:b], ref_e[b:], cfg.beta, self._weights(idx))
         if torch.isfinite(out.loss):  # a non-finite loss stops the run before any backward
             weights = torch.cat([gw, gl])
             for i in range(2 * b):
@@ -646,6 +672,8 @@ def stage_entry(stage: str, steps: int, config: TrainConfig, *, planned: int | N
              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if stage != "sft":
         entry["beta"] = config.beta
+        if config.margin_use != "ignore":
+            entry.update(margin_use=config.margin_use, min_margin=float(config.min_margin))
     if "lora" in STAGE_TRAINS[stage]:
         entry["lora_file"] = lora_file
     entry.update(extra or {})

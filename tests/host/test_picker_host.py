@@ -260,3 +260,98 @@ def test_batch_of_one_and_other_model_are_clear_errors(host):
         host.run(picker_prompt("shape", mode="judge", size=48), timeout=300)
     assert "another model or resolution" in err.value.exception_message and "latent shape" in err.value.exception_message
     assert pairs_on_disk(host, "shape") == [] and len(ds.group_ids()) == 1
+
+
+# -- issue 11 item 4: the judge labels in the graph (confidence = margin, a threshold, bad video) --------------------
+JUDGE_FRAMES, JUDGE_FPS = 24, 16.0
+
+
+def judge_prompt(dataset: str, min_confidence: float, candidates=("good", "medium", "still")) -> dict:
+    """The picker in judge mode on proxy-task videos instead of the tiny model's noise: 'good' is a drop scene at
+    the judge's frame rate, 'medium' the same scene rendered at 14 fps (gravity off by a third: a lower score),
+    'still' its first frame repeated (nothing moves), 'black' an empty video. The latents are the tiny Wan's."""
+    p = picker_prompt(dataset, mode="judge", batch=len(candidates))
+    del p["decode"]
+    for name, fps in (("good", JUDGE_FPS), ("medium", 14.0)):
+        p[f"scene_{name}"] = {"class_type": "PhysMasterDropScene", "inputs": {
+            "seed": 0, "split": "seen", "size": 64, "frames": JUDGE_FRAMES, "fps": fps}}
+    p["still"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["scene_good", 0], "amount": JUDGE_FRAMES}}
+    p["black"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": JUDGE_FRAMES,
+                                                         "color": 0}}
+    source = {"good": ["scene_good", 1], "medium": ["scene_medium", 1], "still": ["still", 0], "black": ["black", 0]}
+    images = source[candidates[0]]
+    for i, name in enumerate(candidates[1:]):
+        p[f"batch{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": images, "image2": source[name]}}
+        images = [f"batch{i}", 0]
+    p["pick"]["inputs"].update(images=images, fps=JUDGE_FPS, min_confidence=min_confidence)
+    return p
+
+
+def expected_judge_pairs() -> list[tuple[int, int, float]]:
+    """What the judge makes of judge_prompt's three candidates, computed here from the same frames."""
+    import numpy as np
+
+    from physmaster.physics import rank_candidates, render_scene
+
+    good, medium = (render_scene(0, "seen", size=64, frames=JUDGE_FRAMES, fps=f).frames.astype(np.float32)
+                    for f in (JUDGE_FPS, 14.0))
+    _, pairs = rank_candidates([good, medium, np.repeat(good[:1], JUDGE_FRAMES, axis=0)], fps=JUDGE_FPS,
+                               min_margin=0.0)
+    return pairs
+
+
+def test_judge_mode_saves_the_confident_pairs_with_their_confidence_as_margin(host):
+    expected = expected_judge_pairs()
+    confidences = sorted(c for _, _, c in expected)
+    assert len(expected) == 3 and confidences[0] < confidences[1], expected  # distinct, so a threshold splits them
+    threshold = (confidences[0] + confidences[1]) / 2
+    entry = host.run(judge_prompt("judged", threshold), timeout=600)
+    report = json.loads(entry["outputs"]["pick"]["text"][0])
+    judged = report["judge"]
+    kept = [(w, lo, c) for w, lo, c in expected if c >= threshold]
+    on_disk = pairs_on_disk(host, "judged")
+    assert report["source"] == "judge" and report["pairs_written"] == len(kept) == len(on_disk) == 2
+    assert all(p["source"] == "judge" for p in on_disk)
+    # the margins in the dataset are the judge's confidences, exactly as the report gives them
+    assert sorted((p["winner"], p["loser"], p["margin"]) for p in on_disk) == \
+        sorted(tuple(p) for p in judged["pairs"])
+    assert sorted((p["winner"], p["loser"]) for p in on_disk) == sorted((w, lo) for w, lo, _ in kept)
+    for p in on_disk:
+        assert p["margin"] == pytest.approx(next(c for w, lo, c in expected if (w, lo) == (p["winner"], p["loser"])),
+                                            abs=1e-9)
+        assert p["margin"] >= threshold
+    # the pair under the threshold is counted, named and not saved
+    assert judged["skipped"] == 1 and judged["skipped_why"] == f"judge confidence below min_confidence {threshold:g}"
+    (w, lo, c), = judged["skipped_pairs"]
+    assert c < threshold and (w, lo) not in {(p["winner"], p["loser"]) for p in on_disk}
+    assert "2 pairs at confidence >= " in report["note"] and "1 skipped below it (not saved)" in report["note"]
+    # the still video: a low score and the judge's reason, in the report
+    still = judged["candidates"][2]
+    assert still["found"] is False and still["score"] == 0.0 and "no object found" in still["reason"]
+    assert report["winner"] == judged["pairs"][0][0]
+    from physmaster.preferences import PreferenceDataset  # and the one reader reads the same margins back
+
+    pairs, _ = PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", "judged").read_pairs()
+    assert sorted(p.margin for p in pairs) == sorted(p["margin"] for p in on_disk)
+
+
+def test_judge_on_videos_without_a_moving_object_reports_and_saves_nothing(host):
+    entry = host.run(judge_prompt("judged_bad", 0.0, candidates=("still", "black", "black")), timeout=600)
+    report = json.loads(entry["outputs"]["pick"]["text"][0])
+    assert report["pairs_written"] == 0 and pairs_on_disk(host, "judged_bad") == []
+    cands = report["judge"]["candidates"]
+    assert [c["found"] for c in cands] == [False] * 3 and [c["score"] for c in cands] == [0.0] * 3
+    assert all("no object found" in c["reason"] for c in cands)
+    assert "0 pairs" in report["note"] and "no candidate over another" in report["note"]
+
+
+def test_ground_truth_of_another_size_is_a_clear_error(host):
+    p = judge_prompt("judged_gt", 0.1)
+    p["scene_small"] = {"class_type": "PhysMasterDropScene", "inputs": {
+        "seed": 0, "split": "seen", "size": 32, "frames": JUDGE_FRAMES, "fps": JUDGE_FPS}}
+    p["pick"]["inputs"]["ground_truth_masks"] = ["scene_small", 2]
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(p, timeout=600)
+    assert err.value.node_id == "pick"
+    assert "ground_truth_masks are 32x32 pixels but the candidates' frames are 64x64" in err.value.exception_message
+    assert pairs_on_disk(host, "judged_gt") == []

@@ -13,7 +13,7 @@ import harness
 import tiny_models as tm
 from test_host_smoke import FAMILIES, _run_and_load
 from test_physmaster_nodes import TOKENS, _encoder_nodes, with_physmaster, with_tiny_models
-from test_picker_host import pairs_on_disk, picker_prompt, post_pick
+from test_picker_host import judge_prompt, pairs_on_disk, picker_prompt, post_pick
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -586,3 +586,67 @@ def test_memory_estimate_matches_the_measured_peak(comfyui_path, checkpointing):
     print(f"checkpointing={checkpointing}: estimated {estimate / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB "
           f"(ratio {measured / estimate:.2f}); profile {run['memory']['profile']}")
     assert 0.75 * estimate <= measured <= 1.25 * estimate
+
+
+# -- issue 11 item 4: Train DPO filters or weights the pairs by their margins ---------------------------------------
+JUDGED = "train_judged"
+
+
+@pytest.fixture(scope="module")
+def judged_dataset(host):
+    """One group labelled by the judge in the picker with no threshold: 3 judge pairs whose margins are the judge's
+    three different confidences (see test_picker_host.judge_prompt)."""
+    if len(pairs_on_disk(host, JUDGED)) < 3:
+        host.run(judge_prompt(JUDGED, 0.0), timeout=600)
+    pairs = pairs_on_disk(host, JUDGED)
+    assert len(pairs) == 3 and all(p["source"] == "judge" for p in pairs)
+    assert len({p["margin"] for p in pairs}) == 3, pairs
+    return JUDGED
+
+
+def test_dpo_filter_by_margin_drops_the_unsure_judge_pairs_and_says_how_many(host, judged_dataset):
+    margins = sorted(p["margin"] for p in pairs_on_disk(host, judged_dataset))
+    cut = round((margins[0] + margins[1]) / 2, 4)
+    p = dpo_prompt(judged_dataset, "head (Stage III)", steps=3)
+    p["train"]["inputs"].update(margin_use="filter", min_margin=cut)
+    entry = host.run(p, timeout=900)
+    (run,) = _history(entry)
+    assert len(run["history"]) == 3 and run["stopped"] is None
+    summary = entry["outputs"]["train"]["text"][0]
+    assert f"margin_use 'filter': filter dropped 1 machine-labelled pair with margin below min_margin {cut:g}, " \
+           "kept 2" in summary, summary
+    from physmaster.encoder import load_encoder
+    saved = json.loads(entry["outputs"]["save_enc"]["text"][0])
+    (stage,) = load_encoder(host.base_dir / "models" / "physmaster" / saved["saved"]).provenance["stages"]
+    assert (stage["margin_use"], stage["min_margin"], stage["dataset_size"]) == ("filter", cut, 2)
+    # a threshold above every margin leaves nothing: an error naming the widgets, before any training
+    p["train"]["inputs"]["min_margin"] = min(1.0, round(margins[-1] + 0.01, 4))
+    with pytest.raises(harness.ExecutionFailed) as err:
+        host.run(p, timeout=300)
+    msg = err.value.exception_message
+    assert err.value.node_id == "train" and "drops all 3 pairs" in msg and "Lower min_margin" in msg
+    assert "widgets margin_use and min_margin" in msg
+
+
+def test_dpo_weight_by_margin_scales_each_pairs_loss(host, judged_dataset):
+    """At step 1 the policy is the reference, so each pair's loss is log 2 and the weighted batch loss is
+    log 2 x the mean weight of the batch's pairs: margin / mean margin (one source here)."""
+    import math
+
+    from physmaster.preferences import PreferenceDataset
+    from physmaster.training.stages import batch_indices
+
+    pairs, _ = PreferenceDataset.open(host.output_dir / "physmaster" / "preferences", judged_dataset).read_pairs()
+    margins = [p.margin for p in pairs]  # the order training sees them in
+    weights = [m / (sum(margins) / len(margins)) for m in margins]
+    idx = batch_indices(len(pairs), 2, 0, 0)
+    p = dpo_prompt(judged_dataset, "head (Stage III)", steps=3)
+    p["train"]["inputs"].update(margin_use="weight")
+    entry = host.run(p, timeout=900)
+    (run,) = _history(entry)
+    first = run["history"][0]["loss"]
+    assert first == pytest.approx(math.log(2) * sum(weights[i] for i in idx) / 2, abs=2e-3)
+    assert abs(first - math.log(2)) > 0.01  # the weights really changed the loss
+    summary = entry["outputs"]["train"]["text"][0]
+    assert f"loss weighted by margin over its source's mean (weights: judge 3 pairs {min(weights):.2f}.." \
+           f"{max(weights):.2f})" in summary, summary
