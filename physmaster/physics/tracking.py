@@ -80,6 +80,12 @@ def reference_mask(reference: np.ndarray, videos: np.ndarray, floor: float = 0.0
     t1 = max(t0 + 1, T // 2 + 1)
     later = videos[:, t0:t1].reshape(-1, H, W, 3)
     dist = _colour_distance(later, reference[None])
+    # a frozen candidate (nothing differs from the start image) says nothing of where the object went, and as
+    # a quarter of the group it would pull the lower quartile to 0 everywhere: leave such candidates out
+    per = dist.reshape(N, t1 - t0, H, W)
+    moving = per.reshape(N, -1).max(1) > floor
+    if moving.any() and not moving.all():
+        dist = per[moving].reshape(-1, H, W)
     q = np.partition(dist, (len(dist) - 1) // 4, axis=0)[(len(dist) - 1) // 4]  # lower quartile per pixel
     thr = max(floor, 4.0 * float(np.median(q)))
     cand = q > thr
