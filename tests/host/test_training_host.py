@@ -595,12 +595,13 @@ JUDGED = "train_judged"
 @pytest.fixture(scope="module")
 def judged_dataset(host):
     """One group labelled by the judge in the picker with no threshold: 3 judge pairs whose margins are the judge's
-    three different confidences (see test_picker_host.judge_prompt)."""
+    confidences (see test_picker_host.judge_prompt): the two drops against the still video (a lost object, about 1)
+    and the two drops against each other (less sure), so at least two different margins."""
     if len(pairs_on_disk(host, JUDGED)) < 3:
         host.run(judge_prompt(JUDGED, 0.0), timeout=600)
     pairs = pairs_on_disk(host, JUDGED)
     assert len(pairs) == 3 and all(p["source"] == "judge" for p in pairs)
-    assert len({p["margin"] for p in pairs}) == 3, pairs
+    assert len({p["margin"] for p in pairs}) >= 2 and min(p["margin"] for p in pairs) < 0.9, pairs
     return JUDGED
 
 
@@ -619,13 +620,8 @@ def test_dpo_filter_by_margin_drops_the_unsure_judge_pairs_and_says_how_many(hos
     saved = json.loads(entry["outputs"]["save_enc"]["text"][0])
     (stage,) = load_encoder(host.base_dir / "models" / "physmaster" / saved["saved"]).provenance["stages"]
     assert (stage["margin_use"], stage["min_margin"], stage["dataset_size"]) == ("filter", cut, 2)
-    # a threshold above every margin leaves nothing: an error naming the widgets, before any training
-    p["train"]["inputs"]["min_margin"] = min(1.0, round(margins[-1] + 0.01, 4))
-    with pytest.raises(harness.ExecutionFailed) as err:
-        host.run(p, timeout=300)
-    msg = err.value.exception_message
-    assert err.value.node_id == "train" and "drops all 3 pairs" in msg and "Lower min_margin" in msg
-    assert "widgets margin_use and min_margin" in msg
+    # (a threshold above every margin is an error naming the widgets: with the candidate judge, confidences reach
+    # 1.0, the widget's maximum, so that case is covered by tests/test_margins.py on the core, not here)
 
 
 def test_dpo_weight_by_margin_scales_each_pairs_loss(host, judged_dataset):
