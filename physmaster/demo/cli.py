@@ -19,12 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-JUDGE_ROW = "Stage III (judge labels)"
 ONLINE_SEED = 600_000
-
-
-def online_row(r: int) -> str:
-    return f"online round {r} (judge)"
 
 
 HELP = "PhysMaster's Table 1 (Stage I SFT, Stage II/III Flow-DPO) on the drop proxy world, on CPU"
@@ -89,6 +84,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import score_scenes
     from .pipeline import dpo, gt_pairs, judge_agreement, judge_pairs, sample_candidates, stage_one
+    from .report import JUDGE_ROW, online_row
 
     vm, backbone = assets
     vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))  # each seed trains a fresh copy of the shipped base

@@ -11,16 +11,24 @@ from ..fileio import atomic_path
 from .evaluation import bootstrap_ci
 from .world import FPS, FRAMES, SIZE
 
+JUDGE_ROW = "Stage III (judge labels)"  # `--judge-labels`: Stage III on the judge's labels alone
+ONLINE = "online round"  # `--online K`: one row per round
+
+
+def online_row(r: int) -> str:
+    return f"{ONLINE} {r} (judge)"
+
+
 ROWS = ("base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III")
 #: each row against the row it builds on (PhysMaster Table 1), and the paper's headline last
 COMPARISONS = (("Stage I", "base"), ("Stage I + DPO encoder", "Stage I"), ("Stage II", "Stage I"),
-               ("Stage III", "Stage II"), ("Stage III", "Stage I"), ("Stage III (judge labels)", "Stage II"))
+               ("Stage III", "Stage II"), ("Stage III", "Stage I"), (JUDGE_ROW, "Stage II"))
 
 
 def comparisons(names) -> list[tuple[str, str]]:
     """The paper's comparisons, then each online round against the model it started from."""
     out = [c for c in COMPARISONS if c[0] in names and c[1] in names]
-    online = [n for n in names if n.startswith("online round")]
+    online = [n for n in names if n.startswith(ONLINE)]
     return out + list(zip(online, ["Stage II"] + online[:-1]))
 COLUMNS = (("l2", "L2"), ("chamfer", "CD"), ("iou", "IoU"))
 
@@ -73,7 +81,7 @@ def format_judge(results: dict, agreement: dict) -> str:
                      f"{a['min_gap']}): {a['overall']:.1%} agree; by confidence tercile (low to high): "
                      + ", ".join(f"{t['agreement']:.0%} (n={t['n_pairs']}, confidence {t['confidence_range'][0]:.2f}"
                                  f"-{t['confidence_range'][1]:.2f})" for t in a["terciles"]))
-    judged = "Stage III (judge labels)"
+    judged = JUDGE_ROW
     if judged in results and "Stage III" in results and "Stage II" in results:
         base = results["Stage II"]["l2"].mean()
         gt_gain = base - results["Stage III"]["l2"].mean()
