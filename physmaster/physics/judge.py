@@ -228,6 +228,17 @@ def gt_similarity(metrics: dict) -> float:
     return (metrics["iou"] + math.exp(-metrics["l2"] / 0.05) + math.exp(-metrics["chamfer"] / 0.15)) / 3.0
 
 
+def check_fps(fps, whose: str) -> float:
+    """`fps` as a positive finite float, or a PhysMasterError asking for the `whose` frame rate."""
+    try:
+        fps = float(fps)
+    except (TypeError, ValueError):
+        raise PhysMasterError(f"fps must be a number (got {fps!r}); pass the {whose} frame rate") from None
+    if not (math.isfinite(fps) and fps > 0):
+        raise PhysMasterError(f"fps must be a positive number (got {fps}); pass the {whose} frame rate")
+    return fps
+
+
 def judge(frames, gt_masks=None, fps: float = 16.0, gt_fps: float | None = None, *,
           gravity_prior: float | None = NOMINAL_GRAVITY, masks=None) -> JudgeResult:
     """Judge the physical plausibility of a drop video (float [T, H, W, 3] in [0, 1], T >= 3).
@@ -238,12 +249,7 @@ def judge(frames, gt_masks=None, fps: float = 16.0, gt_fps: float | None = None,
     (None: only the consistency of gravity is judged). masks: use these object masks instead of segmenting.
     """
     video = as_video(frames, "frames", min_frames=3)
-    try:
-        fps = float(fps)
-    except (TypeError, ValueError):
-        raise PhysMasterError(f"fps must be a number (got {fps!r}); pass the video's frame rate") from None
-    if not (math.isfinite(fps) and fps > 0):
-        raise PhysMasterError(f"fps must be a positive number (got {fps}); pass the video's frame rate")
+    fps = check_fps(fps, "video's")
     T, H, W, _ = video.shape
     if masks is None:
         m = segment_object(video)
@@ -345,12 +351,7 @@ def rank_candidates(videos, gt_masks=None, fps: float = 16.0, min_margin: float 
     if unknown:
         raise PhysMasterError(f"rank_candidates got unknown option(s) {sorted(unknown)}; "
                               "it takes reference, gravity_prior and gt_fps")
-    try:
-        fps = float(fps)
-    except (TypeError, ValueError):
-        raise PhysMasterError(f"fps must be a number (got {fps!r}); pass the videos' frame rate") from None
-    if not (math.isfinite(fps) and fps > 0):
-        raise PhysMasterError(f"fps must be a positive number (got {fps}); pass the videos' frame rate")
+    fps = check_fps(fps, "videos'")
     results, group = judge_candidates(list(videos), reference=reference, fps=fps,
                                       gravity_prior=judge_kwargs.get("gravity_prior", NOMINAL_GRAVITY),
                                       gt_masks=gt_masks, gt_fps=judge_kwargs.get("gt_fps"))
