@@ -51,6 +51,20 @@ def motion_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:
     return w / w.flatten(1).mean(1).view(-1, 1, 1, 1, 1)
 
 
+def pair_motion_weights(xw: torch.Tensor, xl: torch.Tensor, strength: float) -> torch.Tensor:
+    """Flow-DPO's element weights [B, 1, T, H, W] (mean 1 per pair): `motion_weights` of the winner and of the
+    loser, averaged, so both videos' errors are weighed by one map that covers where either moves.
+
+    A preference is about the object (where it is, whether it is whole); the two videos share their start frame
+    and mostly their background. With uniform weights the DPO margin is dominated by the background's
+    noise-prediction error, which differs between policy and reference by noise only; one shared map keeps the
+    comparison of winner and loser on the same elements."""
+    if xw.shape != xl.shape:
+        raise BatchMismatchError(f"winner and loser latents must have the same shape, got {list(xw.shape)} and "
+                                 f"{list(xl.shape)}")
+    return 0.5 * (motion_weights(xw, strength) + motion_weights(xl, strength))
+
+
 def weighted_sq_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Per-sample mean squared error [B], each element weighted by `weight` (broadcast; None = plain)."""
     if weight is None:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from physmaster.errors import BatchMismatchError, PhysMasterError
-from physmaster.losses import (LOG2, flow_dpo_loss, flow_matching_loss, motion_weights, per_sample_sq_error,
-                               weighted_sq_error)
+from physmaster.losses import (LOG2, flow_dpo_loss, flow_matching_loss, motion_weights, pair_motion_weights,
+                               per_sample_sq_error, weighted_sq_error)
 
 
 def test_flow_matching_hand_computed():
@@ -120,3 +120,15 @@ def test_weighted_sq_error_hand_computed():
     assert torch.equal(weighted_sq_error(pred, target, None), per_sample_sq_error(pred, target))
     with pytest.raises(BatchMismatchError, match="prediction is shaped"):
         weighted_sq_error(pred, target[:, :, :1], w)
+
+
+def test_pair_motion_weights_cover_where_either_video_moves():
+    xw, xl = torch.zeros(1, 2, 4, 5, 5), torch.zeros(1, 2, 4, 5, 5)
+    xw[0, :, 1:, 0, 0] = 1.0  # the winner moves at (0, 0), the loser at (4, 4)
+    xl[0, :, 1:, 4, 4] = 1.0
+    w = pair_motion_weights(xw, xl, 9.0)
+    assert w.shape == (1, 1, 4, 5, 5) and w.flatten(1).mean().item() == pytest.approx(1.0)
+    assert w[0, 0, 2, 0, 0] == pytest.approx(w[0, 0, 2, 4, 4].item()) and w[0, 0, 2, 0, 0] > 10 * w[0, 0, 2, 2, 2]
+    assert torch.allclose(pair_motion_weights(xw, xl, 0.0), torch.ones_like(w))
+    with pytest.raises(BatchMismatchError, match="winner and loser latents must have the same shape"):
+        pair_motion_weights(xw, xl[:, :, :2], 1.0)

@@ -404,3 +404,36 @@ def test_motion_weight_weighs_the_sft_loss_the_same_batched_and_split():
     assert TrainConfig(motion_weight=2.0).trajectory()["motion_weight"] == 2.0
     with pytest.raises(TrainingError, match="motion_weight must be >= 0"):
         TrainConfig(motion_weight=-1.0)
+
+
+@pytest.mark.parametrize("stage", ["dpo-lora", "dpo-head"])
+def test_motion_weight_weighs_flow_dpo_by_the_pairs_map_batched_and_split(stage):
+    """Flow-DPO with motion weighting: winner and loser errors weighed by one map per pair
+    (losses.pair_motion_weights); a different loss from the uniform one, the same batched and split."""
+    data = pairs(3)
+    out = {}
+    for mw, split in ((0.0, False), (5.0, False), (5.0, True)):
+        den, enc = setup()
+        if stage == "dpo-lora":
+            with torch.no_grad():
+                for p in den.lora_parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        tr = StageTrainer(stage, den, enc, data, TrainConfig(steps=1, lr=1e-3, batch_size=2, seed=4, beta=50.0,
+                                                             motion_weight=mw, split_passes=split))
+        if stage == "dpo-head":  # the head moved away from its frozen reference copy
+            with torch.no_grad():
+                for p in enc.head.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        tr.optimizer.zero_grad(set_to_none=True)
+        if split:
+            loss, logs = tr.split_backward(0)
+        else:
+            loss, logs = tr.compute_loss(0)
+            loss.backward()
+        out[(mw, split)] = (float(loss.detach()), logs, [p.grad.clone() for p in tr.params if p.grad is not None])
+    assert out[(5.0, False)][0] != pytest.approx(out[(0.0, False)][0], rel=1e-4)
+    assert out[(5.0, True)][0] == pytest.approx(out[(5.0, False)][0], rel=1e-4)
+    assert out[(5.0, True)][1]["margin"] == pytest.approx(out[(5.0, False)][1]["margin"], rel=1e-3)
+    g_batched, g_split = out[(5.0, False)][2], out[(5.0, True)][2]
+    assert len(g_batched) == len(g_split) > 0
+    assert all((a - b).abs().max() <= 1e-4 * a.abs().max() for a, b in zip(g_batched, g_split))

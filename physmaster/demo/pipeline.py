@@ -41,6 +41,7 @@ class Settings:
     pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
     min_margin: float = 0.05
     dpo_steps: int = 200
+    dpo_motion_weight: float = 0.0  # Flow-DPO stages: errors up-weighted where the pair moves (0 = uniform)
     eval_scenes: int = 30  # per split
     eval_videos: int = 2  # per held-out scene and row (the same noises for every row)
     sample_steps: int = 12
@@ -200,7 +201,7 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
 
     lr = st.lr_lora if stage == "dpo-lora" else st.lr_head
     cfg = TrainConfig(steps=st.dpo_steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
-                      warmup_steps=min(20, st.dpo_steps))
+                      warmup_steps=min(20, st.dpo_steps), motion_weight=st.dpo_motion_weight)
     t0 = time.perf_counter()
     result = StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
     record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",

@@ -45,7 +45,8 @@ from torch import nn
 from ..encoder import PhysEncoder
 from ..errors import CheckpointError, PhysMasterError
 from ..fileio import atomic_path
-from ..losses import dpo_error_weights, flow_dpo_loss, motion_weights, per_sample_sq_error, weighted_sq_error
+from ..losses import (dpo_error_weights, flow_dpo_from_errors, flow_dpo_loss, motion_weights, pair_motion_weights,
+                      weighted_sq_error)
 from ..memory import saved_on_cpu
 from .data import MARGIN_USES, MarginPlan, PreferenceSet, VideoSet, plan_margins
 from .denoiser import Conditioning, Denoiser
@@ -79,7 +80,9 @@ class TrainConfig:
     shift: float = 1.0  # timestep shift t' = s t / (1 + (s − 1) t), as Wan's schedulers (1 = none)
     token_strength: float = 1.0
     token_dropout: float = 0.0  # Stage I: fraction of samples whose physical tokens are zeroed (seeded per step)
-    motion_weight: float = 0.0  # Stage I: up-weight the loss where the latent moves (losses.motion_weights; 0 = off)
+    # up-weight the loss where the latent moves (losses.motion_weights; 0 = off). Stage I: each video's own map;
+    # Flow-DPO: one map per pair (losses.pair_motion_weights), for the winner's and the loser's errors alike
+    motion_weight: float = 0.0
     checkpoint_every: int = 0  # 0 = only at the end
     gradient_checkpointing: bool = False
     grad_accum: int = 1  # micro-batches per optimizer step (each of batch_size per process)
@@ -342,9 +345,23 @@ class StageTrainer:
         v_ref = self._reference_velocity(x_t, tt, cond2)
         with self._keep_activations():
             v_pol = self.denoiser.predict_velocity(x_t, tt, self._policy_cond(cond2))
-        out = flow_dpo_loss(v_pol[:b], v_pol[b:], v_ref[:b], v_ref[b:], target[:b], target[b:], cfg.beta,
-                            weight=self._weights(idx))
+        w = self._pair_motion(xw, xl)
+        if w is None:
+            out = flow_dpo_loss(v_pol[:b], v_pol[b:], v_ref[:b], v_ref[b:], target[:b], target[b:], cfg.beta,
+                                weight=self._weights(idx))
+        else:
+            err = weighted_sq_error(v_pol, target, w)
+            with torch.no_grad():
+                ref = weighted_sq_error(v_ref.detach(), target, w)
+            out = flow_dpo_from_errors(err[:b], err[b:], ref[:b], ref[b:], cfg.beta, self._weights(idx))
         return out.loss, out.logs()
+
+    def _pair_motion(self, xw: torch.Tensor, xl: torch.Tensor) -> torch.Tensor | None:
+        """Flow-DPO's element weights [2B, 1, T, H, W] (the pair's map for winner then loser), None when off."""
+        if self.config.motion_weight <= 0:
+            return None
+        w = pair_motion_weights(xw, xl, self.config.motion_weight).to(self.denoiser.device)
+        return torch.cat([w, w])
 
     def _weights(self, idx: Sequence[int]) -> torch.Tensor | None:
         """The loss weights of these pairs (their margins, `config.margin_use`), None when not weighting."""
@@ -428,15 +445,19 @@ class StageTrainer:
         t = sample_t(cfg, b, gen)
         noise = torch.randn(xw.shape, generator=gen)
         x_t, tt, target, cond2 = self._noised_pairs(xw, xl, cond, t, noise)
+        w = self._pair_motion(xw, xl)
+
+        def err_of(v, i):
+            return weighted_sq_error(v, target[i:i + 1], None if w is None else w[i:i + 1])
+
         one = [cond2.map(lambda x, i=i: x[i:i + 1]) for i in range(2 * b)]
         ref, pol = [], []
         with torch.no_grad():
             for i in range(2 * b):
-                ref.append(per_sample_sq_error(self._reference_velocity(x_t[i:i + 1], tt[i:i + 1], one[i]),
-                                               target[i:i + 1]))
+                ref.append(err_of(self._reference_velocity(x_t[i:i + 1], tt[i:i + 1], one[i]), i))
             for i in range(2 * b):
                 v = self.denoiser.predict_velocity(x_t[i:i + 1], tt[i:i + 1], self._policy_cond(one[i]))
-                pol.append(per_sample_sq_error(v, target[i:i + 1]))
+                pol.append(err_of(v, i))
         ref_e, pol_e = torch.cat(ref), torch.cat(pol)
         out, gw, gl = dpo_error_weights(pol_e[:b], pol_e[b:], ref_e[:b], ref_e[b:], cfg.beta, self._weights(idx))
         if torch.isfinite(out.loss):  # a non-finite loss stops the run before any backward
@@ -444,7 +465,7 @@ class StageTrainer:
             for i in range(2 * b):
                 with self._keep_activations():
                     v = self.denoiser.predict_velocity(x_t[i:i + 1], tt[i:i + 1], self._policy_cond(one[i]))
-                err = per_sample_sq_error(v, target[i:i + 1])
+                err = err_of(v, i)
                 (weights[i:i + 1].to(err) * err).sum().backward()
         return out.loss, out.logs()
 
