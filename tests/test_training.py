@@ -30,6 +30,16 @@ def setup(seed=0, lora=True, targets=("to_q", "to_k", "to_v"), **model_kwargs):
     return den, enc
 
 
+def first_step(tr, split: bool):
+    """Step 0's loss and logs with its gradients in the parameters' .grad: batched, or one video per pass."""
+    tr.optimizer.zero_grad(set_to_none=True)
+    if split:
+        return tr.split_backward(0)
+    loss, logs = tr.compute_loss(0)
+    loss.backward()
+    return loss, logs
+
+
 def videos(n=4, seed=1):
     g = torch.Generator().manual_seed(seed)
     return VideoSet(VideoSample(torch.randn(C, T, H, W, generator=g), make_cond(g), f"v{i}") for i in range(n))
@@ -349,12 +359,7 @@ def test_split_passes_give_the_batched_loss_and_gradient(stage):
         cfg = TrainConfig(steps=1, lr=1e-3, batch_size=2, seed=4, beta=50.0, token_dropout=0.0,
                           split_passes=split)
         tr = StageTrainer(stage, den, enc, data, cfg)
-        tr.optimizer.zero_grad(set_to_none=True)
-        if split:
-            loss, logs = tr.split_backward(0)
-        else:
-            loss, logs = tr.compute_loss(0)
-            loss.backward()
+        loss, logs = first_step(tr, split)
         grads.append((float(loss.detach()), logs, [p.grad.clone() for p in tr.params if p.grad is not None]))
     (l0, logs0, g0), (l1, logs1, g1) = grads
     assert l1 == pytest.approx(l0, rel=1e-4)
@@ -390,12 +395,7 @@ def test_motion_weight_weighs_the_sft_loss_the_same_batched_and_split():
         den, enc = setup()
         tr = StageTrainer("sft", den, enc, data, TrainConfig(steps=1, lr=1e-3, batch_size=2, seed=4,
                                                              motion_weight=mw, split_passes=split))
-        tr.optimizer.zero_grad(set_to_none=True)
-        if split:
-            loss, _ = tr.split_backward(0)
-        else:
-            loss, _ = tr.compute_loss(0)
-            loss.backward()
+        loss, _ = first_step(tr, split)
         out[(mw, split)] = (float(loss.detach()), [p.grad.clone() for p in tr.params if p.grad is not None])
     assert out[(5.0, False)][0] != pytest.approx(out[(0.0, False)][0], rel=1e-3)
     assert out[(5.0, True)][0] == pytest.approx(out[(5.0, False)][0], rel=1e-4)
@@ -424,12 +424,7 @@ def test_motion_weight_weighs_flow_dpo_by_the_pairs_map_batched_and_split(stage)
             with torch.no_grad():
                 for p in enc.head.parameters():
                     p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        tr.optimizer.zero_grad(set_to_none=True)
-        if split:
-            loss, logs = tr.split_backward(0)
-        else:
-            loss, logs = tr.compute_loss(0)
-            loss.backward()
+        loss, logs = first_step(tr, split)
         out[(mw, split)] = (float(loss.detach()), logs, [p.grad.clone() for p in tr.params if p.grad is not None])
     assert out[(5.0, False)][0] != pytest.approx(out[(0.0, False)][0], rel=1e-4)
     assert out[(5.0, True)][0] == pytest.approx(out[(5.0, False)][0], rel=1e-4)
