@@ -11,8 +11,9 @@ from physmaster.demo import bootstrap_ci, format_table
 from physmaster.demo.assets import ASSET_FILE, load_assets, save_assets
 from physmaster.demo.autoencoder import FrameAutoencoder
 from physmaster.demo.backbone import TARGETS, GeometryBackbone, geometry_targets
-from physmaster.demo.evaluation import coherence, score_video
-from physmaster.demo.world import FRAMES, SIZE, drop_scene, material_restitution
+from physmaster.demo.evaluation import coherence, material_read, score_video
+from physmaster.demo.world import (FRAMES, MATERIALS, SIZE, drop_scene, material_renderings, material_restitution,
+                                   render)
 
 
 def test_demo_fast(tmp_path, capsys):
@@ -40,7 +41,12 @@ def test_demo_fast(tmp_path, capsys):
         for metric in ("l2", "chamfer", "iou"):
             assert len(row["per_scene"][metric]) == 4 and np.all(np.isfinite(row["per_scene"][metric]))
         assert 0.0 <= row["coherence"] <= 1.0
-    assert set(res["runs"][0]["token_influence"]) == {"Stage I", "Stage III"}
+    influence = res["runs"][0]["token_influence"]
+    assert set(influence) == {"Stage I", "Stage III"}
+    for v in influence.values():  # the 2 + 2 fast held-out drops: read only where their materials' drops differ
+        assert 0 <= v["material_videos"] <= 4
+        for key in ("material_read", "material_read_zeroed"):
+            assert v[key] is None if v["material_videos"] == 0 else 0.0 <= v[key] <= 1.0
     assert res["wall_seconds"] > 0 and res["settings"]["sft_steps"] == 2
     gif = tmp_path / "comparison.gif"
     assert gif.read_bytes()[:6] == b"GIF89a"
@@ -107,6 +113,23 @@ def test_coherence_counts_whole_objects_only():
     assert coherence({"foreground": big}, big, gt) == 0.0
     mixed = {"foreground": np.concatenate([one[:2], frag[2:]])}
     assert coherence(mixed, gt, gt) == 0.5
+
+
+def test_material_read_finds_the_material_a_video_bounces_with():
+    """A drop rendered with its own material is read as it; rendered with another material's restitution, as
+    that one; drops whose materials do not differ within the clip are not counted."""
+    scenes = [drop_scene(900_000 + i) for i in range(12)]
+    counted = [s for s in scenes if material_renderings(s) is not None]
+    assert counted
+    s = counted[0]
+    masks, own = material_renderings(s)
+    assert set(masks) == {r for _, r in MATERIALS.values()} and own == material_restitution(s.meta["texture"])
+    other = next(r for r in masks if r != own)
+    m = s.meta
+    wrong = render(m["seed"], m["split"], initial_velocity=(0.0, 0.0), gravity=s.meta["gravity"],
+                   texture=m["texture"], restitution=other).frames
+    assert material_read([s.frames, wrong], [s], 2) == (1, 2)
+    assert material_read([x.frames for x in scenes], scenes, 1) == (len(counted), len(counted))
 
 
 def test_ground_truth_video_scores_as_perfect():

@@ -82,7 +82,7 @@ def held_out(n: int, eval_seed: int):
 
 def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
-    from .evaluation import score_scenes
+    from .evaluation import material_read, score_scenes
     from .pipeline import dpo, gt_pairs, judge_agreement, judge_pairs, sample_candidates, stage_one
     from .report import JUDGE_ROW, online_row
 
@@ -94,7 +94,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     k = st.eval_videos
     rep = cond.map(lambda x: x.repeat_interleave(k, 0))
     noises = [EVAL_SEED * 7 + 100_003 * int(eval_seed) + i for i in range(len(scenes) * k)]
-    results, videos, influence = {}, {}, {}
+    results, videos, influence, all_videos = {}, {}, {}, {}
 
     def evaluate(name, head, token_scale=1.0):
         t0 = time.perf_counter()
@@ -105,12 +105,18 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
             f"({time.perf_counter() - t0:.0f}s)")
         if token_scale:
             results[name], videos[name] = r, vids[::k]
+            all_videos.clear()  # kept only until the same row's tokens-zeroed evaluation (influence_of)
+        all_videos[name, bool(token_scale)] = vids
         return r
 
     def influence_of(name, head):
         r0 = evaluate(name, head, token_scale=0.0)
+        (right, n), (right0, _) = (material_read(all_videos[name, on], scenes, k) for on in (True, False))
         influence[name] = {"l2": float(results[name]["l2"].mean()), "l2_zeroed": float(r0["l2"].mean()),
-                           "per_scene_l2_zeroed": r0["l2"].tolist()}
+                           "per_scene_l2_zeroed": r0["l2"].tolist(), "material_videos": n,
+                           "material_read": right / n if n else None,
+                           "material_read_zeroed": right0 / n if n else None}
+        all_videos.clear()
 
     total = 6 + int(st.judge_labels) + st.online_rounds
     log(f"[1/{total}] base model")
@@ -239,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
                                          "per_scene_coherence": res["coherence"].tolist()}
                                   for name, res in r["results"].items()},
                          "token_influence": {name: {"l2": v["l2"], "l2_zeroed": v["l2_zeroed"],
-                                                    "influence": v["l2_zeroed"] - v["l2"]}
+                                                    "influence": v["l2_zeroed"] - v["l2"],
+                                                    **{m: v[m] for m in ("material_read", "material_read_zeroed",
+                                                                         "material_videos")}}
                                              for name, v in r["influence"].items()}}
                         for i, r in enumerate(runs)]}
     summary["per_scene"] = summary["runs"][-1]["rows"]

@@ -69,7 +69,14 @@ def format_influence(influence: dict) -> str:
         return ""
     parts = [f"{name} {v['l2_zeroed'] - v['l2']:+.4f} (L2 {v['l2']:.4f} with tokens, {v['l2_zeroed']:.4f} zeroed)"
              for name, v in influence.items()]
-    return "token influence (held-out avg L2 with the physical tokens zeroed minus with them): " + "; ".join(parts)
+    text = "token influence (held-out avg L2 with the physical tokens zeroed minus with them): " + "; ".join(parts)
+    reads = [f"{name} {v['material_read']:.0%} with tokens, {v['material_read_zeroed']:.0%} zeroed"
+             for name, v in influence.items() if v.get("material_videos")]
+    if reads:
+        n = max(v.get("material_videos", 0) for v in influence.values())
+        text += ("\nmaterial read (held-out videos closest to their drop rendered with their own material's "
+                 f"restitution rather than another's; chance 33%; {n} videos): " + "; ".join(reads))
+    return text
 
 
 def format_judge(results: dict, agreement: dict) -> str:

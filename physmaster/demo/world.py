@@ -47,6 +47,18 @@ def drop_scene(seed: int, split: str = "seen"):
                   restitution=material_restitution(texture))
 
 
+def material_renderings(scene) -> tuple[dict, float] | None:
+    """A drop's object masks rendered with each material's restitution, {restitution: masks [T, H, W]}, and its own
+    restitution; None when the three do not differ (the object does not reach its support within the clip)."""
+    m = scene.meta
+    masks = {r: render(m["seed"], m["split"], initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE,
+                       texture=m["texture"], restitution=r).object_masks() for _, r in MATERIALS.values()}
+    own = material_restitution(m["texture"])
+    if max(int((masks[r] != masks[own]).sum()) for r in masks) < 3:
+        return None
+    return masks, own
+
+
 def generic_scene(seed: int):
     """The base model's world: the same objects moving in random directions under random gravity."""
     rng = np.random.default_rng([seed, 77])
