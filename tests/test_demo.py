@@ -228,3 +228,14 @@ def test_guidance_flag_is_recorded_and_checked(tmp_path, capsys):
 def test_bad_motion_weight_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--motion-weight must be a number >= 0"):
         main(["demo", "--fast", "--out", str(tmp_path), "--motion-weight", "-1"])
+
+
+def test_material_read_skips_drops_whose_materials_look_alike(monkeypatch):
+    """A drop whose three restitutions render the same clip (no impact within it) says nothing about the
+    material: it is left out of the count, not scored as right or wrong."""
+    import physmaster.demo.world as world
+
+    s = drop_scene(900_001)
+    monkeypatch.setattr(world, "render", lambda *a, **k: s)  # every restitution renders this very clip
+    assert world.material_renderings(s) is None
+    assert material_read([s.frames], [s], 1) == (0, 0)
