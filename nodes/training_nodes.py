@@ -762,8 +762,6 @@ class PhysMasterTrainDPO(io.ComfyNode):
         given = preferences["pairs"]
         options = MemoryOptions(training_dtype, offloading, split_passes, activations_on_cpu, quantized_backward)
         check_memory_options(model, options)
-        if margin_use not in MARGIN_USES:
-            raise PhysMasterError(f"margin_use must be one of {list(MARGIN_USES)}, got {margin_use!r}")
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=training_seed, beta=beta,
                              gradient_checkpointing=gradient_checkpointing, split_passes=split_passes,
                              activations_on_cpu=activations_on_cpu, margin_use=margin_use,

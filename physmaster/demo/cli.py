@@ -19,11 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ONLINE_SEED = 600_000
-
-
 HELP = "PhysMaster's Table 1 (Stage I SFT, Stage II/III Flow-DPO) on the drop proxy world, on CPU"
 EVAL_SEED = 900_000
+ONLINE_SEED = 600_000
 
 
 def _non_negative(text: str) -> int:
@@ -83,6 +81,7 @@ def held_out(n: int, eval_seed: int):
 def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import material_read, score_scenes
+    from .world import material_renderings
     from .pipeline import dpo, gt_pairs, judge_agreement, judge_pairs, sample_candidates, stage_one
     from .report import JUDGE_ROW, online_row
 
@@ -94,7 +93,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     k = st.eval_videos
     rep = cond.map(lambda x: x.repeat_interleave(k, 0))
     noises = [EVAL_SEED * 7 + 100_003 * int(eval_seed) + i for i in range(len(scenes) * k)]
-    results, videos, influence, all_videos = {}, {}, {}, {}
+    results, videos, influence = {}, {}, {}
+    renderings = []  # each held-out drop with the three materials' bounces (material read), made at first use
 
     def evaluate(name, head, token_scale=1.0):
         t0 = time.perf_counter()
@@ -105,26 +105,26 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
             f"({time.perf_counter() - t0:.0f}s)")
         if token_scale:
             results[name], videos[name] = r, vids[::k]
-            all_videos.clear()  # kept only until the same row's tokens-zeroed evaluation (influence_of)
-        all_videos[name, bool(token_scale)] = vids
-        return r
+        return r, vids
 
-    def influence_of(name, head):
-        r0 = evaluate(name, head, token_scale=0.0)
-        (right, n), (right0, _) = (material_read(all_videos[name, on], scenes, k) for on in (True, False))
-        influence[name] = {"l2": float(results[name]["l2"].mean()), "l2_zeroed": float(r0["l2"].mean()),
+    def with_influence(name, head):
+        """The row, then again with the tokens zeroed: token influence and material read."""
+        r, vids = evaluate(name, head)
+        r0, vids0 = evaluate(name, head, token_scale=0.0)
+        if not renderings:
+            renderings.extend(material_renderings(s) for s in scenes)
+        (right, n), (right0, _) = (material_read(v, scenes, k, renderings) for v in (vids, vids0))
+        influence[name] = {"l2": float(r["l2"].mean()), "l2_zeroed": float(r0["l2"].mean()),
                            "per_scene_l2_zeroed": r0["l2"].tolist(), "material_videos": n,
                            "material_read": right / n if n else None,
                            "material_read_zeroed": right0 / n if n else None}
-        all_videos.clear()
 
     total = 6 + int(st.judge_labels) + st.online_rounds
     log(f"[1/{total}] base model")
     evaluate("base", None)
     log(f"[2/{total}] Stage I: SFT of the physical head + DiT LoRA on drops")
     encoder = stage_one(vm, backbone, st, seed, log)
-    evaluate("Stage I", encoder.head)
-    influence_of("Stage I", encoder.head)
+    with_influence("Stage I", encoder.head)
     log(f"[3/{total}] candidates from the Stage I model")
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I")
     pairs_1 = gt_pairs(cands_1, st, log, "Stage I")
@@ -143,8 +143,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     pairs_2 = gt_pairs(cands_2, st, log, "Stage II")
     stage_two = encoder.clone()  # what the judge-labelled row and the online rounds start from
     dpo("dpo-head", vm, encoder, pairs_2, st, seed + 3, log, "Stage III")
-    evaluate("Stage III", encoder.head)
-    influence_of("Stage III", encoder.head)
+    with_influence("Stage III", encoder.head)
     agreement = {"Stage I candidates": judge_agreement(cands_1), "Stage II candidates": judge_agreement(cands_2)}
     names = ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
     n_pairs = {"Stage I": len(pairs_1), "Stage II": len(pairs_2)}

@@ -59,14 +59,17 @@ def score_scenes(videos: list[np.ndarray], scenes: list, per_scene: int) -> dict
     return {k: np.array(v) for k, v in out.items()}
 
 
-def material_read(videos: list[np.ndarray], scenes: list, per_scene: int) -> tuple[int, int]:
+def material_read(videos: list[np.ndarray], scenes: list, per_scene: int, renderings: list | None = None
+                  ) -> tuple[int, int]:
     """(videos closest to their own material's rendering, videos counted), over the drops whose materials'
-    renderings differ (`world.material_renderings`); `per_scene` consecutive videos per scene."""
+    renderings differ (`world.material_renderings`, or `renderings`: those of `scenes`, made once for several
+    video sets); `per_scene` consecutive videos per scene."""
     from .world import material_renderings
 
+    if renderings is None:
+        renderings = [material_renderings(s) for s in scenes]
     right = n = 0
-    for j, s in enumerate(scenes):
-        alt = material_renderings(s)
+    for j, alt in enumerate(renderings):
         if alt is None:
             continue
         masks, own = alt

@@ -39,20 +39,19 @@ def render(seed: int, split: str = "seen", **overrides):
     return render_scene(seed, split, size=SIZE, frames=FRAMES, fps=FPS, object_scale=OBJECT_SCALE, **overrides)
 
 
-def drop_scene(seed: int, split: str = "seen"):
+def drop_scene(seed: int, split: str = "seen", restitution: float | None = None):
     """A drop from rest under nominal gravity, bouncing as its material (surface pattern) says; the three
-    materials are equally likely."""
+    materials are equally likely. `restitution` overrides the material's (the same drop, another bounce)."""
     texture = list(MATERIALS)[int(np.random.default_rng([int(seed) & 0xFFFFFFFF, 4242]).integers(len(MATERIALS)))]
     return render(seed, split, initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE, texture=texture,
-                  restitution=material_restitution(texture))
+                  restitution=material_restitution(texture) if restitution is None else float(restitution))
 
 
 def material_renderings(scene) -> tuple[dict, float] | None:
     """A drop's object masks rendered with each material's restitution, {restitution: masks [T, H, W]}, and its own
     restitution; None when the three do not differ (the object does not reach its support within the clip)."""
     m = scene.meta
-    masks = {r: render(m["seed"], m["split"], initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE,
-                       texture=m["texture"], restitution=r).object_masks() for _, r in MATERIALS.values()}
+    masks = {r: drop_scene(m["seed"], m["split"], restitution=r).object_masks() for _, r in MATERIALS.values()}
     own = material_restitution(m["texture"])
     if max(int((masks[r] != masks[own]).sum()) for r in masks) < 3:
         return None

@@ -87,8 +87,9 @@ def plan_margins(pairs: Sequence, use: str = "ignore", min_margin: float = 0.0) 
     pairs = list(pairs)
     kept, dropped = pairs, []
     if "filter" in use:
-        kept = [p for p in pairs if p.source == HUMAN or float(p.margin) >= min_margin]
-        dropped = [p for p in pairs if not (p.source == HUMAN or float(p.margin) >= min_margin)]
+        keep = [p.source == HUMAN or float(p.margin) >= min_margin for p in pairs]
+        kept = [p for p, k in zip(pairs, keep) if k]
+        dropped = [p for p, k in zip(pairs, keep) if not k]
         if pairs and not kept:
             margins = [float(p.margin) for p in dropped]
             raise DataError(f"margin_use {use!r} with min_margin {min_margin:g} drops all {len(pairs)} pairs: they are "

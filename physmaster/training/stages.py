@@ -45,8 +45,7 @@ from torch import nn
 from ..encoder import PhysEncoder
 from ..errors import CheckpointError, PhysMasterError
 from ..fileio import atomic_path
-from ..losses import (dpo_error_weights, flow_dpo_from_errors, flow_dpo_loss, motion_weights, pair_motion_weights,
-                      weighted_sq_error)
+from ..losses import dpo_error_weights, flow_dpo_from_errors, motion_weights, pair_motion_weights, weighted_sq_error
 from ..memory import saved_on_cpu
 from .data import MARGIN_USES, MarginPlan, PreferenceSet, VideoSet, plan_margins
 from .denoiser import Conditioning, Denoiser
@@ -346,14 +345,10 @@ class StageTrainer:
         with self._keep_activations():
             v_pol = self.denoiser.predict_velocity(x_t, tt, self._policy_cond(cond2))
         w = self._pair_motion(xw, xl)
-        if w is None:
-            out = flow_dpo_loss(v_pol[:b], v_pol[b:], v_ref[:b], v_ref[b:], target[:b], target[b:], cfg.beta,
-                                weight=self._weights(idx))
-        else:
-            err = weighted_sq_error(v_pol, target, w)
-            with torch.no_grad():
-                ref = weighted_sq_error(v_ref.detach(), target, w)
-            out = flow_dpo_from_errors(err[:b], err[b:], ref[:b], ref[b:], cfg.beta, self._weights(idx))
+        err = weighted_sq_error(v_pol, target, w)
+        with torch.no_grad():
+            ref = weighted_sq_error(v_ref.detach(), target, w)
+        out = flow_dpo_from_errors(err[:b], err[b:], ref[:b], ref[b:], cfg.beta, self._weights(idx))
         return out.loss, out.logs()
 
     def _pair_motion(self, xw: torch.Tensor, xl: torch.Tensor) -> torch.Tensor | None:
