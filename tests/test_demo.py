@@ -236,3 +236,23 @@ def test_material_read_skips_drops_whose_materials_look_alike(monkeypatch):
     monkeypatch.setattr(world, "render", lambda *a, **k: s)  # every restitution renders this very clip
     assert world.material_renderings(s) is None
     assert material_read([s.frames], [s], 1) == (0, 0)
+
+
+def test_prompt_override_and_pretraining_on_from_a_model(tmp_path):
+    """`VideoModel.prompt` replaces the constant prompt in every conditioning; `pretrain_dit(den=...)` trains that
+    model on in place (bench/demo_caption_base.py's caption phase) instead of a fresh one."""
+    from physmaster.demo.generator import new_dit, pretrain_dit, prompt_context
+
+    path = save_assets(tmp_path / "a.safetensors", FrameAutoencoder(), GeometryBackbone(), new_dit(0),
+                       {"ae": {"steps": 1}, "backbone": {"steps": 1}, "dit": {"steps": 1}})
+    vm, bb, _ = load_assets(path)
+    images = np.stack([drop_scene(s).frames[0] for s in (1, 2)])
+    assert torch.equal(vm.conditioning(images, bb).context, prompt_context().expand(2, -1, -1))
+    vm.prompt = torch.full((1, 4, 32), 0.5)
+    cond = vm.conditioning(images, bb)
+    assert cond.context.shape == (2, 4, 32) and bool((cond.context == 0.5).all())
+    lat = vm.encode([drop_scene(s).frames for s in (1, 2)])
+    before = {k: v.clone() for k, v in vm.den.model.state_dict().items()}
+    den, info = pretrain_dit(lat, cond, steps=2, batch=2, log=None, den=vm.den)
+    assert den is vm.den and info["steps"] == 2 and np.isfinite(info["final_loss"])
+    assert any(not torch.equal(before[k], v) for k, v in den.model.state_dict().items())

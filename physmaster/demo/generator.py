@@ -54,6 +54,7 @@ class VideoModel:
     den: object  # WanDenoiser
     guide: object | None = None  # the pretrained base WanDenoiser, frozen
     guidance: float = 1.0  # 1 = unguided
+    prompt: torch.Tensor | None = None  # [1, 4, 32] text context of every video; None: `prompt_context()`
 
     def encode(self, frames: np.ndarray | list) -> torch.Tensor:
         """Videos [B, T, H, W, 3] (numpy, [0, 1]) -> latents [B, C, T, h, w]."""
@@ -74,7 +75,8 @@ class VideoModel:
 
         imgs = torch.from_numpy(np.ascontiguousarray(start_images)).float()
         first = self.ae.encode_video(to_pixels(start_images)[:, None])[:, :, 0]
-        return Conditioning(context=prompt_context().expand(len(imgs), -1, -1).clone(),
+        prompt = prompt_context() if self.prompt is None else self.prompt
+        return Conditioning(context=prompt.expand(len(imgs), -1, -1).clone(),
                             features=None if backbone is None else backbone(imgs),
                             image_cond=make_i2v_condition(first, FRAMES))
 
@@ -107,11 +109,14 @@ class VideoModel:
 
 
 def pretrain_dit(latents: torch.Tensor, cond, steps: int, seed: int = 0, batch: int = 16, lr: float = 1e-3,
-                 log=print):
-    """Train the base DiT from scratch (every weight; no physical tokens) on latents [N, C, T, h, w]."""
+                 log=print, den=None, name: str = "base DiT"):
+    """Train the base DiT (every weight; no physical tokens) on latents [N, C, T, h, w]: from scratch, or on from
+    `den` (trained in place, e.g. `bench/demo_caption_base.py`'s caption phase)."""
     from ..training import StageTrainer, TrainConfig, VideoSample, VideoSet
 
-    den = new_dit(seed)
+    den = new_dit(seed) if den is None else den
+    for p in den.model.parameters():
+        p.requires_grad_(True)
     data = VideoSet(VideoSample(latents[i], cond.map(lambda x, i=i: x[i:i + 1])) for i in range(len(latents)))
     params = list(den.model.parameters())
     # train every weight: for the base, the trainer's "LoRA" is the whole model
@@ -123,7 +128,7 @@ def pretrain_dit(latents: torch.Tensor, cond, steps: int, seed: int = 0, batch: 
 
     def cb(step, total, logs):
         if log and (step == total or step % max(1, total // 10) == 0):
-            log(f"  [base DiT] {step}/{total} loss {logs['loss']:.4f} ({time.perf_counter() - t0:.0f}s)")
+            log(f"  [{name}] {step}/{total} loss {logs['loss']:.4f} ({time.perf_counter() - t0:.0f}s)")
 
     tr.run(cb)
     del den.named_lora_parameters, den.lora_parameters
