@@ -46,6 +46,15 @@ def test_demo_fast(tmp_path, capsys):
         assert 0 <= v["material_videos"] <= 4
         for key in ("material_read", "material_read_zeroed"):
             assert v[key] is None if v["material_videos"] == 0 else 0.0 <= v[key] <= 1.0
+        # the influence per split: the first 2 held-out drops are the seen ones, the last 2 the unseen
+        gain = np.array(v["per_scene_l2_zeroed"]) - np.array(rows["Stage III" if v is influence["Stage III"]
+                                                                 else "Stage I"]["per_scene"]["l2"])
+        assert len(gain) == 4
+        assert v["by_split"]["seen"] == pytest.approx(gain[:2].mean(), abs=1e-9)
+        assert v["by_split"]["unseen"] == pytest.approx(gain[2:].mean(), abs=1e-9)
+        assert v["influence"] == pytest.approx(gain.mean(), abs=1e-9)
+    line = next(x for x in out.splitlines() if x.startswith("token influence"))
+    assert line.count("; seen ") == 2 and line.count(", unseen ") == 2
     assert res["wall_seconds"] > 0 and res["settings"]["sft_steps"] == 2
     gif = tmp_path / "comparison.gif"
     assert gif.read_bytes()[:6] == b"GIF89a"

@@ -114,8 +114,11 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         if not renderings:
             renderings.extend(material_renderings(s) for s in scenes)
         (right, n), (right0, _) = (material_read(v, scenes, k, renderings) for v in (vids, vids0))
+        n_seen = st.eval_scenes  # held_out: the seen drops, then as many unseen ones
+        gain = r0["l2"] - r["l2"]
         influence[name] = {"l2": float(r["l2"].mean()), "l2_zeroed": float(r0["l2"].mean()),
                            "per_scene_l2_zeroed": r0["l2"].tolist(), "material_videos": n,
+                           "by_split": {"seen": float(gain[:n_seen].mean()), "unseen": float(gain[n_seen:].mean())},
                            "material_read": right / n if n else None,
                            "material_read_zeroed": right0 / n if n else None}
 
@@ -246,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
                          "token_influence": {name: {"l2": v["l2"], "l2_zeroed": v["l2_zeroed"],
                                                     "influence": v["l2_zeroed"] - v["l2"],
                                                     **{m: v[m] for m in ("material_read", "material_read_zeroed",
-                                                                         "material_videos")}}
+                                                                         "material_videos", "by_split",
+                                                                         "per_scene_l2_zeroed")}}
                                              for name, v in r["influence"].items()}}
                         for i, r in enumerate(runs)]}
     summary["per_scene"] = summary["runs"][-1]["rows"]

@@ -67,8 +67,12 @@ def format_table(results: dict, n_seen: int) -> str:
 def format_influence(influence: dict) -> str:
     if not influence:
         return ""
-    parts = [f"{name} {v['l2_zeroed'] - v['l2']:+.4f} (L2 {v['l2']:.4f} with tokens, {v['l2_zeroed']:.4f} zeroed)"
-             for name, v in influence.items()]
+    def split(v):
+        b = v.get("by_split")
+        return f"; seen {b['seen']:+.4f}, unseen {b['unseen']:+.4f}" if b else ""
+
+    parts = [f"{name} {v['l2_zeroed'] - v['l2']:+.4f} (L2 {v['l2']:.4f} with tokens, {v['l2_zeroed']:.4f} zeroed"
+             f"{split(v)})" for name, v in influence.items()]
     text = "token influence (held-out avg L2 with the physical tokens zeroed minus with them): " + "; ".join(parts)
     reads = [f"{name} {v['material_read']:.0%} with tokens, {v['material_read_zeroed']:.0%} zeroed"
              for name, v in influence.items() if v.get("material_videos")]
