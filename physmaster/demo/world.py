@@ -51,8 +51,9 @@ def material_renderings(scene) -> tuple[dict, float] | None:
     """A drop's object masks rendered with each material's restitution, {restitution: masks [T, H, W]}, and its own
     restitution; None when the three do not differ (the object does not reach its support within the clip)."""
     m = scene.meta
-    masks = {r: drop_scene(m["seed"], m["split"], restitution=r).object_masks() for _, r in MATERIALS.values()}
     own = material_restitution(m["texture"])
+    masks = {r: scene.object_masks() if r == own else drop_scene(m["seed"], m["split"], restitution=r).object_masks()
+             for _, r in MATERIALS.values()}
     if max(int((masks[r] != masks[own]).sum()) for r in masks) < 3:
         return None
     return masks, own
