@@ -40,6 +40,16 @@ def test_demo_fast(tmp_path, capsys):
         for metric in ("l2", "chamfer", "iou"):
             assert len(row["per_scene"][metric]) == 4 and np.all(np.isfinite(row["per_scene"][metric]))
         assert 0.0 <= row["coherence"] <= 1.0
+        # L2 = lost frames' share + located frames' errors; the error where found is null only if never found
+        lost = np.array(row["per_scene"]["l2_lost"])
+        assert np.all((lost >= 0) & (lost <= 1 / np.sqrt(2) + 1e-9))
+        assert np.all(lost <= np.array(row["per_scene"]["l2"]) + 1e-9)
+        found = row["per_scene"]["l2_found"]
+        assert len(found) == 4 and all(f is None or 0.0 <= f <= 1.0 for f in found)
+    sources = out.split("where avg L2 comes from", 1)[1]
+    assert "Stage III - Stage II: lost " in sources and "; where found " in sources
+    pairs_lines = [x for x in out.splitlines() if "candidates of the Stage II model" in x and "pairs from" in x]
+    assert len(pairs_lines) == 1 and "of the candidates lose the object in some frame" in pairs_lines[0]
     influence = res["runs"][0]["token_influence"]
     assert set(influence) == {"Stage I", "Stage III"}
     for v in influence.values():  # the 2 + 2 fast held-out drops: read only where their materials' drops differ
@@ -83,6 +93,22 @@ def test_table_and_bootstrap():
     assert "     0.500" in text  # coherence column
     lo, hi = bootstrap_ci(np.array([-1.0, -1.0, -1.0]))
     assert lo == hi == -1.0
+
+
+def test_where_l2_comes_from():
+    from physmaster.demo.report import format_sources
+
+    s = 1 / np.sqrt(2)
+    r = {"Stage II": {"l2": np.array([0.1, 0.2, 0.1, 0.2]), "l2_lost": np.array([0.0, s / 8, 0.0, s / 8]),
+                      "l2_found": np.array([0.1, 0.2 - s / 8, 0.1, np.nan])},
+         "Stage III": {"l2": np.array([0.05, 0.2, 0.05, 0.2]), "l2_lost": np.array([0.0, s / 8, 0.0, s / 8]),
+                       "l2_found": np.array([0.05, 0.2 - s / 8, 0.05, 0.1])}}
+    text = format_sources(r)
+    assert "Stage II: 0.1500 = lost 0.0442 (6.2% of frames) + located 0.1058" in text
+    # lost frames unchanged; where found, the 3 scenes both rows have: -0.05, 0, -0.05
+    assert "Stage III - Stage II: lost +0.0000 [+0.0000, +0.0000]; where found -0.0333" in text
+    assert "(3 scenes)" in text
+    assert format_sources({"base": {"l2": np.ones(2)}}) == ""  # results without the parts: nothing to say
 
 
 def test_the_world_is_determined_by_the_start_image():

@@ -55,7 +55,25 @@ def test_empty_prediction_is_worst_case_never_perfect():
     assert pisa_metrics(half, gt)["l2"] > pisa_metrics(shifted, gt)["l2"]
     # both empty: agreement (IoU 1), no centroid error counted
     both = pisa_metrics(np.zeros_like(gt), np.zeros_like(gt))
-    assert both == {"l2": 0.0, "chamfer": 0.0, "iou": 1.0, "frames": 4, "empty_pred_frames": 0}
+    l2_found = both.pop("l2_found")
+    assert both == {"l2": 0.0, "chamfer": 0.0, "iou": 1.0, "frames": 4, "empty_pred_frames": 0, "lost_frames": 0,
+                    "l2_lost": 0.0, "l2_located": 0.0}
+    assert math.isnan(l2_found)  # no frame where both masks show the object
+
+
+def test_l2_splits_into_lost_frames_and_located_frames():
+    gt = square()  # 4 frames
+    pred = square(x=22)  # every frame found, each centroid 2 px off in x
+    r = pisa_metrics(pred, gt)
+    assert r["lost_frames"] == 0 and r["l2_lost"] == 0.0
+    assert r["l2_found"] == pytest.approx(r["l2"]) and r["l2_located"] == pytest.approx(r["l2"])
+    pred[1] = False  # one frame lost: 1/4 of the frames cost 1/sqrt(2), the other 3 their centroid error
+    r = pisa_metrics(pred, gt)
+    assert (r["lost_frames"], r["empty_pred_frames"]) == (1, 1)
+    assert r["l2_lost"] == pytest.approx(0.25 / math.sqrt(2))
+    assert r["l2_found"] == pytest.approx(pisa_metrics(square(x=22), gt)["l2"])  # the 3 found frames' own error
+    assert r["l2_lost"] + r["l2_located"] == pytest.approx(r["l2"])
+    assert r["l2_located"] == pytest.approx(0.75 * r["l2_found"])
 
 
 def test_fps_subsampling_follows_pisa():

@@ -185,7 +185,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .assets import ASSET_FILE, load_assets
     from .pipeline import Settings
-    from .report import format_influence, format_judge, format_table, seeds_table, write_gif, write_results
+    from .report import (format_influence, format_judge, format_sources, format_table, seeds_table, write_gif,
+                         write_results)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -226,10 +227,12 @@ def run(args: argparse.Namespace) -> int:
         f"{st.eval_videos} videos each, 32x32, 8 frames; L2/CD lower is better, IoU and coherence higher")
     table = format_table(last["results"], n)
     log(table)
+    sources = format_sources(last["results"])
+    log(sources)
     log(format_influence(last["influence"]))
     judge_text = format_judge(last["results"], last["judge_agreement"])
     log(judge_text)
-    text = table + "\n" + format_influence(last["influence"]) + "\n" + judge_text + "\n"
+    text = table + "\n" + sources + "\n" + format_influence(last["influence"]) + "\n" + judge_text + "\n"
     if len(runs) > 1:
         multi = seeds_table([r["results"] for r in runs], n)
         log(f"\nacross {len(runs)} training seeds (average of seen and unseen), mean ± sd:\n{multi}")
@@ -242,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
                "eval_seed": args.eval_seed, "wall_seconds": wall, "assets": info,
                "scenes": {"seen": n, "unseen": n},
                "runs": [{"seed": int(args.seed) + i, "pairs": r["pairs"], "judge_agreement": r["judge_agreement"],
-                         "rows": {name: {"per_scene": {m: v.tolist() for m, v in res.items() if m != "coherence"},
+                         "rows": {name: {"per_scene": {m: _finite_or_none(v) for m, v in res.items()
+                                                       if m != "coherence"},
                                          "coherence": float(res["coherence"].mean()),
                                          "per_scene_coherence": res["coherence"].tolist()}
                                   for name, res in r["results"].items()},
@@ -260,3 +264,8 @@ def run(args: argparse.Namespace) -> int:
     log(f"\nwrote {gif} (ground truth | base | Stage I | Stage III), {out / 'table.txt'}, {out / 'results.json'} "
         f"in {wall:.0f}s")
     return 0
+
+
+def _finite_or_none(values: np.ndarray) -> list:
+    """A per-scene array as a JSON list: NaN (`l2_found` of a scene whose object is never found) as null."""
+    return [float(v) if np.isfinite(v) else None for v in values]

@@ -8,6 +8,10 @@
   (the largest connected component holds at least 90% of the foreground the segmenter keeps) whose area is
   within a factor 2 of the ground truth's. A video of fragments, smears or a vanished object scores low,
   whatever its centroid does.
+- **Where L2 comes from** (`physics.pisa_metrics`): a frame where the object is lost costs 1/sqrt(2), more than
+  any real centroid error, so a row's L2 is its lost frames' share (`l2_lost`) plus its located frames' errors.
+  `l2_found` is the mean centroid error over the frames where the object is found (PISA's released L2): where
+  the object goes when it is there, which is what the physical tokens can change.
 - **Material read**: how often a generated video is closer (PISA L2) to its drop rendered with its own
   material's restitution than with either other material's (chance: 1 in 3). The material shows only as a
   2-3 px surface pattern, mostly gone in the video model's latent, so this is the physics the tokens can add
@@ -22,7 +26,7 @@ import numpy as np
 from ..physics import pisa_metrics, segment_object
 from .world import FPS
 
-METRICS = ("l2", "chamfer", "iou", "coherence")
+METRICS = ("l2", "chamfer", "iou", "coherence", "l2_lost", "l2_found")
 
 
 def coherence(details: dict, masks: np.ndarray, gt_masks: np.ndarray) -> float:
@@ -43,19 +47,22 @@ def score_video(frames: np.ndarray, gt_masks: np.ndarray) -> dict:
     """PISA metrics and coherence of one generated video [T, H, W, 3] against ground-truth masks [T, H, W]."""
     masks, details = segment_object(frames, return_details=True, first_mask=gt_masks[0])
     out = {k: float(v) for k, v in pisa_metrics(masks, gt_masks, pred_fps=FPS, gt_fps=FPS).items()
-           if k in ("l2", "chamfer", "iou")}
+           if k in ("l2", "chamfer", "iou", "l2_lost", "l2_found")}
     out["coherence"] = coherence(details, masks, gt_masks)
     return out
 
 
 def score_scenes(videos: list[np.ndarray], scenes: list, per_scene: int) -> dict[str, np.ndarray]:
-    """Per-scene means of `per_scene` consecutive videos per scene -> {metric: [n_scenes]}."""
+    """Per-scene means of `per_scene` consecutive videos per scene -> {metric: [n_scenes]} (`l2_found`: NaN for a
+    scene whose object no video ever shows)."""
     out = {k: [] for k in METRICS}
     for j, s in enumerate(scenes):
         gt = s.object_masks()
         scores = [score_video(videos[j * per_scene + i], gt) for i in range(per_scene)]
         for k in METRICS:
-            out[k].append(float(np.mean([sc[k] for sc in scores])))
+            vals = [sc[k] for sc in scores]
+            # l2_found is NaN for a video whose object is never found: the scene's is over the videos that have one
+            out[k].append(float(np.mean([v for v in vals if v == v])) if any(v == v for v in vals) else float("nan"))
     return {k: np.array(v) for k, v in out.items()}
 
 

@@ -124,6 +124,7 @@ class Candidates:
     similarity: np.ndarray  # [n, k] physics.gt_similarity of each candidate
     k: int
     seconds: float
+    lost: np.ndarray | None = None  # [n, k] the share of each candidate's L2 that lost frames make (`l2_lost`)
 
     def start_images(self) -> np.ndarray:
         return np.stack([s.frames[0] for s in self.scenes])
@@ -143,13 +144,13 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
     noise = [hash_seed(seed, tag, i) for i in range(len(scenes) * k)]
     lat = vm.sample(head, rep, noise, st.sample_steps)
     videos = vm.decode(lat)
-    l2, sims = np.zeros((len(scenes), k)), np.zeros((len(scenes), k))
+    l2, sims, lost = (np.zeros((len(scenes), k)) for _ in range(3))
     for j, s in enumerate(scenes):
         gt = s.object_masks()
         for i in range(k):
             m = score_video(videos[j * k + i], gt)
-            l2[j, i], sims[j, i] = m["l2"], gt_similarity(m)
-    return Candidates(scenes, cond, lat, videos, l2, sims, k, time.perf_counter() - t0)
+            l2[j, i], sims[j, i], lost[j, i] = m["l2"], gt_similarity(m), m["l2_lost"]
+    return Candidates(scenes, cond, lat, videos, l2, sims, k, time.perf_counter() - t0, lost)
 
 
 def gt_pairs(c: Candidates, st: Settings, log, tag: str):
@@ -169,8 +170,10 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str):
             pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
                                         c.latents[j * c.k + lo], "similarity", float(sims[w] - sims[lo]),
                                         f"scene{s.meta['seed']}"))
+    lost = "" if c.lost is None else (f"; {np.mean(c.lost > 0):.1%} of the candidates lose the object in some "
+                                      f"frame, {np.mean(c.lost) / c.l2.mean():.0%} of their avg L2")
     log(f"  {len(pairs)} pairs from {len(c.scenes)} start images x {c.k} candidates of the {tag} model "
-        f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {c.seconds:.0f}s)")
+        f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}{lost}; {c.seconds:.0f}s)")
     return PreferenceSet(pairs)
 
 

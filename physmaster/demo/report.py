@@ -64,6 +64,31 @@ def format_table(results: dict, n_seen: int) -> str:
     return "\n".join(lines)
 
 
+def format_sources(results: dict) -> str:
+    """Where each row's avg L2 comes from (`evaluation`: lost frames + located frames) and the mean centroid error
+    where the object is found, then each comparison's paired differences of both (scenes where both rows find the
+    object at least once, for the second)."""
+    from ..physics.metrics import SCALE
+
+    if not all("l2_lost" in r and "l2_found" in r for r in results.values()):
+        return ""
+    lines = [f"where avg L2 comes from: frames where the object is lost (each costs {SCALE:.3f}, more than any "
+             "centroid error) + the other frames' centroid errors; and the mean error where the object is found:"]
+    for name, r in results.items():
+        lost, l2 = r["l2_lost"].mean(), r["l2"].mean()
+        lines.append(f"  {name}: {l2:.4f} = lost {lost:.4f} ({lost / SCALE:.1%} of frames) + located "
+                     f"{l2 - lost:.4f}; where found {np.nanmean(r['l2_found']):.4f}")
+    for cur, prev in comparisons(list(results)):
+        d_lost = results[cur]["l2_lost"] - results[prev]["l2_lost"]
+        d = results[cur]["l2_found"] - results[prev]["l2_found"]
+        d = d[np.isfinite(d)]
+        (lo, hi), (flo, fhi) = bootstrap_ci(d_lost), bootstrap_ci(d)
+        base = np.nanmean(results[prev]["l2_found"])
+        lines.append(f"  {cur} - {prev}: lost {d_lost.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]; where found "
+                     f"{d.mean():+.4f} ({100 * d.mean() / base:+.1f}%) [{flo:+.4f}, {fhi:+.4f}] ({len(d)} scenes)")
+    return "\n".join(lines)
+
+
 def format_influence(influence: dict) -> str:
     if not influence:
         return ""

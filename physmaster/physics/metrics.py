@@ -22,6 +22,12 @@ object is never rewarded:
 * exactly one mask empty: IoU 0 (as PISA); L2 counts |delta| = R for both coordinates (per-frame value
   1/sqrt(2), more than any real centroid error); Chamfer counts both mean distances as the image diagonal
   (per-frame value 2 * sqrt(H^2 + W^2) / (sqrt(2) * R), i.e. 2 for a square image, the upper bound).
+
+So L2 splits exactly into two parts, returned with it: `l2_lost`, what the frames where the object is lost (or
+found where there is none) cost, 1/sqrt(2) each, and `l2_located`, what the centroid errors of the other frames
+cost (`l2 = l2_lost + l2_located`, both averaged over the same frames). `l2_found` is the mean centroid error
+over the frames where both masks are non-empty alone: PISA's released L2 itself (its nanmean skips those frames),
+a figure of where the object goes when it is there, and NaN when it is never there.
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ def pisa_metrics(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: fl
 
     pred_masks, gt_masks: bool [T, H, W] (or [T, K, H, W] with the dropped object at index 0), same H and W.
     See the module docstring for the exact formulas (from PISA's released code) and the empty-mask rules.
-    Returns {"l2", "chamfer", "iou"} plus "frames" (frames compared) and "empty_pred_frames".
+    Returns {"l2", "chamfer", "iou"} plus "frames" (frames compared), "empty_pred_frames", "lost_frames" (frames
+    where exactly one mask is empty) and L2's two parts "l2_lost" + "l2_located", and "l2_found" (module docstring).
     """
     pred = as_masks(pred_masks, "predicted masks")
     gt = as_masks(gt_masks, "ground-truth masks")
@@ -125,10 +132,15 @@ def pisa_metrics(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: fl
     both_empty = pe & ge
     l2_frames = diff[~both_empty]
     l2 = float(l2_frames.mean() * SCALE / R) if l2_frames.size else 0.0
+    counted = int((~both_empty).sum())
+    l2_lost = float(one_empty.sum() * SCALE / counted) if counted else 0.0
+    found = diff[~pe & ~ge]
+    l2_found = float(found.mean() * SCALE / R) if found.size else float("nan")
     cd = chamfer_per_frame(pred, gt, R)
     chamfer = float(np.nanmean(cd)) if np.isfinite(cd).any() else 0.0
     inter = (pred & gt).sum((1, 2))
     union = (pred | gt).sum((1, 2))
     iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     return {"l2": l2, "chamfer": chamfer, "iou": float(iou.mean()), "frames": int(T),
-            "empty_pred_frames": int((pe & ~ge).sum())}
+            "empty_pred_frames": int((pe & ~ge).sum()), "lost_frames": int(one_empty.sum()), "l2_lost": l2_lost,
+            "l2_located": max(0.0, l2 - l2_lost), "l2_found": l2_found}
