@@ -44,10 +44,11 @@ def test_demo_fast(tmp_path, capsys):
         lost = np.array(row["per_scene"]["l2_lost"])
         assert np.all((lost >= 0) & (lost <= 1 / np.sqrt(2) + 1e-9))
         assert np.all(lost <= np.array(row["per_scene"]["l2"]) + 1e-9)
+        assert "frame_l2" not in row["per_scene"]
         found = row["per_scene"]["l2_found"]
         assert len(found) == 4 and all(f is None or 0.0 <= f <= 1.0 for f in found)
     sources = out.split("where avg L2 comes from", 1)[1]
-    assert "Stage III - Stage II: lost " in sources and "; where found " in sources
+    assert "Stage III - Stage II: lost " in sources and "; where both find it " in sources
     pairs_lines = [x for x in out.splitlines() if "candidates of the Stage II model" in x and "pairs from" in x]
     assert len(pairs_lines) == 1 and "of the candidates lose the object in some frame" in pairs_lines[0]
     influence = res["runs"][0]["token_influence"]
@@ -98,16 +99,18 @@ def test_table_and_bootstrap():
 def test_where_l2_comes_from():
     from physmaster.demo.report import format_sources
 
-    s = 1 / np.sqrt(2)
+    s, nan = 1 / np.sqrt(2), np.nan
     r = {"Stage II": {"l2": np.array([0.1, 0.2, 0.1, 0.2]), "l2_lost": np.array([0.0, s / 8, 0.0, s / 8]),
-                      "l2_found": np.array([0.1, 0.2 - s / 8, 0.1, np.nan])},
+                      "l2_found": np.array([0.1, 0.2, 0.1, nan]),
+                      "frame_l2": np.array([[0.1, 0.1], [0.2, nan], [0.1, 0.1], [nan, nan]])},
          "Stage III": {"l2": np.array([0.05, 0.2, 0.05, 0.2]), "l2_lost": np.array([0.0, s / 8, 0.0, s / 8]),
-                       "l2_found": np.array([0.05, 0.2 - s / 8, 0.05, 0.1])}}
+                       "l2_found": np.array([0.05, 0.1, 0.05, 0.1]),
+                       "frame_l2": np.array([[0.0, 0.1], [nan, 0.1], [0.05, 0.05], [0.1, nan]])}}
     text = format_sources(r)
-    assert "Stage II: 0.1500 = lost 0.0442 (6.2% of frames) + located 0.1058" in text
-    # lost frames unchanged; where found, the 3 scenes both rows have: -0.05, 0, -0.05
-    assert "Stage III - Stage II: lost +0.0000 [+0.0000, +0.0000]; where found -0.0333" in text
-    assert "(3 scenes)" in text
+    assert "Stage II: 0.1500 = lost 0.0442 (6.2% of frames) + located 0.1058; where found 0.1333" in text
+    # lost frames unchanged; on the frames both rows find (scene 2 has none in common): -0.05 and -0.05
+    assert "Stage III - Stage II: lost +0.0000 [+0.0000, +0.0000]; where both find it -0.0500" in text
+    assert "(2 scenes)" in text
     assert format_sources({"base": {"l2": np.ones(2)}}) == ""  # results without the parts: nothing to say
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from physmaster.errors import PhysMasterError
 from physmaster.physics import pisa_metrics, render_scene
-from physmaster.physics.metrics import align_frames
+from physmaster.physics.metrics import align_frames, l2_parts
 
 
 def square(T=4, size=64, x=20, y=30, s=8):
@@ -55,25 +55,7 @@ def test_empty_prediction_is_worst_case_never_perfect():
     assert pisa_metrics(half, gt)["l2"] > pisa_metrics(shifted, gt)["l2"]
     # both empty: agreement (IoU 1), no centroid error counted
     both = pisa_metrics(np.zeros_like(gt), np.zeros_like(gt))
-    l2_found = both.pop("l2_found")
-    assert both == {"l2": 0.0, "chamfer": 0.0, "iou": 1.0, "frames": 4, "empty_pred_frames": 0, "lost_frames": 0,
-                    "l2_lost": 0.0, "l2_located": 0.0}
-    assert math.isnan(l2_found)  # no frame where both masks show the object
-
-
-def test_l2_splits_into_lost_frames_and_located_frames():
-    gt = square()  # 4 frames
-    pred = square(x=22)  # every frame found, each centroid 2 px off in x
-    r = pisa_metrics(pred, gt)
-    assert r["lost_frames"] == 0 and r["l2_lost"] == 0.0
-    assert r["l2_found"] == pytest.approx(r["l2"]) and r["l2_located"] == pytest.approx(r["l2"])
-    pred[1] = False  # one frame lost: 1/4 of the frames cost 1/sqrt(2), the other 3 their centroid error
-    r = pisa_metrics(pred, gt)
-    assert (r["lost_frames"], r["empty_pred_frames"]) == (1, 1)
-    assert r["l2_lost"] == pytest.approx(0.25 / math.sqrt(2))
-    assert r["l2_found"] == pytest.approx(pisa_metrics(square(x=22), gt)["l2"])  # the 3 found frames' own error
-    assert r["l2_lost"] + r["l2_located"] == pytest.approx(r["l2"])
-    assert r["l2_located"] == pytest.approx(0.75 * r["l2_found"])
+    assert both == {"l2": 0.0, "chamfer": 0.0, "iou": 1.0, "frames": 4, "empty_pred_frames": 0}
 
 
 def test_fps_subsampling_follows_pisa():
@@ -98,3 +80,22 @@ def test_accepts_object_axis_and_rejects_mismatch():
         pisa_metrics(np.zeros((4, 32, 32), bool), np.zeros((4, 64, 64), bool))
     with pytest.raises(PhysMasterError, match="fps"):
         pisa_metrics(sc.object_masks(), sc.object_masks(), pred_fps=0, gt_fps=16)
+
+
+def test_l2_splits_into_lost_frames_and_located_frames():
+    gt = square()  # 4 frames
+    pred = square(x=22)  # every frame found, each centroid 2 px off in x
+    r = l2_parts(pred, gt)
+    assert r["lost_frames"] == 0 and r["l2_lost"] == 0.0
+    assert r["l2_found"] == pytest.approx(pisa_metrics(pred, gt)["l2"]) == r["l2_located"]
+    pred[1] = False  # one frame lost: 1/4 of the frames cost 1/sqrt(2), the other 3 their centroid error
+    r, whole = l2_parts(pred, gt), pisa_metrics(pred, gt)["l2"]
+    assert r["lost_frames"] == 1 and r["l2_lost"] == pytest.approx(0.25 / math.sqrt(2))
+    assert r["l2_found"] == pytest.approx(pisa_metrics(square(x=22), gt)["l2"])  # the 3 found frames' own error
+    assert r["l2_lost"] + r["l2_located"] == pytest.approx(whole)
+    assert r["l2_located"] == pytest.approx(0.75 * r["l2_found"])
+    assert np.isnan(r["frame_l2"][1]) and r["frame_l2"][[0, 2, 3]] == pytest.approx(1 / math.sqrt(2) / 64)
+    none = l2_parts(np.zeros_like(gt), np.zeros_like(gt))  # nothing to find, nothing found
+    assert (none["l2_lost"], none["l2_located"], none["lost_frames"]) == (0.0, 0.0, 0) and math.isnan(none["l2_found"])
+    with pytest.raises(PhysMasterError, match="resize one to the other's size"):
+        l2_parts(np.zeros((4, 32, 32), bool), gt)

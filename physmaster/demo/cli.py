@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
                "scenes": {"seen": n, "unseen": n},
                "runs": [{"seed": int(args.seed) + i, "pairs": r["pairs"], "judge_agreement": r["judge_agreement"],
                          "rows": {name: {"per_scene": {m: _finite_or_none(v) for m, v in res.items()
-                                                       if m != "coherence"},
+                                                       if m not in ("coherence", "frame_l2")},
                                          "coherence": float(res["coherence"].mean()),
                                          "per_scene_coherence": res["coherence"].tolist()}
                                   for name, res in r["results"].items()},

@@ -66,11 +66,12 @@ def format_table(results: dict, n_seen: int) -> str:
 
 def format_sources(results: dict) -> str:
     """Where each row's avg L2 comes from (`evaluation`: lost frames + located frames) and the mean centroid error
-    where the object is found, then each comparison's paired differences of both (scenes where both rows find the
-    object at least once, for the second)."""
+    where the object is found; then, per comparison, the paired differences of the lost part and of the centroid
+    error over the frames where both rows find the object (`evaluation.paired_found`)."""
     from ..physics.metrics import SCALE
+    from .evaluation import paired_found
 
-    if not all("l2_lost" in r and "l2_found" in r for r in results.values()):
+    if not all(k in r for r in results.values() for k in ("l2_lost", "l2_found", "frame_l2")):
         return ""
     lines = [f"where avg L2 comes from: frames where the object is lost (each costs {SCALE:.3f}, more than any "
              "centroid error) + the other frames' centroid errors; and the mean error where the object is found:"]
@@ -80,12 +81,15 @@ def format_sources(results: dict) -> str:
                      f"{l2 - lost:.4f}; where found {np.nanmean(r['l2_found']):.4f}")
     for cur, prev in comparisons(list(results)):
         d_lost = results[cur]["l2_lost"] - results[prev]["l2_lost"]
-        d = results[cur]["l2_found"] - results[prev]["l2_found"]
-        d = d[np.isfinite(d)]
-        (lo, hi), (flo, fhi) = bootstrap_ci(d_lost), bootstrap_ci(d)
-        base = np.nanmean(results[prev]["l2_found"])
-        lines.append(f"  {cur} - {prev}: lost {d_lost.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]; where found "
-                     f"{d.mean():+.4f} ({100 * d.mean() / base:+.1f}%) [{flo:+.4f}, {fhi:+.4f}] ({len(d)} scenes)")
+        lo, hi = bootstrap_ci(d_lost)
+        line = f"  {cur} - {prev}: lost {d_lost.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]; where both find it "
+        d = paired_found(results[cur]["frame_l2"], results[prev]["frame_l2"])
+        if len(d):
+            (flo, fhi), base = bootstrap_ci(d), np.nanmean(results[prev]["l2_found"])
+            line += f"{d.mean():+.4f} ({100 * d.mean() / base:+.1f}%) [{flo:+.4f}, {fhi:+.4f}] ({len(d)} scenes)"
+        else:
+            line += "n/a (no frame where both find the object)"
+        lines.append(line)
     return "\n".join(lines)
 
 

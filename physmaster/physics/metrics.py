@@ -23,11 +23,10 @@ object is never rewarded:
   1/sqrt(2), more than any real centroid error); Chamfer counts both mean distances as the image diagonal
   (per-frame value 2 * sqrt(H^2 + W^2) / (sqrt(2) * R), i.e. 2 for a square image, the upper bound).
 
-So L2 splits exactly into two parts, returned with it: `l2_lost`, what the frames where the object is lost (or
-found where there is none) cost, 1/sqrt(2) each, and `l2_located`, what the centroid errors of the other frames
-cost (`l2 = l2_lost + l2_located`, both averaged over the same frames). `l2_found` is the mean centroid error
-over the frames where both masks are non-empty alone: PISA's released L2 itself (its nanmean skips those frames),
-a figure of where the object goes when it is there, and NaN when it is never there.
+`l2_parts` splits that L2 exactly in two: `l2_lost`, what the frames where the object is lost (or found where there
+is none) cost, 1/sqrt(2) each, and `l2_located`, what the other frames' centroid errors cost (`l2 = l2_lost +
+l2_located`). `l2_found` is the mean centroid error over the frames where both masks show the object (PISA's released
+L2 itself: its nanmean skips the others), NaN when there is none; `frame_l2` is that error per compared frame.
 """
 
 from __future__ import annotations
@@ -108,39 +107,52 @@ def chamfer_per_frame(pred: np.ndarray, gt: np.ndarray, resolution: int) -> np.n
     return out
 
 
-def pisa_metrics(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: float | None = None) -> dict:
-    """PISA's L2 (lower is better), Chamfer distance (lower) and IoU (higher) of the dropped object's masks.
-
-    pred_masks, gt_masks: bool [T, H, W] (or [T, K, H, W] with the dropped object at index 0), same H and W.
-    See the module docstring for the exact formulas (from PISA's released code) and the empty-mask rules.
-    Returns {"l2", "chamfer", "iou"} plus "frames" (frames compared), "empty_pred_frames", "lost_frames" (frames
-    where exactly one mask is empty) and L2's two parts "l2_lost" + "l2_located", and "l2_found" (module docstring).
-    """
+def _compared(pred_masks, gt_masks, pred_fps, gt_fps):
+    """Checked, frame-aligned masks -> (pred, gt, |centroid difference| [T, 2] in px, pred empty, gt empty)."""
     pred = as_masks(pred_masks, "predicted masks")
     gt = as_masks(gt_masks, "ground-truth masks")
     check_same_size(pred, gt, "predicted masks", "ground-truth masks")
     pred, gt = align_frames(pred, gt, pred_fps, gt_fps)
     if len(pred) == 0:
         raise PhysMasterError("no frames left to compare after aligning frame rates; check pred_fps and gt_fps")
+    pe, ge = ~pred.any((1, 2)), ~gt.any((1, 2))
+    return pred, gt, np.abs(mask_centroids(pred) - mask_centroids(gt)), pe, ge
+
+
+def l2_parts(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: float | None = None) -> dict:
+    """Where `pisa_metrics`' L2 comes from (module docstring): {"l2_lost", "l2_located", "l2_found" (NaN when the
+    object is never found), "lost_frames", "frame_l2" (float [T], NaN where either mask is empty)}."""
+    _, gt, diff, pe, ge = _compared(pred_masks, gt_masks, pred_fps, gt_fps)
+    R = gt.shape[1]
+    one_empty, found = pe ^ ge, ~pe & ~ge
+    counted = int((~(pe & ge)).sum())
+    frame_l2 = np.where(found, diff.mean(1) * SCALE / R, np.nan)
+    lost = float(one_empty.sum() * SCALE / counted) if counted else 0.0
+    located = float(np.nansum(frame_l2) / counted) if counted else 0.0
+    return {"l2_lost": lost, "l2_located": located,
+            "l2_found": float(np.nanmean(frame_l2)) if found.any() else float("nan"),
+            "lost_frames": int(one_empty.sum()), "frame_l2": frame_l2}
+
+
+def pisa_metrics(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: float | None = None) -> dict:
+    """PISA's L2 (lower is better), Chamfer distance (lower) and IoU (higher) of the dropped object's masks.
+
+    pred_masks, gt_masks: bool [T, H, W] (or [T, K, H, W] with the dropped object at index 0), same H and W.
+    See the module docstring for the exact formulas (from PISA's released code) and the empty-mask rules.
+    Returns {"l2", "chamfer", "iou"} plus "frames" (frames compared) and "empty_pred_frames".
+    """
+    pred, gt, diff, pe, ge = _compared(pred_masks, gt_masks, pred_fps, gt_fps)
     T, H, W = gt.shape
     R = H
-    pe, ge = ~pred.any((1, 2)), ~gt.any((1, 2))
-    cp, cg = mask_centroids(pred), mask_centroids(gt)
-    diff = np.abs(cp - cg)
     one_empty = pe ^ ge
     diff[one_empty] = R
     both_empty = pe & ge
     l2_frames = diff[~both_empty]
     l2 = float(l2_frames.mean() * SCALE / R) if l2_frames.size else 0.0
-    counted = int((~both_empty).sum())
-    l2_lost = float(one_empty.sum() * SCALE / counted) if counted else 0.0
-    found = diff[~pe & ~ge]
-    l2_found = float(found.mean() * SCALE / R) if found.size else float("nan")
     cd = chamfer_per_frame(pred, gt, R)
     chamfer = float(np.nanmean(cd)) if np.isfinite(cd).any() else 0.0
     inter = (pred & gt).sum((1, 2))
     union = (pred | gt).sum((1, 2))
     iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     return {"l2": l2, "chamfer": chamfer, "iou": float(iou.mean()), "frames": int(T),
-            "empty_pred_frames": int((pe & ~ge).sum()), "lost_frames": int(one_empty.sum()), "l2_lost": l2_lost,
-            "l2_located": max(0.0, l2 - l2_lost), "l2_found": l2_found}
+            "empty_pred_frames": int((pe & ~ge).sum())}
