@@ -49,6 +49,7 @@ def test_demo_fast(tmp_path, capsys):
         assert len(found) == 4 and all(f is None or 0.0 <= f <= 1.0 for f in found)
     sources = out.split("where avg L2 comes from", 1)[1]
     assert "Stage III - Stage II: lost " in sources and "; where both find it " in sources
+    assert sources.count("% of frames: seen ") == len(names)
     pairs_lines = [x for x in out.splitlines() if "candidates of the Stage II model" in x and "pairs from" in x]
     assert len(pairs_lines) == 1 and "of the candidates lose the object in some frame" in pairs_lines[0]
     influence = res["runs"][0]["token_influence"]
@@ -111,6 +112,9 @@ def test_where_l2_comes_from():
     # lost frames unchanged; on the frames both rows find (scene 2 has none in common): -0.05 and -0.05
     assert "Stage III - Stage II: lost +0.0000 [+0.0000, +0.0000]; where both find it -0.0500" in text
     assert "(2 scenes)" in text
+    assert "Stage II: 0.1500 = lost 0.0442 (6.2% of frames: seen 6.2%, unseen 6.2%)" in format_sources(r, 2)
+    r["Stage II"]["l2_lost"] = np.array([0.0, 0.0, s / 4, s / 4])  # all lost frames in the unseen half
+    assert "(12.5% of frames: seen 0.0%, unseen 25.0%)" in format_sources(r, 2)
     assert format_sources({"base": {"l2": np.ones(2)}}) == ""  # results without the parts: nothing to say
 
 

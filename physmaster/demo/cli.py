@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         f"{st.eval_videos} videos each, 32x32, 8 frames; L2/CD lower is better, IoU and coherence higher")
     table = format_table(last["results"], n)
     log(table)
-    sources = format_sources(last["results"])
+    sources = format_sources(last["results"], n)
     log(sources)
     log(format_influence(last["influence"]))
     judge_text = format_judge(last["results"], last["judge_agreement"])

@@ -64,10 +64,11 @@ def format_table(results: dict, n_seen: int) -> str:
     return "\n".join(lines)
 
 
-def format_sources(results: dict) -> str:
+def format_sources(results: dict, n_seen: int | None = None) -> str:
     """Where each row's avg L2 comes from (`evaluation`: lost frames + located frames) and the mean centroid error
     where the object is found; then, per comparison, the paired differences of the lost part and of the centroid
-    error over the frames where both rows find the object (`evaluation.paired_found`)."""
+    error over the frames where both rows find the object (`evaluation.paired_found`). With `n_seen` (the first
+    n_seen scenes are the seen drops), the lost frames' share per split too."""
     from ..physics.metrics import SCALE
     from .evaluation import paired_found
 
@@ -77,7 +78,9 @@ def format_sources(results: dict) -> str:
              "centroid error) + the other frames' centroid errors; and the mean error where the object is found:"]
     for name, r in results.items():
         lost, l2 = r["l2_lost"].mean(), r["l2"].mean()
-        lines.append(f"  {name}: {l2:.4f} = lost {lost:.4f} ({lost / SCALE:.1%} of frames) + located "
+        split = "" if n_seen is None else (f": seen {r['l2_lost'][:n_seen].mean() / SCALE:.1%}, unseen "
+                                           f"{r['l2_lost'][n_seen:].mean() / SCALE:.1%}")
+        lines.append(f"  {name}: {l2:.4f} = lost {lost:.4f} ({lost / SCALE:.1%} of frames{split}) + located "
                      f"{l2 - lost:.4f}; where found {np.nanmean(r['l2_found']):.4f}")
     for cur, prev in comparisons(list(results)):
         d_lost = results[cur]["l2_lost"] - results[prev]["l2_lost"]
