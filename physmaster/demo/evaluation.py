@@ -16,7 +16,8 @@
 - **Material read**: how often a generated video is closer (PISA L2) to its drop rendered with its own
   material's restitution than with either other material's (chance: 1 in 3). The material shows only as a
   2-3 px surface pattern, only partly kept in the video model's latent (`bench/probe_latent_material.py`), so
-  this is the physics the tokens can add to the first frame; compared with the tokens zeroed, it is the token influence on the bounce alone.
+  this is the physics the tokens can add to the first frame; compared with the tokens zeroed, it is the token
+  influence on the bounce alone.
 - Paired per-scene bootstrap 95% intervals of a row's difference against the row it builds on.
 """
 

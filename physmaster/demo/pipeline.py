@@ -124,7 +124,7 @@ class Candidates:
     similarity: np.ndarray  # [n, k] physics.gt_similarity of each candidate
     k: int
     seconds: float
-    lost: np.ndarray | None = None  # [n, k] the share of each candidate's L2 that lost frames make (`l2_lost`)
+    lost: np.ndarray | None = None  # [n, k] the part of each candidate's L2 that lost frames make (`l2_lost`)
 
     def start_images(self) -> np.ndarray:
         return np.stack([s.frames[0] for s in self.scenes])
