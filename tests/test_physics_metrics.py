@@ -5,7 +5,7 @@ import pytest
 
 from physmaster.errors import PhysMasterError
 from physmaster.physics import pisa_metrics, render_scene
-from physmaster.physics.metrics import align_frames, l2_parts
+from physmaster.physics.metrics import align_frames
 
 
 def square(T=4, size=64, x=20, y=30, s=8):
@@ -85,17 +85,18 @@ def test_accepts_object_axis_and_rejects_mismatch():
 def test_l2_splits_into_lost_frames_and_located_frames():
     gt = square()  # 4 frames
     pred = square(x=22)  # every frame found, each centroid 2 px off in x
-    r = l2_parts(pred, gt)
+    r = pisa_metrics(pred, gt, parts=True)
     assert r["lost_frames"] == 0 and r["l2_lost"] == 0.0
     assert r["l2_found"] == pytest.approx(pisa_metrics(pred, gt)["l2"]) == r["l2_located"]
     pred[1] = False  # one frame lost: 1/4 of the frames cost 1/sqrt(2), the other 3 their centroid error
-    r, whole = l2_parts(pred, gt), pisa_metrics(pred, gt)["l2"]
+    r = pisa_metrics(pred, gt, parts=True)
+    whole = r["l2"]
     assert r["lost_frames"] == 1 and r["l2_lost"] == pytest.approx(0.25 / math.sqrt(2))
     assert r["l2_found"] == pytest.approx(pisa_metrics(square(x=22), gt)["l2"])  # the 3 found frames' own error
     assert r["l2_lost"] + r["l2_located"] == pytest.approx(whole)
     assert r["l2_located"] == pytest.approx(0.75 * r["l2_found"])
     assert np.isnan(r["frame_l2"][1]) and r["frame_l2"][[0, 2, 3]] == pytest.approx(1 / math.sqrt(2) / 64)
-    none = l2_parts(np.zeros_like(gt), np.zeros_like(gt))  # nothing to find, nothing found
+    none = pisa_metrics(np.zeros_like(gt), np.zeros_like(gt), parts=True)  # nothing to find, nothing found
     assert (none["l2_lost"], none["l2_located"], none["lost_frames"]) == (0.0, 0.0, 0) and math.isnan(none["l2_found"])
     with pytest.raises(PhysMasterError, match="resize one to the other's size"):
-        l2_parts(np.zeros((4, 32, 32), bool), gt)
+        pisa_metrics(np.zeros((4, 32, 32), bool), gt, parts=True)

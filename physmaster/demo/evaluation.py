@@ -8,9 +8,9 @@
   (the largest connected component holds at least 90% of the foreground the segmenter keeps) whose area is
   within a factor 2 of the ground truth's. A video of fragments, smears or a vanished object scores low,
   whatever its centroid does.
-- **Where L2 comes from** (`physics.metrics.l2_parts`): a frame where the object is lost costs 1/sqrt(2), more
-  than any real centroid error, so a row's L2 is its lost frames' share (`l2_lost`) plus its located frames'
-  errors. `l2_found` is the mean centroid error over the frames where the object is found (PISA's released L2):
+- **Where L2 comes from** (`physics.pisa_metrics(..., parts=True)`): a frame where the object is lost costs
+  1/sqrt(2), more than any real centroid error, so a row's L2 is its lost frames' share (`l2_lost`) plus its
+  located frames' errors. `l2_found` is the mean centroid error over the frames where the object is found (PISA's released L2):
   where the object goes when it is there. A row that keeps the object in more hard frames finds it where it is
   harder to place, so rows are compared on `frame_l2` over the frames where *both* find it.
 - **Material read**: how often a generated video is closer (PISA L2) to its drop rendered with its own
@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..physics import pisa_metrics, segment_object
-from ..physics.metrics import l2_parts
 from .world import FPS
 
 METRICS = ("l2", "chamfer", "iou", "coherence", "l2_lost", "l2_found")
@@ -49,10 +48,9 @@ def coherence(details: dict, masks: np.ndarray, gt_masks: np.ndarray) -> float:
 def score_video(frames: np.ndarray, gt_masks: np.ndarray) -> dict:
     """PISA metrics and coherence of one generated video [T, H, W, 3] against ground-truth masks [T, H, W]."""
     masks, details = segment_object(frames, return_details=True, first_mask=gt_masks[0])
-    out = {k: float(v) for k, v in pisa_metrics(masks, gt_masks, pred_fps=FPS, gt_fps=FPS).items()
-           if k in ("l2", "chamfer", "iou")}
-    parts = l2_parts(masks, gt_masks, pred_fps=FPS, gt_fps=FPS)
-    out.update(l2_lost=parts["l2_lost"], l2_found=parts["l2_found"], frame_l2=parts["frame_l2"])
+    m = pisa_metrics(masks, gt_masks, pred_fps=FPS, gt_fps=FPS, parts=True)
+    out = {k: float(m[k]) for k in ("l2", "chamfer", "iou", "l2_lost", "l2_found")}
+    out["frame_l2"] = m["frame_l2"]
     out["coherence"] = coherence(details, masks, gt_masks)
     return out
 
@@ -67,9 +65,9 @@ def score_scenes(videos: list[np.ndarray], scenes: list, per_scene: int) -> dict
         scores = [score_video(videos[j * per_scene + i], gt) for i in range(per_scene)]
         frames.append(np.concatenate([sc["frame_l2"] for sc in scores]))
         for k in METRICS:
-            vals = [sc[k] for sc in scores]
+            vals = np.array([sc[k] for sc in scores])
             # l2_found is NaN for a video whose object is never found: the scene's is over the videos that have one
-            out[k].append(float(np.mean([v for v in vals if v == v])) if any(v == v for v in vals) else float("nan"))
+            out[k].append(float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan"))
     return {**{k: np.array(v) for k, v in out.items()}, "frame_l2": np.stack(frames)}
 
 

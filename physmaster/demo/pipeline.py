@@ -124,7 +124,7 @@ class Candidates:
     similarity: np.ndarray  # [n, k] physics.gt_similarity of each candidate
     k: int
     seconds: float
-    lost: np.ndarray | None = None  # [n, k] the part of each candidate's L2 that lost frames make (`l2_lost`)
+    lost: np.ndarray  # [n, k] the part of each candidate's L2 that lost frames make (`l2_lost`)
 
     def start_images(self) -> np.ndarray:
         return np.stack([s.frames[0] for s in self.scenes])
@@ -170,10 +170,9 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str):
             pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
                                         c.latents[j * c.k + lo], "similarity", float(sims[w] - sims[lo]),
                                         f"scene{s.meta['seed']}"))
-    lost = "" if c.lost is None else (f"; {np.mean(c.lost > 0):.1%} of the candidates lose the object in some "
-                                      f"frame, {np.mean(c.lost) / c.l2.mean():.0%} of their avg L2")
     log(f"  {len(pairs)} pairs from {len(c.scenes)} start images x {c.k} candidates of the {tag} model "
-        f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}{lost}; {c.seconds:.0f}s)")
+        f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {np.mean(c.lost > 0):.1%} of the candidates "
+        f"lose the object in some frame, {np.mean(c.lost) / c.l2.mean():.0%} of their avg L2; {c.seconds:.0f}s)")
     return PreferenceSet(pairs)
 
 

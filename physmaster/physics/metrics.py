@@ -23,10 +23,11 @@ object is never rewarded:
   1/sqrt(2), more than any real centroid error); Chamfer counts both mean distances as the image diagonal
   (per-frame value 2 * sqrt(H^2 + W^2) / (sqrt(2) * R), i.e. 2 for a square image, the upper bound).
 
-`l2_parts` splits that L2 exactly in two: `l2_lost`, what the frames where the object is lost (or found where there
-is none) cost, 1/sqrt(2) each, and `l2_located`, what the other frames' centroid errors cost (`l2 = l2_lost +
-l2_located`). `l2_found` is the mean centroid error over the frames where both masks show the object (PISA's released
-L2 itself: its nanmean skips the others), NaN when there is none; `frame_l2` is that error per compared frame.
+`pisa_metrics(..., parts=True)` also splits that L2 exactly in two: `l2_lost`, what the frames where the object is
+lost (or found where there is none) cost, 1/sqrt(2) each, and `l2_located`, what the other frames' centroid errors
+cost (`l2 = l2_lost + l2_located`). `l2_found` is the mean centroid error over the frames where both masks show the
+object (PISA's released L2 itself: its nanmean skips the others), NaN when there is none; `frame_l2` is that error
+per compared frame.
 """
 
 from __future__ import annotations
@@ -107,43 +108,40 @@ def chamfer_per_frame(pred: np.ndarray, gt: np.ndarray, resolution: int) -> np.n
     return out
 
 
-def _compared(pred_masks, gt_masks, pred_fps, gt_fps):
-    """Checked, frame-aligned masks -> (pred, gt, |centroid difference| [T, 2] in px, pred empty, gt empty)."""
+def _l2_split(diff: np.ndarray, pe: np.ndarray, ge: np.ndarray, R: int) -> dict:
+    """L2's parts (module docstring) from |centroid difference| [T, 2] and the empty-mask flags, before the lost
+    frames' differences are set to R."""
+    one_empty, found = pe ^ ge, ~pe & ~ge
+    counted = int((~(pe & ge)).sum())
+    frame_l2 = np.where(found, diff.mean(1) * SCALE / R, np.nan)
+    return {"l2_lost": float(one_empty.sum() * SCALE / counted) if counted else 0.0,
+            "l2_located": float(np.nansum(frame_l2) / counted) if counted else 0.0,
+            "l2_found": float(np.nanmean(frame_l2)) if found.any() else float("nan"),
+            "lost_frames": int(one_empty.sum()), "frame_l2": frame_l2}
+
+
+def pisa_metrics(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: float | None = None,
+                 parts: bool = False) -> dict:
+    """PISA's L2 (lower is better), Chamfer distance (lower) and IoU (higher) of the dropped object's masks.
+
+    pred_masks, gt_masks: bool [T, H, W] (or [T, K, H, W] with the dropped object at index 0), same H and W.
+    See the module docstring for the exact formulas (from PISA's released code) and the empty-mask rules.
+    Returns {"l2", "chamfer", "iou"} plus "frames" (frames compared) and "empty_pred_frames"; with `parts`, also
+    where L2 comes from (module docstring): "l2_lost", "l2_located", "l2_found" (NaN when the object is never
+    found), "lost_frames" and "frame_l2" (float [T], NaN where either mask is empty; not JSON, hence opt-in).
+    """
     pred = as_masks(pred_masks, "predicted masks")
     gt = as_masks(gt_masks, "ground-truth masks")
     check_same_size(pred, gt, "predicted masks", "ground-truth masks")
     pred, gt = align_frames(pred, gt, pred_fps, gt_fps)
     if len(pred) == 0:
         raise PhysMasterError("no frames left to compare after aligning frame rates; check pred_fps and gt_fps")
-    pe, ge = ~pred.any((1, 2)), ~gt.any((1, 2))
-    return pred, gt, np.abs(mask_centroids(pred) - mask_centroids(gt)), pe, ge
-
-
-def l2_parts(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: float | None = None) -> dict:
-    """Where `pisa_metrics`' L2 comes from (module docstring): {"l2_lost", "l2_located", "l2_found" (NaN when the
-    object is never found), "lost_frames", "frame_l2" (float [T], NaN where either mask is empty)}."""
-    _, gt, diff, pe, ge = _compared(pred_masks, gt_masks, pred_fps, gt_fps)
-    R = gt.shape[1]
-    one_empty, found = pe ^ ge, ~pe & ~ge
-    counted = int((~(pe & ge)).sum())
-    frame_l2 = np.where(found, diff.mean(1) * SCALE / R, np.nan)
-    lost = float(one_empty.sum() * SCALE / counted) if counted else 0.0
-    located = float(np.nansum(frame_l2) / counted) if counted else 0.0
-    return {"l2_lost": lost, "l2_located": located,
-            "l2_found": float(np.nanmean(frame_l2)) if found.any() else float("nan"),
-            "lost_frames": int(one_empty.sum()), "frame_l2": frame_l2}
-
-
-def pisa_metrics(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: float | None = None) -> dict:
-    """PISA's L2 (lower is better), Chamfer distance (lower) and IoU (higher) of the dropped object's masks.
-
-    pred_masks, gt_masks: bool [T, H, W] (or [T, K, H, W] with the dropped object at index 0), same H and W.
-    See the module docstring for the exact formulas (from PISA's released code) and the empty-mask rules.
-    Returns {"l2", "chamfer", "iou"} plus "frames" (frames compared) and "empty_pred_frames".
-    """
-    pred, gt, diff, pe, ge = _compared(pred_masks, gt_masks, pred_fps, gt_fps)
     T, H, W = gt.shape
     R = H
+    pe, ge = ~pred.any((1, 2)), ~gt.any((1, 2))
+    cp, cg = mask_centroids(pred), mask_centroids(gt)
+    diff = np.abs(cp - cg)
+    split = _l2_split(diff, pe, ge, R) if parts else {}
     one_empty = pe ^ ge
     diff[one_empty] = R
     both_empty = pe & ge
@@ -155,4 +153,4 @@ def pisa_metrics(pred_masks, gt_masks, pred_fps: float | None = None, gt_fps: fl
     union = (pred | gt).sum((1, 2))
     iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
     return {"l2": l2, "chamfer": chamfer, "iou": float(iou.mean()), "frames": int(T),
-            "empty_pred_frames": int((pe & ~ge).sum())}
+            "empty_pred_frames": int((pe & ~ge).sum()), **split}
