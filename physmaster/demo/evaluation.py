@@ -10,9 +10,9 @@
   whatever its centroid does.
 - **Where L2 comes from** (`physics.pisa_metrics(..., parts=True)`): a frame where the object is lost costs
   1/sqrt(2), more than any real centroid error, so a row's L2 is its lost frames' share (`l2_lost`) plus its
-  located frames' errors. `l2_found` is the mean centroid error over the frames where the object is found (PISA's released L2):
-  where the object goes when it is there. A row that keeps the object in more hard frames finds it where it is
-  harder to place, so rows are compared on `frame_l2` over the frames where *both* find it.
+  located frames' errors. `l2_found` is the mean centroid error over the frames where the object is found
+  (PISA's released L2): where the object goes when it is there. A row that keeps the object in more hard frames
+  finds it where it is harder to place, so rows are compared on `frame_l2` over the frames where *both* find it.
 - **Material read**: how often a generated video is closer (PISA L2) to its drop rendered with its own
   material's restitution than with either other material's (chance: 1 in 3). The material shows only as a
   2-3 px surface pattern, only partly kept in the video model's latent (`bench/probe_latent_material.py`), so
