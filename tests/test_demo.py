@@ -298,3 +298,31 @@ def test_prompt_override_and_pretraining_on_from_a_model(tmp_path):
     den, info = pretrain_dit(lat, cond, steps=2, batch=2, log=None, den=vm.den)
     assert den is vm.den and info["steps"] == 2 and np.isfinite(info["final_loss"])
     assert any(not torch.equal(before[k], v) for k, v in den.model.state_dict().items())
+
+
+def test_wrong_physics_drop_base_world():
+    """bench/demo_drop_base.py's base world: drops of both splits from rest, at half the nominal gravity and one
+    restitution for every material, deterministic by seed, and slower than the demo's true drop of the same seed."""
+    import importlib.util
+    from pathlib import Path
+
+    from physmaster.demo.world import NOMINAL_GRAVITY
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "demo_drop_base.py"
+    spec = importlib.util.spec_from_file_location("demo_drop_base", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    scenes = [mod.base_scene(1_000_000 + i) for i in range(24)]
+    assert {s.meta["split"] for s in scenes} == {"seen", "unseen"}
+    assert {s.meta["texture"] for s in scenes} == set(MATERIALS)
+    for s in scenes:
+        assert s.meta["gravity"] == pytest.approx(NOMINAL_GRAVITY * SIZE * 0.5)
+        assert s.meta["restitution"] == 0.55 and tuple(s.meta["initial_velocity"]) == (0.0, 0.0)
+        assert s.frames.shape == (FRAMES, SIZE, SIZE, 3)
+    again = mod.base_scene(1_000_003)
+    assert np.array_equal(again.frames, scenes[3].frames)
+    # the same layout as the true drop, falling slower: by the third frame the true drop is lower
+    s = scenes[0]
+    true = drop_scene(s.meta["seed"], s.meta["split"])
+    assert true.meta["initial_position"] == s.meta["initial_position"]
+    assert true.trajectories[2, 0, 1] > s.trajectories[2, 0, 1] + 0.5
