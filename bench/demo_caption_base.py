@@ -62,11 +62,9 @@ def caption_phase(vm, cache: Path | None) -> None:
     """Train vm.den on from the shipped base with captions (or read it from `cache`); the guide follows."""
     from safetensors.torch import load_file, save_file
 
-    from physmaster.backends.diffusers_wan import make_i2v_condition
     from physmaster.demo.assets import ASSET_SEEDS
-    from physmaster.demo.generator import pretrain_dit
-    from physmaster.demo.world import FRAMES, generic_scene, to_pixels
-    from physmaster.training import Conditioning
+    from physmaster.demo.generator import pretrain_dit, pretraining_condition
+    from physmaster.demo.world import generic_scene
 
     file = None if cache is None else cache / "caption_base.safetensors"
     if file is not None and file.is_file():
@@ -74,10 +72,8 @@ def caption_phase(vm, cache: Path | None) -> None:
         print(f"caption base read from {file}", flush=True)
     else:
         generic = [generic_scene(ASSET_SEEDS[0] + i) for i in range(1500)]  # the base's own videos
-        pix = torch.stack([to_pixels(s.frames) for s in generic])
-        lat = torch.cat([vm.ae.encode_video(pix[i:i + 64]) for i in range(0, len(pix), 64)])
-        cond = Conditioning(context=caption_context(generic_captions(generic)),
-                            image_cond=make_i2v_condition(lat[:, :, 0], FRAMES))
+        lat = vm.encode([s.frames for s in generic])
+        cond = pretraining_condition(lat, caption_context(generic_captions(generic)))
         _, info = pretrain_dit(lat, cond, STEPS, seed=0, lr=LR, den=vm.den, name="captions")  # frozen after
         print(f"caption phase: {STEPS} steps, final loss {info['final_loss']:.4f} ({info['seconds']:.0f}s)")
         if file is not None:

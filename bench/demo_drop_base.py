@@ -29,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 BASE_GRAVITY, BASE_RESTITUTION = 0.5, 0.55  # x the nominal gravity; one bounce for every material
 N_VIDEOS = 1500
@@ -53,11 +52,8 @@ def drop_base(vm, cache: Path | None) -> None:
     """Replace vm's base DiT (and the guide) by one pretrained on `base_scene`s, or read it from `cache`."""
     from safetensors.torch import load_file, save_file
 
-    from physmaster.backends.diffusers_wan import make_i2v_condition
     from physmaster.demo.assets import ASSET_SEEDS, ASSET_STEPS
-    from physmaster.demo.generator import pretrain_dit, prompt_context
-    from physmaster.demo.world import FRAMES, to_pixels
-    from physmaster.training import Conditioning
+    from physmaster.demo.generator import pretrain_dit, pretraining_condition
 
     file = None if cache is None else cache / "drop_base.safetensors"
     if file is not None and file.is_file():
@@ -65,11 +61,8 @@ def drop_base(vm, cache: Path | None) -> None:
         print(f"wrong-physics drop base read from {file}", flush=True)
     else:
         scenes = [base_scene(ASSET_SEEDS[0] + i) for i in range(N_VIDEOS)]
-        pix = torch.stack([to_pixels(s.frames) for s in scenes])
-        lat = torch.cat([vm.ae.encode_video(pix[i:i + 64]) for i in range(0, len(pix), 64)])
-        cond = Conditioning(context=prompt_context().expand(len(lat), -1, -1).clone(),
-                            image_cond=make_i2v_condition(lat[:, :, 0], FRAMES))
-        den, info = pretrain_dit(lat, cond, ASSET_STEPS["dit"], seed=0)
+        lat = vm.encode([s.frames for s in scenes])
+        den, info = pretrain_dit(lat, pretraining_condition(lat), ASSET_STEPS["dit"], seed=0)
         print(f"wrong-physics drop base: {info['steps']} steps, final loss {info['final_loss']:.4f} "
               f"({info['seconds']:.0f}s)", flush=True)
         vm.den.model.load_state_dict(den.model.state_dict())

@@ -326,3 +326,22 @@ def test_wrong_physics_drop_base_world():
     true = drop_scene(s.meta["seed"], s.meta["split"])
     assert true.meta["initial_position"] == s.meta["initial_position"]
     assert true.trajectories[2, 0, 1] > s.trajectories[2, 0, 1] + 0.5
+
+
+def test_make_assets_fast_writes_a_loadable_file_with_its_records(tmp_path):
+    """`--make-base`'s path end to end at 2 steps a part: the file loads, records command, seed, steps, wall time
+    and final loss per part, and the base DiT is pretrained on the constant prompt and each video's first frame."""
+    from physmaster.demo.assets import make_assets
+    from physmaster.demo.generator import pretraining_condition, prompt_context
+
+    path = make_assets(tmp_path / "w.safetensors", seed=3, fast=True, log=lambda m: None)
+    vm, bb, info = load_assets(path)
+    assert info["seed"] == 3 and info["command"] == "python -m physmaster demo --make-base --seed 3"
+    for part in ("ae", "backbone", "dit"):
+        assert info[part]["steps"] == 2 and info[part]["seed"] == 3 and info[part]["seconds"] > 0
+        assert np.isfinite(info[part]["final_loss"])
+    lat = vm.encode([drop_scene(s).frames for s in (1, 2)])
+    cond = pretraining_condition(lat)
+    assert torch.equal(cond.context, prompt_context().expand(2, -1, -1)) and cond.features is None
+    assert cond.image_cond.shape[0] == 2 and cond.image_cond.shape[2] == FRAMES
+    assert torch.equal(pretraining_condition(lat, torch.ones(2, 4, 32)).context, torch.ones(2, 4, 32))

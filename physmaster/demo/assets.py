@@ -89,7 +89,7 @@ def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print) -> Pat
 
     from .autoencoder import train_autoencoder
     from .backbone import geometry_targets, train_backbone
-    from .generator import prompt_context, pretrain_dit
+    from .generator import pretrain_dit, pretraining_condition
     from .world import drop_scene, generic_scene, to_pixels
 
     steps = {k: (2 if fast else v) for k, v in ASSET_STEPS.items()}
@@ -110,15 +110,8 @@ def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print) -> Pat
     targets = torch.from_numpy(np.stack([geometry_targets(s) for s in scenes]))
     backbone, info["backbone"] = train_backbone(images, targets, steps["backbone"], seed=seed, log=log)
     log(f"[3/3] base DiT: {steps['dit']} steps of flow matching on {n_generic} generic-motion videos")
-    from ..backends.diffusers_wan import make_i2v_condition
-    from ..training import Conditioning
-    from .world import FRAMES
-
-    pix = torch.stack([to_pixels(s.frames) for s in generic])
-    lat = torch.cat([ae.encode_video(pix[i:i + 64]) for i in range(0, len(pix), 64)])
-    cond = Conditioning(context=prompt_context().expand(len(lat), -1, -1).clone(),
-                        image_cond=make_i2v_condition(lat[:, :, 0], FRAMES))
-    den, info["dit"] = pretrain_dit(lat, cond, steps["dit"], seed=seed, log=log)
+    lat = VideoModel(ae, None).encode([s.frames for s in generic])
+    den, info["dit"] = pretrain_dit(lat, pretraining_condition(lat), steps["dit"], seed=seed, log=log)
     for part in ("ae", "backbone", "dit"):
         info[part]["command"] = command
         info[part]["seed"] = seed

@@ -108,6 +108,17 @@ class VideoModel:
         return torch.cat(outs)
 
 
+def pretraining_condition(latents: torch.Tensor, context: torch.Tensor | None = None):
+    """The conditioning a base DiT is pretrained with on latents [N, C, T, h, w]: the text context (default: the
+    constant prompt for every video) and the Wan-I2V condition of each video's own first frame; no tokens."""
+    from ..backends.diffusers_wan import make_i2v_condition
+    from ..training import Conditioning
+
+    if context is None:
+        context = prompt_context().expand(len(latents), -1, -1).clone()
+    return Conditioning(context=context, image_cond=make_i2v_condition(latents[:, :, 0], FRAMES))
+
+
 def pretrain_dit(latents: torch.Tensor, cond, steps: int, seed: int = 0, batch: int = 16, lr: float = 1e-3,
                  log=print, den=None, name: str = "base DiT"):
     """Train the base DiT (every weight; no physical tokens) on latents [N, C, T, h, w]: from scratch, or on from
