@@ -60,26 +60,17 @@ def generic_captions(scenes, seed: int = 5) -> np.ndarray:
 
 def caption_phase(vm, cache: Path | None) -> None:
     """Train vm.den on from the shipped base with captions (or read it from `cache`); the guide follows."""
-    from safetensors.torch import load_file, save_file
-
     from physmaster.demo.assets import ASSET_SEEDS
-    from physmaster.demo.generator import pretrain_dit, pretraining_condition
+    from physmaster.demo.generator import pretrain_dit, pretraining_condition, rebase
     from physmaster.demo.world import generic_scene
 
-    file = None if cache is None else cache / "caption_base.safetensors"
-    if file is not None and file.is_file():
-        vm.den.model.load_state_dict(load_file(file))
-        print(f"caption base read from {file}", flush=True)
-    else:
+    def pretrain(vm_):
         generic = [generic_scene(ASSET_SEEDS[0] + i) for i in range(1500)]  # the base's own videos
-        lat = vm.encode([s.frames for s in generic])
+        lat = vm_.encode([s.frames for s in generic])
         cond = pretraining_condition(lat, caption_context(generic_captions(generic)))
-        _, info = pretrain_dit(lat, cond, STEPS, seed=0, lr=LR, den=vm.den, name="captions")  # frozen after
-        print(f"caption phase: {STEPS} steps, final loss {info['final_loss']:.4f} ({info['seconds']:.0f}s)")
-        if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in vm.den.model.state_dict().items()}, file)
-    vm.guide.model.load_state_dict(vm.den.model.state_dict())
+        return pretrain_dit(lat, cond, STEPS, seed=0, lr=LR, den=vm_.den, name="captions")  # frozen after
+
+    rebase(vm, None if cache is None else cache / "caption_base.safetensors", pretrain, "caption base")
     vm.prompt = caption_context([DROP_CAPTION])
 
 

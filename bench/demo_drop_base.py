@@ -50,26 +50,14 @@ def base_scene(seed: int):
 
 def drop_base(vm, cache: Path | None) -> None:
     """Replace vm's base DiT (and the guide) by one pretrained on `base_scene`s, or read it from `cache`."""
-    from safetensors.torch import load_file, save_file
-
     from physmaster.demo.assets import ASSET_SEEDS, ASSET_STEPS
-    from physmaster.demo.generator import pretrain_dit, pretraining_condition
+    from physmaster.demo.generator import pretrain_dit, pretraining_condition, rebase
 
-    file = None if cache is None else cache / "drop_base.safetensors"
-    if file is not None and file.is_file():
-        vm.den.model.load_state_dict(load_file(file))
-        print(f"wrong-physics drop base read from {file}", flush=True)
-    else:
-        scenes = [base_scene(ASSET_SEEDS[0] + i) for i in range(N_VIDEOS)]
-        lat = vm.encode([s.frames for s in scenes])
-        den, info = pretrain_dit(lat, pretraining_condition(lat), ASSET_STEPS["dit"], seed=0)
-        print(f"wrong-physics drop base: {info['steps']} steps, final loss {info['final_loss']:.4f} "
-              f"({info['seconds']:.0f}s)", flush=True)
-        vm.den.model.load_state_dict(den.model.state_dict())
-        if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in vm.den.model.state_dict().items()}, file)
-    vm.guide.model.load_state_dict(vm.den.model.state_dict())
+    def pretrain(vm_):
+        lat = vm_.encode([base_scene(ASSET_SEEDS[0] + i).frames for i in range(N_VIDEOS)])
+        return pretrain_dit(lat, pretraining_condition(lat), ASSET_STEPS["dit"], seed=0)
+
+    rebase(vm, None if cache is None else cache / "drop_base.safetensors", pretrain, "wrong-physics drop base")
 
 
 def main() -> int:

@@ -345,3 +345,31 @@ def test_make_assets_fast_writes_a_loadable_file_with_its_records(tmp_path):
     assert torch.equal(cond.context, prompt_context().expand(2, -1, -1)) and cond.features is None
     assert cond.image_cond.shape[0] == 2 and cond.image_cond.shape[2] == FRAMES
     assert torch.equal(pretraining_condition(lat, torch.ones(2, 4, 32)).context, torch.ones(2, 4, 32))
+
+
+def test_rebase_pretrains_once_then_reads_the_cache(tmp_path):
+    """`generator.rebase` (the base benches): the first call pretrains and saves, the guide follows the new base;
+    the next reads the file and never calls `pretrain`."""
+    from physmaster.demo.generator import new_dit, pretrain_dit, pretraining_condition, rebase
+
+    path = save_assets(tmp_path / "a.safetensors", FrameAutoencoder(), GeometryBackbone(), new_dit(0),
+                       {"ae": {"steps": 1}, "backbone": {"steps": 1}, "dit": {"steps": 1}})
+    vm, _, _ = load_assets(path)
+    lat = vm.encode([drop_scene(s).frames for s in (1, 2)])
+    calls = []
+
+    def pretrain(vm_):
+        calls.append(1)
+        return pretrain_dit(lat, pretraining_condition(lat), steps=2, batch=2, seed=5, log=None)
+
+    cache = tmp_path / "c" / "base.safetensors"
+    rebase(vm, cache, pretrain, "test base")
+    trained = {k: v.clone() for k, v in vm.den.model.state_dict().items()}
+    assert calls == [1] and cache.is_file()
+    assert all(torch.equal(trained[k], v) for k, v in vm.guide.model.state_dict().items())
+    vm2, _, _ = load_assets(path)
+    assert not all(torch.equal(trained[k], v) for k, v in vm2.den.model.state_dict().items())
+    rebase(vm2, cache, pretrain, "test base")
+    assert calls == [1]
+    assert all(torch.equal(trained[k], v) for k, v in vm2.den.model.state_dict().items())
+    assert all(torch.equal(trained[k], v) for k, v in vm2.guide.model.state_dict().items())
