@@ -8,9 +8,9 @@ Most of the demo's avg L2 is then frames where the object is lost, and every DPO
 base keeps objects whole and gets their physics wrong. This script pretrains the base DiT the way
 `--make-base` does (same autoencoder, seed, steps, 1500 videos), but on `base_scene`s: drops of both splits'
 objects from rest, under *half* the nominal gravity and with *one* restitution for every material. The start
-image fully determines that motion, so the base keeps the object (coherence 0.90) and is wrong only in its physics:
-how fast things fall, how they bounce. Then it runs the demo's rows (`physmaster.demo.cli.run_once`) and prints the
-demo's table.
+image fully determines that motion, so the base keeps the object (coherence 0.85-0.90) and is wrong only in its
+physics: how fast things fall, how they bounce. Then it runs the demo's rows (`physmaster.demo.cli.run_once`) and
+prints the demo's table.
 
     python bench/demo_drop_base.py [--seed 0] [--eval-seed 0] [--cache DIR] [--set lora_rank=16 ...]
 

@@ -365,7 +365,7 @@ def test_rebase_pretrains_once_then_reads_the_cache(tmp_path):
     cache = tmp_path / "c" / "base.safetensors"
     rebase(vm, cache, pretrain, "test base")
     trained = {k: v.clone() for k, v in vm.den.model.state_dict().items()}
-    assert calls == [1] and cache.is_file()
+    assert calls == [1] and cache.is_file() and list(cache.parent.iterdir()) == [cache]  # no temp file left
     assert all(torch.equal(trained[k], v) for k, v in vm.guide.model.state_dict().items())
     vm2, _, _ = load_assets(path)
     assert not all(torch.equal(trained[k], v) for k, v in vm2.den.model.state_dict().items())

@@ -150,21 +150,22 @@ def pretrain_dit(latents: torch.Tensor, cond, steps: int, seed: int = 0, batch: 
                  "seconds": time.perf_counter() - t0}
 
 
-def rebase(vm: VideoModel, cache_file, pretrain, name: str) -> None:
+def rebase(vm: VideoModel, cache_file, pretrain, name: str, log=print) -> None:
     """Give `vm` another base DiT, its guide too: the weights in `cache_file` when it exists, else what
     `pretrain(vm)` returns, (den, info) from `pretrain_dit`, saved to `cache_file` (None: not saved). For the
     benches that try other bases (`bench/demo_caption_base.py`, `bench/demo_drop_base.py`)."""
     from safetensors.torch import load_file, save_file
 
+    from ..fileio import atomic_path
+
     if cache_file is not None and cache_file.is_file():
         vm.den.model.load_state_dict(load_file(cache_file))
-        print(f"{name} read from {cache_file}", flush=True)
+        log(f"{name} read from {cache_file}")
     else:
         den, info = pretrain(vm)
-        print(f"{name}: {info['steps']} steps, final loss {info['final_loss']:.4f} ({info['seconds']:.0f}s)",
-              flush=True)
+        log(f"{name}: {info['steps']} steps, final loss {info['final_loss']:.4f} ({info['seconds']:.0f}s)")
         vm.den.model.load_state_dict(den.model.state_dict())
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in vm.den.model.state_dict().items()}, cache_file)
+            with atomic_path(cache_file) as tmp:  # never a half-written cache
+                save_file({k: v.contiguous() for k, v in vm.den.model.state_dict().items()}, str(tmp))
     vm.guide.model.load_state_dict(vm.den.model.state_dict())
