@@ -78,7 +78,7 @@ def main() -> int:
     from physmaster.demo.assets import load_assets
     from physmaster.demo.cli import run_once
     from physmaster.demo.pipeline import Settings
-    from physmaster.demo.report import format_influence, format_judge, format_table
+    from physmaster.demo.report import format_run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -90,9 +90,7 @@ def main() -> int:
     caption_phase(vm, args.cache)
     st = Settings()
     r = run_once((vm, backbone), st, args.seed, args.eval_seed, lambda m: print(m, flush=True))
-    print(format_table(r["results"], st.eval_scenes))
-    print(format_influence(r["influence"]))
-    print(format_judge(r["results"], r["judge_agreement"]))
+    print(format_run(r, st.eval_scenes))
     print(f"({time.perf_counter() - t0:.0f}s)")
     return 0
 

@@ -14,13 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
 def main() -> int:
     from physmaster.demo.assets import ASSET_FILE, load_assets
-    from physmaster.demo.world import MATERIALS, drop_scene, to_pixels
+    from physmaster.demo.world import MATERIALS, drop_scene
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--assets", type=Path, default=ASSET_FILE)
@@ -30,7 +29,7 @@ def main() -> int:
 
     def data(base: int, n: int, split: str):
         scenes = [drop_scene(base + i, split) for i in range(n)]
-        x = vm.ae.encode_video(to_pixels(np.stack([s.frames[0] for s in scenes]))[:, None])[:, :, 0]
+        x = vm.encode([s.frames[:1] for s in scenes])[:, :, 0]  # each start image as a 1-frame video
         return x.flatten(1), torch.tensor([names.index(s.meta["texture"]) for s in scenes])
 
     train, seen, unseen = data(7_000_000, 3000, "seen"), data(8_000_000, 600, "seen"), data(9_000_000, 600, "unseen")

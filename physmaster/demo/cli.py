@@ -185,8 +185,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .assets import ASSET_FILE, load_assets
     from .pipeline import Settings
-    from .report import (format_influence, format_judge, format_sources, format_table, seeds_table, write_gif,
-                         write_results)
+    from .report import format_run, seeds_table, write_gif, write_results
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -225,14 +224,8 @@ def run(args: argparse.Namespace) -> int:
     log("")
     log(f"PhysMaster proxy benchmark: {n} seen + {n} unseen held-out drops (eval seed {args.eval_seed}), "
         f"{st.eval_videos} videos each, 32x32, 8 frames; L2/CD lower is better, IoU and coherence higher")
-    table = format_table(last["results"], n)
-    log(table)
-    sources = format_sources(last["results"], n)
-    log(sources)
-    log(format_influence(last["influence"]))
-    judge_text = format_judge(last["results"], last["judge_agreement"])
-    log(judge_text)
-    text = table + "\n" + sources + "\n" + format_influence(last["influence"]) + "\n" + judge_text + "\n"
+    text = format_run(last, n) + "\n"
+    log(text[:-1])
     if len(runs) > 1:
         multi = seeds_table([r["results"] for r in runs], n)
         log(f"\nacross {len(runs)} training seeds (average of seen and unseen), mean ± sd:\n{multi}")

@@ -115,6 +115,13 @@ def format_influence(influence: dict) -> str:
     return text
 
 
+def format_run(run: dict, n_seen: int) -> str:
+    """One `cli.run_once` result as the demo prints it: the table, where avg L2 comes from, token influence and
+    material read, judge agreement."""
+    return "\n".join([format_table(run["results"], n_seen), format_sources(run["results"], n_seen),
+                      format_influence(run["influence"]), format_judge(run["results"], run["judge_agreement"])])
+
+
 def format_judge(results: dict, agreement: dict) -> str:
     """The judge's agreement with the ground truth on each candidate set, and how much of the ground-truth-labelled
     Stage III's avg-L2 gain (over Stage II) the judge-labelled one reaches."""
