@@ -22,7 +22,6 @@ Pretraining takes about 11 minutes on 2 cores (with `--cache DIR`, once), the ro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -73,17 +72,10 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="change one of the demo's Settings (repeatable), e.g. beta=500 or lora_rank=16")
     args = ap.parse_args()
-    st = Settings()
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if not hasattr(st, name) or not value:
-            raise SystemExit(f"--set {item!r}: use NAME=VALUE with NAME one of {sorted(vars(st))}")
-        kind = type(getattr(st, name))
-        try:
-            parsed = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise SystemExit(f"--set {item!r}: {value!r} is not a {kind.__name__}") from None
-        st = dataclasses.replace(st, **{name: parsed})
+    try:
+        st = Settings().with_overrides(args.set)
+    except ValueError as e:
+        raise SystemExit(f"--set {e}") from None
     t0 = time.perf_counter()
     vm, backbone, _ = load_assets()
     drop_base(vm, args.cache)

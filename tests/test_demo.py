@@ -373,3 +373,50 @@ def test_rebase_pretrains_once_then_reads_the_cache(tmp_path):
     assert calls == [1]
     assert all(torch.equal(trained[k], v) for k, v in vm2.den.model.state_dict().items())
     assert all(torch.equal(trained[k], v) for k, v in vm2.guide.model.state_dict().items())
+
+
+def test_flipped_pairs_swap_labels_at_random_and_keep_every_pair():
+    """The placebo of bench/demo_placebo.py: the same pairs, about half of them with winner and loser swapped,
+    the same swaps for the same seed; 0 and 1 swap none and all; a fraction outside [0, 1] is refused."""
+    from physmaster.demo.pipeline import flipped_pairs
+    from physmaster.training import Conditioning, PreferencePair, PreferenceSet
+
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(context=torch.zeros(1, 4, 32))
+    src = PreferenceSet(PreferencePair(cond, torch.randn(2, 3, 2, 2, generator=g), torch.randn(2, 3, 2, 2, generator=g),
+                                       "similarity", 0.3, f"g{i}") for i in range(200))
+
+    def swapped(ps):
+        assert [p.group for p in ps.pairs] == [p.group for p in src.pairs]
+        out = []
+        for a, b in zip(ps.pairs, src.pairs):
+            same = torch.equal(a.winner, b.winner) and torch.equal(a.loser, b.loser)
+            flip = torch.equal(a.winner, b.loser) and torch.equal(a.loser, b.winner)
+            assert same != flip and a.margin == b.margin and a.source == b.source
+            out.append(flip)
+        return out
+
+    half = swapped(flipped_pairs(src, seed=3))
+    assert 70 <= sum(half) <= 130
+    assert swapped(flipped_pairs(src, seed=3)) == half
+    assert swapped(flipped_pairs(src, seed=4)) != half
+    assert sum(swapped(flipped_pairs(src, 3, fraction=0.0))) == 0
+    assert sum(swapped(flipped_pairs(src, 3, fraction=1.0))) == 200
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        flipped_pairs(src, 3, fraction=1.5)
+
+
+def test_settings_overrides_parse_and_name_the_bad_item():
+    """The benches' `--set NAME=VALUE`: typed by the field, repeatable; an unknown name, a missing value or a value
+    of the wrong type is a clear error naming the item."""
+    from physmaster.demo.pipeline import Settings
+
+    st = Settings().with_overrides(["beta=500", "lora_rank=16", "judge_labels=yes"])
+    assert (st.beta, st.lora_rank, st.judge_labels) == (500.0, 16, True)
+    assert Settings().with_overrides([]) == Settings()
+    with pytest.raises(ValueError, match=r"'bta=5'.*NAME one of .*'beta'"):
+        Settings().with_overrides(["bta=5"])
+    with pytest.raises(ValueError, match=r"'beta='"):
+        Settings().with_overrides(["beta="])
+    with pytest.raises(ValueError, match=r"'lora_rank=1.5': '1.5' is not a int"):
+        Settings().with_overrides(["lora_rank=1.5"])

@@ -14,6 +14,7 @@ second-to-last, ...) whose similarity gap is at least `min_margin`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,21 @@ class Settings:
     judge_min_confidence: float = 0.05  # judge-labelled pairs: the least confidence kept
     judge_labels: bool = False  # `--judge-labels`: the row "Stage III (judge labels)"
     online_rounds: int = 0  # `--online K`: rounds of (sample -> judge -> Flow-DPO on the head) after Stage II
+
+    def with_overrides(self, items) -> "Settings":
+        """These settings with "NAME=VALUE" items applied (the benches' `--set`); a clear error names a bad one."""
+        st = self
+        for item in items:
+            name, _, value = item.partition("=")
+            if name not in {f.name for f in dataclasses.fields(self)} or not value:
+                raise ValueError(f"{item!r}: use NAME=VALUE with NAME one of {sorted(vars(self))}")
+            kind = type(getattr(self, name))
+            try:
+                parsed = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            except ValueError:
+                raise ValueError(f"{item!r}: {value!r} is not a {kind.__name__}") from None
+            st = dataclasses.replace(st, **{name: parsed})
+        return st
 
     @classmethod
     def fast(cls) -> "Settings":
@@ -174,6 +190,21 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str):
         f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {np.mean(c.lost > 0):.1%} of the candidates "
         f"lose the object in some frame, {np.mean(c.lost) / c.l2.mean():.0%} of their avg L2; {c.seconds:.0f}s)")
     return PreferenceSet(pairs)
+
+
+def flipped_pairs(pairs, seed, fraction: float = 0.5):
+    """A placebo of `pairs` (a PreferenceSet): the same pairs, each with its winner and loser swapped with
+    probability `fraction` (seeded), so Flow-DPO on it moves the model about as far as on the true labels and
+    learns nothing from them (`bench/demo_placebo.py`: is a stage's gain more than such a move's?). `seed`: an int
+    or a sequence of ints (numpy's seeding)."""
+    from ..training import PreferenceSet
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    swap = rng.random(len(pairs.pairs)) < fraction
+    return PreferenceSet(dataclasses.replace(p, winner=p.loser, loser=p.winner) if s else p
+                         for p, s in zip(pairs.pairs, swap))
 
 
 def judge_pairs(c: Candidates, st: Settings, log, tag: str):  # -> PreferenceSet | None (no pair)
