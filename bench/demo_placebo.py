@@ -42,7 +42,7 @@ def main() -> int:
     import numpy as np
 
     from physmaster.demo.assets import load_assets
-    from physmaster.demo.cli import EVAL_SEED, held_out
+    from physmaster.demo.cli import held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
     from physmaster.demo.pipeline import (Settings, dpo, flipped_pairs, gt_pairs, new_head, sample_candidates,
                                           stage_one)
@@ -72,12 +72,7 @@ def main() -> int:
 
         drop_base(vm0, args.cache)
     k = args.eval_videos
-    held = {}
-    for es in args.eval_seeds:
-        scenes = held_out(st.eval_scenes, es)
-        cond = vm0.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
-        noises = [EVAL_SEED * 7 + 100_003 * es + i for i in range(len(scenes) * k)]
-        held[es] = (scenes, cond.map(lambda x: x.repeat_interleave(k, 0)), noises)
+    held = {es: held_out_set(vm0, backbone, st.eval_scenes, es, k) for es in args.eval_seeds}
 
     def evaluate(vm, head):
         out = {}

@@ -78,6 +78,15 @@ def held_out(n: int, eval_seed: int):
     return [drop_scene(base + i, "seen") for i in range(n)] + [drop_scene(base + i, "unseen") for i in range(n)]
 
 
+def held_out_set(vm, backbone, n: int, eval_seed: int, k: int):
+    """The held-out drops of `held_out(n, eval_seed)`, their conditioning repeated for `k` videos each, and the
+    noise seed of every video (the same noises for every row) -> (scenes, conditioning, noise seeds)."""
+    scenes = held_out(n, eval_seed)
+    cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
+    noises = [EVAL_SEED * 7 + 100_003 * int(eval_seed) + i for i in range(len(scenes) * k)]
+    return scenes, cond.map(lambda x: x.repeat_interleave(k, 0)), noises
+
+
 def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import material_read, score_scenes
@@ -88,11 +97,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     vm, backbone = assets
     vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))  # each seed trains a fresh copy of the shipped base
     vm.guidance = float(st.guidance)
-    scenes = held_out(st.eval_scenes, eval_seed)
-    cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
     k = st.eval_videos
-    rep = cond.map(lambda x: x.repeat_interleave(k, 0))
-    noises = [EVAL_SEED * 7 + 100_003 * int(eval_seed) + i for i in range(len(scenes) * k)]
+    scenes, rep, noises = held_out_set(vm, backbone, st.eval_scenes, eval_seed, k)
     results, videos, influence = {}, {}, {}
     renderings = []  # each held-out drop with the three materials' bounces (material read), made at first use
 
