@@ -11,7 +11,7 @@ from physmaster.demo import bootstrap_ci, format_table
 from physmaster.demo.assets import ASSET_FILE, load_assets, save_assets
 from physmaster.demo.autoencoder import FrameAutoencoder
 from physmaster.demo.backbone import TARGETS, GeometryBackbone, geometry_targets
-from physmaster.demo.evaluation import coherence, material_read, score_video
+from physmaster.demo.evaluation import coherence, material_blind_l2, material_confusion, material_read, score_video
 from physmaster.demo.world import FRAMES, MATERIALS, SIZE, drop_scene, material_renderings, material_restitution
 
 
@@ -171,6 +171,29 @@ def test_material_read_finds_the_material_a_video_bounces_with():
     assert material_read([x.frames for x in scenes], scenes, 1) == (len(counted), len(counted))
 
 
+def test_material_confusion_and_the_material_blind_floor():
+    """A video bounced with another material's restitution lands in that material's column, and its gap is the
+    L2 between the two renderings; a model perfect but for the material scores that L2, and 0 with the own one."""
+    scenes = [drop_scene(900_000 + i) for i in range(12)]
+    s = next(x for x in scenes if material_renderings(x) is not None)
+    masks, own = material_renderings(s)
+    other = max((r for r in masks if r != own), key=lambda r: abs(r - own))
+    wrong = drop_scene(s.meta["seed"], s.meta["split"], restitution=other)
+    out = material_confusion([s.frames, wrong.frames], [s], 2)
+    order = out["order"]
+    assert order == tuple(sorted(r for _, r in MATERIALS.values()))
+    expected = np.zeros((3, 3), dtype=np.int64)
+    expected[order.index(own), order.index(own)] = 1
+    expected[order.index(own), order.index(other)] = 1
+    assert (out["counts"] == expected).all()
+    blind = material_blind_l2([s], other)
+    assert blind.shape == (1,) and blind[0] > 0.01
+    assert out["gap"] == pytest.approx([blind[0] / 2])  # one of the scene's two videos misread
+    assert material_blind_l2([s], own).tolist() == [0.0]
+    truth = material_confusion([x.frames for x in scenes], scenes, 1)
+    assert np.trace(truth["counts"]) == truth["counts"].sum() > 0 and not truth["gap"].any()
+
+
 def test_ground_truth_video_scores_as_perfect():
     s = drop_scene(11)
     r = score_video(s.frames, s.object_masks())
@@ -278,6 +301,8 @@ def test_material_read_skips_drops_whose_materials_look_alike(monkeypatch):
     monkeypatch.setattr(world, "render", lambda *a, **k: s)  # every restitution renders this very clip
     assert world.material_renderings(s) is None
     assert material_read([s.frames], [s], 1) == (0, 0)
+    assert material_confusion([s.frames], [s], 1)["gap"].tolist() == [0.0]
+    assert material_blind_l2([s], 0.85).tolist() == [0.0]
 
 
 def test_prompt_override_and_pretraining_on_from_a_model(tmp_path):

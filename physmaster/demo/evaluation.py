@@ -18,6 +18,9 @@
   2-3 px surface pattern, only partly kept in the video model's latent (`bench/probe_latent_material.py`), so
   this is the physics the tokens can add to the first frame; compared with the tokens zeroed, it is the token
   influence on the bounce alone.
+- **Material confusion** (`material_confusion`): which material's bounce each video is closest to, per own
+  material, and what the misread bounces cost at most in avg L2; the **material-blind floor**
+  (`material_blind_l2`): the avg L2 of a model perfect but for the material.
 - Paired per-scene bootstrap 95% intervals of a row's difference against the row it builds on.
 """
 
@@ -80,25 +83,68 @@ def paired_found(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return d[n > 0] / n[n > 0]
 
 
-def material_read(videos: list[np.ndarray], scenes: list, per_scene: int, renderings: list | None = None
-                  ) -> tuple[int, int]:
-    """(videos closest to their own material's rendering, videos counted), over the drops whose materials'
-    renderings differ (`world.material_renderings`, or `renderings`: those of `scenes`, made once for several
-    video sets); `per_scene` consecutive videos per scene."""
-    from .world import material_renderings
+def material_confusion(videos: list[np.ndarray], scenes: list, per_scene: int, renderings: list | None = None
+                       ) -> dict:
+    """Which material each video bounces like, over the drops whose materials' renderings differ
+    (`world.material_renderings`, or `renderings`: those of `scenes`, made once for several video sets);
+    `per_scene` consecutive videos per scene. Returns:
 
+    - "order": the restitutions, ascending;
+    - "counts" [3, 3]: row = the drop's own restitution, column = the restitution whose rendering of the drop is
+      closest (PISA L2) to the video. A model that bounces every object alike fills one column; one that reads
+      the material, the diagonal;
+    - "gap" [n_scenes]: per scene, the mean over its videos of the L2 between the drop rendered with the material
+      the video is read as and the truth (0 when read right or not counted). Moving a video's object by that
+      rendering's difference changes its centroid error by at most the difference (triangle inequality, frame by
+      frame), so this bounds what reading the material right could take off the row's avg L2, the rest equal."""
+    from .world import MATERIALS, material_renderings
+
+    order = tuple(sorted(r for _, r in MATERIALS.values()))
     if renderings is None:
         renderings = [material_renderings(s) for s in scenes]
-    right = n = 0
+    counts = np.zeros((len(order), len(order)), dtype=np.int64)
+    gap = np.zeros(len(renderings))
     for j, alt in enumerate(renderings):
         if alt is None:
             continue
         masks, own = alt
         for i in range(per_scene):
             l2 = {r: score_video(videos[j * per_scene + i], mk)["l2"] for r, mk in masks.items()}
-            right += min(l2, key=l2.get) == own
-            n += 1
-    return right, n
+            read = min(l2, key=l2.get)
+            counts[order.index(own), order.index(read)] += 1
+            if read != own:
+                gap[j] += pisa_metrics(masks[read], masks[own], pred_fps=FPS, gt_fps=FPS)["l2"] / per_scene
+    return {"order": order, "counts": counts, "gap": gap}
+
+
+def material_read(videos: list[np.ndarray], scenes: list, per_scene: int, renderings: list | None = None
+                  ) -> tuple[int, int]:
+    """(videos closest to their own material's rendering, videos counted): the diagonal and the total of
+    `material_confusion`."""
+    counts = material_confusion(videos, scenes, per_scene, renderings)["counts"]
+    return int(np.trace(counts)), int(counts.sum())
+
+
+def material_blind_l2(scenes: list, restitution: float, renderings: list | None = None) -> np.ndarray:
+    """Per scene, the avg L2 of a model perfect in everything but the material: the drop itself rendered with one
+    `restitution` for every object, against the truth (0 where the materials' renderings do not differ). The
+    smallest over the materials is what reading the material is worth to a model perfect in all else: what the
+    physical tokens' physics is worth on this world (`bench/demo_token_ceiling.py`)."""
+    from .world import drop_scene, material_renderings
+
+    if renderings is None:
+        renderings = [material_renderings(s) for s in scenes]
+    out = []
+    for s, alt in zip(scenes, renderings):
+        if alt is None:
+            out.append(0.0)
+            continue
+        masks, own = alt
+        blind = masks.get(restitution)
+        if blind is None:
+            blind = drop_scene(s.meta["seed"], s.meta["split"], restitution=restitution).object_masks()
+        out.append(float(pisa_metrics(blind, masks[own], pred_fps=FPS, gt_fps=FPS)["l2"]))
+    return np.array(out)
 
 
 def bootstrap_ci(diff: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
