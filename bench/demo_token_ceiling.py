@@ -8,7 +8,8 @@ This script measures, on the demo's held-out drops:
    they cannot take more than this off a perfect model.
 2. For the demo's Stage I and Stage II models (trained as `python -m physmaster demo` trains them), sampled with
    the physical tokens scaled by each of `--scales` (0: zeroed; 1: as trained; > 1: the head's output
-   amplified, a move Flow-DPO on the head could make): avg L2 (all / seen / unseen drops), coherence, the
+   amplified, a move Flow-DPO on the head could make): avg L2 (all / seen / unseen drops; against x1, paired
+   per-scene bootstrap 95% interval, the same noises for every scale), coherence, the
    **material confusion** (which material's bounce each video is closest to,
    `evaluation.material_confusion`) and its **bound**: what reading every material right could take off the
    row's avg L2, the rest equal (the L2 between the rendering a video is read as and the truth, averaged), on
@@ -47,7 +48,7 @@ def main() -> int:
 
     from physmaster.demo.assets import load_assets
     from physmaster.demo.cli import held_out_set
-    from physmaster.demo.evaluation import material_blind_l2, material_confusion, score_scenes
+    from physmaster.demo.evaluation import bootstrap_ci, material_blind_l2, material_confusion, score_scenes
     from physmaster.demo.pipeline import Settings, dpo, gt_pairs, sample_candidates, stage_one
     from physmaster.demo.world import MATERIALS, material_renderings
 
@@ -75,6 +76,7 @@ def main() -> int:
         from demo_drop_base import drop_base
 
         drop_base(vm0, args.cache)
+    ref_scale = 1.0 if 1.0 in args.scales else args.scales[0]
     k, n_seen = args.eval_videos, st.eval_scenes  # held_out: the seen drops, then as many unseen ones
     held = {es: held_out_set(vm0, backbone, st.eval_scenes, es, k) for es in args.eval_seeds}
     restitutions = sorted(r for _, r in MATERIALS.values())
@@ -94,21 +96,29 @@ def main() -> int:
                                                  for r, (a, s, u) in floors.items()))
 
     def evaluate(name, vm, head):
-        print(f"{name} ({k} videos per held-out drop):", flush=True)
-        for scale in args.scales:
+        print(f"{name} ({k} videos per held-out drop; each scale's avg L2 against x{ref_scale:g}'s, paired "
+              "bootstrap 95% interval):", flush=True)
+        ref = {}
+        for scale in sorted(args.scales, key=lambda x: x != ref_scale):  # the reference scale first
             for es, (scenes, rep, noises) in held.items():
                 vids = vm.decode(vm.sample(head, rep, noises, st.sample_steps, token_scale=scale))
                 r = score_scenes(vids, scenes, k)
+                ref.setdefault(es, r["l2"])
+                d = r["l2"] - ref[es]
+                lo, hi = bootstrap_ci(d)
                 conf = material_confusion(vids, scenes, k, renderings[es])
                 counts = conf["counts"]
                 row = {"model": name, "scale": scale, "eval_seed": es, "l2": split(r["l2"]),
                        "coherence": split(r["coherence"]), "material_read": float(np.trace(counts) / counts.sum()),
-                       "confusion": counts.tolist(), "order": list(conf["order"]), "bound": split(conf["gap"])}
+                       "confusion": counts.tolist(), "order": list(conf["order"]), "bound": split(conf["gap"]),
+                       "against_reference": {"relative": float(d.mean() / ref[es].mean()), "ci": [lo, hi]},
+                       "per_scene_l2": r["l2"].tolist()}
                 report["rows"].append(row)
                 by_own = "; ".join(f"{own}: " + "/".join(f"{c / max(1, counts[i].sum()):.0%}" for c in counts[i])
                                    for i, own in enumerate(conf["order"]))
                 (a, s, u), (ba, bs, bu) = row["l2"], row["bound"]
-                print(f"  tokens x{scale:<4g} eval seed {es}: avg L2 {a:.4f} (seen {s:.4f}, unseen {u:.4f}), "
+                vs = "" if scale == ref_scale else f" {d.mean() / ref[es].mean():+.1%} [{lo:+.4f}, {hi:+.4f}]"
+                print(f"  tokens x{scale:<4g} eval seed {es}: avg L2 {a:.4f}{vs} (seen {s:.4f}, unseen {u:.4f}), "
                       f"coherence {row['coherence'][0]:.3f}; material read {row['material_read']:.0%} "
                       f"(own -> read as {'/'.join(map(str, conf['order']))}: {by_own}); misread bounces cost at "
                       f"most {ba:.4f} = {ba / a:.1%} of avg L2 (seen {bs:.4f}, unseen {bu:.4f})", flush=True)
