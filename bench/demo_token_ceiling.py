@@ -109,7 +109,8 @@ def main() -> int:
                 conf = material_confusion(vids, scenes, k, renderings[es])
                 counts = conf["counts"]
                 row = {"model": name, "scale": scale, "eval_seed": es, "l2": split(r["l2"]),
-                       "coherence": split(r["coherence"]), "material_read": float(np.trace(counts) / counts.sum()),
+                       "coherence": split(r["coherence"]),
+                       "material_read": float(np.trace(counts) / counts.sum()) if counts.sum() else None,
                        "confusion": counts.tolist(), "order": list(conf["order"]), "bound": split(conf["gap"]),
                        "against_reference": {"relative": float(d.mean() / ref[es].mean()), "ci": [lo, hi]},
                        "per_scene_l2": r["l2"].tolist()}
@@ -119,7 +120,7 @@ def main() -> int:
                 (a, s, u), (ba, bs, bu) = row["l2"], row["bound"]
                 vs = "" if scale == ref_scale else f" {d.mean() / ref[es].mean():+.1%} [{lo:+.4f}, {hi:+.4f}]"
                 print(f"  tokens x{scale:<4g} eval seed {es}: avg L2 {a:.4f}{vs} (seen {s:.4f}, unseen {u:.4f}), "
-                      f"coherence {row['coherence'][0]:.3f}; material read {row['material_read']:.0%} "
+                      f"coherence {row['coherence'][0]:.3f}; material read {row['material_read'] or 0:.0%} "
                       f"(own -> read as {'/'.join(map(str, conf['order']))}: {by_own}); misread bounces cost at "
                       f"most {ba:.4f} = {ba / a:.1%} of avg L2 (seen {bs:.4f}, unseen {bu:.4f})", flush=True)
 
@@ -134,7 +135,10 @@ def main() -> int:
     report["seconds"] = time.perf_counter() - t_start
     print(f"({report['seconds']:.0f}s)")
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1))
+        from physmaster.fileio import atomic_path
+
+        with atomic_path(args.json) as tmp:  # never a half-written file
+            Path(tmp).write_text(json.dumps(report, indent=1))
     return 0
 
 
