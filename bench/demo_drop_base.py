@@ -60,25 +60,20 @@ def drop_base(vm, cache: Path | None) -> None:
 
 
 def main() -> int:
-    from physmaster.demo.assets import load_assets
+    from demo_args import add_base, add_set, load_world, settings
+
     from physmaster.demo.cli import run_once
-    from physmaster.demo.pipeline import Settings
     from physmaster.demo.report import format_run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=0)
-    ap.add_argument("--cache", type=Path, default=None, help="folder for the drop base (saved once, then read)")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="change one of the demo's Settings (repeatable), e.g. beta=500 or lora_rank=16")
+    add_base(ap, choose=False)
+    add_set(ap, "beta=500 or lora_rank=16")
     args = ap.parse_args()
-    try:
-        st = Settings().with_overrides(args.set)
-    except ValueError as e:
-        raise SystemExit(f"--set {e}") from None
+    st = settings(args)
     t0 = time.perf_counter()
-    vm, backbone, _ = load_assets()
-    drop_base(vm, args.cache)
+    vm, backbone = load_world(args, drop=True)
     r = run_once((vm, backbone), st, args.seed, args.eval_seed, lambda m: print(m, flush=True))
     print(format_run(r, st.eval_scenes))
     print(f"settings changed: {', '.join(args.set) or 'none'} ({time.perf_counter() - t0:.0f}s)")

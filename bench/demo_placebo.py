@@ -34,43 +34,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def main() -> int:
     import numpy as np
 
-    from physmaster.demo.assets import load_assets
+    from demo_args import add_base, add_set, ints, load_world, settings
+
     from physmaster.demo.cli import held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import (Settings, dpo, flipped_pairs, gt_pairs, new_head, sample_candidates,
-                                          stage_one)
+    from physmaster.demo.pipeline import dpo, flipped_pairs, gt_pairs, new_head, sample_candidates, stage_one
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", choices=["shipped", "drop"], default="shipped")
-    ap.add_argument("--cache", type=Path, default=None, help="folder for the drop base (saved once, then read)")
+    add_base(ap)
     ap.add_argument("--seeds", type=ints, default=[0, 1, 2], help="training seeds, e.g. 0,1,2")
     ap.add_argument("--eval-seeds", type=ints, default=[0, 1, 2], help="held-out sets, e.g. 0,1,2")
     ap.add_argument("--eval-videos", type=int, default=8, help="videos per held-out drop (the demo: 2)")
     ap.add_argument("--heads", type=int, default=5, help="fresh (untrained) heads compared with the base")
     ap.add_argument("--flips", type=int, default=2, help="placebo label draws per training seed")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="change one of the demo's Settings (repeatable), e.g. beta=500")
+    add_set(ap)
     ap.add_argument("--json", type=Path, default=None, help="also write every comparison to this file")
     args = ap.parse_args()
-    try:
-        st = Settings().with_overrides(args.set)
-    except ValueError as e:
-        raise SystemExit(f"--set {e}") from None
+    st = settings(args)
     if args.eval_videos < 1 or args.heads < 0 or args.flips < 0:
         raise SystemExit("--eval-videos must be >= 1, --heads and --flips >= 0")
     t_start = time.perf_counter()
-    vm0, backbone, _ = load_assets()
-    if args.base == "drop":
-        from demo_drop_base import drop_base
-
-        drop_base(vm0, args.cache)
+    vm0, backbone = load_world(args)
     k = args.eval_videos
     held = {es: held_out_set(vm0, backbone, st.eval_scenes, es, k) for es in args.eval_seeds}
 

@@ -37,45 +37,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def numbers(kind):
-    def parse(text: str) -> list:
-        return [kind(x) for x in text.split(",") if x.strip()]
-    return parse
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def main() -> int:
     import numpy as np
 
-    from physmaster.demo.assets import load_assets
+    from demo_args import add_base, add_set, ints, load_world, settings
+
     from physmaster.demo.cli import held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, material_blind_l2, material_confusion, score_scenes
-    from physmaster.demo.pipeline import Settings, dpo, gt_pairs, sample_candidates, stage_one
+    from physmaster.demo.pipeline import dpo, gt_pairs, sample_candidates, stage_one
     from physmaster.demo.world import MATERIALS, material_renderings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0, help="training seed")
-    ap.add_argument("--eval-seeds", type=numbers(int), default=[0, 1], help="held-out sets, e.g. 0,1")
+    ap.add_argument("--eval-seeds", type=ints, default=[0, 1], help="held-out sets, e.g. 0,1")
     ap.add_argument("--eval-videos", type=int, default=4, help="videos per held-out drop (the demo: 2)")
-    ap.add_argument("--scales", type=numbers(float), default=[0.0, 1.0, 1.5, 2.0, 3.0],
+    ap.add_argument("--scales", type=floats, default=[0.0, 1.0, 1.5, 2.0, 3.0],
                     help="factors on the physical tokens when sampling")
-    ap.add_argument("--base", choices=["shipped", "drop"], default="shipped")
-    ap.add_argument("--cache", type=Path, default=None, help="folder for the drop base (saved once, then read)")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="change one of the demo's Settings (repeatable)")
+    add_base(ap)
+    add_set(ap)
     ap.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = ap.parse_args()
-    try:
-        st = Settings().with_overrides(args.set)
-    except ValueError as e:
-        raise SystemExit(f"--set {e}") from None
+    st = settings(args)
     if args.eval_videos < 1 or not args.scales or min(args.scales) < 0 or not args.eval_seeds:
         raise SystemExit("--eval-videos must be >= 1, --scales non-empty and >= 0, --eval-seeds non-empty")
     t_start = time.perf_counter()
-    vm0, backbone, _ = load_assets()
-    if args.base == "drop":
-        from demo_drop_base import drop_base
-
-        drop_base(vm0, args.cache)
+    vm0, backbone = load_world(args)
     ref_scale = 1.0 if 1.0 in args.scales else args.scales[0]
     k, n_seen = args.eval_videos, st.eval_scenes  # held_out: the seen drops, then as many unseen ones
     held = {es: held_out_set(vm0, backbone, st.eval_scenes, es, k) for es in args.eval_seeds}

@@ -1,0 +1,48 @@
+"""What the demo benches share on their command lines: `--set NAME=VALUE` (the demo's `Settings`), and for those
+that can run on either base, `--base shipped|drop` with `--cache DIR` (`demo_drop_base.py`'s wrong-physics drop
+base, pretrained once). One parser each, so the benches cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def ints(text: str) -> list[int]:
+    """"0,1,2" -> [0, 1, 2] (argparse type)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_set(ap: argparse.ArgumentParser, example: str = "beta=500") -> None:
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help=f"change one of the demo's Settings (repeatable), e.g. {example}")
+
+
+def add_base(ap: argparse.ArgumentParser, choose: bool = True) -> None:
+    """`--cache DIR` for the drop base, and with `choose` `--base shipped|drop`."""
+    if choose:
+        ap.add_argument("--base", choices=["shipped", "drop"], default="shipped")
+    ap.add_argument("--cache", type=Path, default=None, help="folder for the drop base (saved once, then read)")
+
+
+def settings(args: argparse.Namespace):
+    """The demo's Settings with `--set` applied; a bad item exits with the parser's message."""
+    from physmaster.demo.pipeline import Settings
+
+    try:
+        return Settings().with_overrides(args.set)
+    except ValueError as e:
+        raise SystemExit(f"--set {e}") from None
+
+
+def load_world(args: argparse.Namespace, drop: bool | None = None):
+    """(video model, backbone) of the shipped assets, with the drop base's DiT when `--base drop` (or `drop`)."""
+    from physmaster.demo.assets import load_assets
+
+    vm, backbone, _ = load_assets()
+    use_drop = getattr(args, "base", "shipped") == "drop" if drop is None else drop
+    if use_drop:
+        from demo_drop_base import drop_base
+
+        drop_base(vm, args.cache)
+    return vm, backbone
