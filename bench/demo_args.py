@@ -1,6 +1,6 @@
-"""What the demo benches share on their command lines: `--set NAME=VALUE` (the demo's `Settings`), and for those
+"""What the demo benches share on their command lines and outputs: `--set NAME=VALUE` (the demo's `Settings`), and for those
 that can run on either base, `--base shipped|drop` with `--cache DIR` (`demo_drop_base.py`'s wrong-physics drop
-base, pretrained once). One parser each, so the benches cannot drift apart."""
+base, pretrained once); comma lists; the JSON they write. One parser each, so the benches cannot drift apart."""
 
 from __future__ import annotations
 
@@ -11,6 +11,21 @@ from pathlib import Path
 def ints(text: str) -> list[int]:
     """"0,1,2" -> [0, 1, 2] (argparse type)."""
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def floats(text: str) -> list[float]:
+    """"0,1,1.5" -> [0.0, 1.0, 1.5] (argparse type)."""
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def write_json(path: Path, obj) -> None:
+    """A bench's figures as JSON, never a half-written file."""
+    import json
+
+    from physmaster.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1))
 
 
 def add_set(ap: argparse.ArgumentParser, example: str = "beta=500") -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     import numpy as np
 
-    from demo_args import add_base, add_set, ints, load_world, settings
+    from demo_args import add_base, add_set, ints, load_world, settings, write_json
 
     from physmaster.demo.cli import held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import dpo, flipped_pairs, gt_pairs, new_head, sample_candidates, stage_one
+    from physmaster.demo.pipeline import (flipped_pairs, freeze_dit, gt_pairs, new_head, sample_candidates, stage_one,
+                                          stage_three, stage_two)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_base(ap)
@@ -93,17 +93,15 @@ def main() -> int:
         encoder = stage_one(vm, backbone, st, seed, quiet)
         r1 = evaluate(vm, encoder.head)
         pairs_1 = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I"), st, quiet, "")
-        vm.den.fold_lora(seed=seed + 2)
-        dpo("dpo-lora", vm, encoder, pairs_1, st, seed + 2, quiet, "Stage II")
+        stage_two(vm, encoder, pairs_1, st, seed, quiet)
         r2 = evaluate(vm, encoder.head)
         compare("Stage II - Stage I", r2, r1, seed=seed)
-        vm.den.fold_lora(seed=seed + 3)
-        vm.den.set_lora_enabled(False)  # the folded LoRA is zero
+        freeze_dit(vm, seed)
         pairs_2 = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II"), st, quiet, "")
         for f in range(args.flips + 1):
             pairs = pairs_2 if f == 0 else flipped_pairs(pairs_2, [seed, f])
             head = encoder.clone()
-            dpo("dpo-head", vm, head, pairs, st, seed + 3, quiet, "Stage III")
+            stage_three(vm, head, pairs, st, seed, quiet)
             compare("Stage III - Stage II", evaluate(vm, head.head), r2, seed=seed,
                     labels="true" if f == 0 else f"placebo {f}")
         print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -118,8 +116,7 @@ def main() -> int:
         print(f"  {key:<40} {below} | {len(rs) - below - above} | {above}   "
               f"{np.mean([r['relative'] for r in rs]):+.1%}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"settings": vars(st), "base": args.base, "eval_videos": k,
-                                         "comparisons": records}, indent=1))
+        write_json(args.json, {"settings": vars(st), "base": args.base, "eval_videos": k, "comparisons": records})
     print(f"settings changed: {', '.join(args.set) or 'none'} ({time.perf_counter() - t_start:.0f}s)")
     return 0
 

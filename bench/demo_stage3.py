@@ -130,7 +130,7 @@ def main() -> int:
     from physmaster.demo.assets import load_assets
     from physmaster.demo.cli import EVAL_SEED, held_out
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import Settings, dpo, gt_pairs, sample_candidates
+    from physmaster.demo.pipeline import Settings, dpo, freeze_dit, gt_pairs, sample_candidates, stage_two
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None, help="folder for the Stage I weights (saved once, then read)")
@@ -177,21 +177,19 @@ def main() -> int:
     l2_one = l2_of(encoder.head)
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, 0, "Stage I")
     pairs_1 = gt_pairs(cands_1, st, print, "Stage I")
-    vm.den.fold_lora(seed=2)
-    dpo("dpo-lora", vm, encoder, pairs_1, st, 2, lambda m: None, "Stage II")
+    stage_two(vm, encoder, pairs_1, st, 0, lambda m: None)
     l2_two = l2_of(encoder.head)
     lo, hi = bootstrap_ci(l2_two - l2_one)
     print(f"Stage I avg L2 {l2_one.mean():.4f}; Stage II {l2_two.mean():.4f} [{lo:+.4f}, {hi:+.4f}]")
-    vm.den.fold_lora(seed=3)
-    vm.den.set_lora_enabled(False)
+    freeze_dit(vm, 0)
     cands_2 = sample_candidates(vm, encoder.head, backbone, st, 0, "Stage II")
-    stage_two = encoder.clone()
+    stage_two_encoder = encoder.clone()
     print(f"\nStage III variants from this Stage II (avg L2 minus Stage II's, paired bootstrap 95% interval; "
           f"{args.scenes} + {args.scenes} held-out drops, eval seed {args.eval_seed}):")
     for name in names:
         s = dataclasses.replace(st, **VARIANTS[name])
         pairs = gt_pairs(cands_2, s, lambda m: None, "Stage II")
-        head = stage_two.clone()
+        head = stage_two_encoder.clone()
         dpo("dpo-head", vm, head, pairs, s, 3, lambda m: None, "Stage III")
         d = l2_of(head.head) - l2_two
         lo, hi = bootstrap_ci(d)

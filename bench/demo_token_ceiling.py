@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,18 +36,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 def main() -> int:
     import numpy as np
 
-    from demo_args import add_base, add_set, ints, load_world, settings
+    from demo_args import add_base, add_set, floats, ints, load_world, settings, write_json
 
     from physmaster.demo.cli import held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, material_blind_l2, material_confusion, score_scenes
-    from physmaster.demo.pipeline import dpo, gt_pairs, sample_candidates, stage_one
+    from physmaster.demo.pipeline import gt_pairs, sample_candidates, stage_one, stage_two
     from physmaster.demo.world import MATERIALS, material_renderings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -119,16 +114,12 @@ def main() -> int:
     encoder = stage_one(vm, backbone, st, args.seed, quiet)
     evaluate("Stage I", vm, encoder.head)
     pairs = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, args.seed, "Stage I"), st, quiet, "")
-    vm.den.fold_lora(seed=args.seed + 2)
-    dpo("dpo-lora", vm, encoder, pairs, st, args.seed + 2, quiet, "Stage II")
+    stage_two(vm, encoder, pairs, st, args.seed, quiet)
     evaluate("Stage II", vm, encoder.head)
     report["seconds"] = time.perf_counter() - t_start
     print(f"({report['seconds']:.0f}s)")
     if args.json is not None:
-        from physmaster.fileio import atomic_path
-
-        with atomic_path(args.json) as tmp:  # never a half-written file
-            Path(tmp).write_text(json.dumps(report, indent=1))
+        write_json(args.json, report)
     return 0
 
 

@@ -91,7 +91,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
-    from .pipeline import dpo, gt_pairs, judge_agreement, judge_pairs, sample_candidates, stage_one
+    from .pipeline import (dpo, freeze_dit, gt_pairs, judge_agreement, judge_pairs, sample_candidates, stage_one,
+                           stage_three, stage_two)
     from .report import JUDGE_ROW, online_row
 
     vm, backbone = assets
@@ -142,16 +143,14 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     dpo("dpo-head", vm, enc_only, pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
     evaluate("Stage I + DPO encoder", enc_only.head)
     log(f"[5/{total}] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")
-    vm.den.fold_lora(seed=seed + 2)
-    dpo("dpo-lora", vm, encoder, pairs_1, st, seed + 2, log, "Stage II")
+    stage_two(vm, encoder, pairs_1, st, seed, log)
     evaluate("Stage II", encoder.head)
     log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
-    vm.den.fold_lora(seed=seed + 3)
-    vm.den.set_lora_enabled(False)  # the folded LoRA is zero: skip its compute
+    freeze_dit(vm, seed)
     cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II")
     pairs_2 = gt_pairs(cands_2, st, log, "Stage II")
-    stage_two = encoder.clone()  # what the judge-labelled row and the online rounds start from
-    dpo("dpo-head", vm, encoder, pairs_2, st, seed + 3, log, "Stage III")
+    stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
+    stage_three(vm, encoder, pairs_2, st, seed, log)
     with_influence("Stage III", encoder.head)
     agreement = {"Stage I candidates": judge_agreement(cands_1), "Stage II candidates": judge_agreement(cands_2)}
     names = ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
@@ -173,8 +172,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     if st.judge_labels:
         step += 1
         log(f"[{step}/{total}] {JUDGE_ROW}: the Stage II candidates labelled by the physics judge alone")
-        judged_dpo(JUDGE_ROW, stage_two.clone(), cands_2, seed + 3)
-    online = stage_two.clone()
+        judged_dpo(JUDGE_ROW, stage_two_encoder.clone(), cands_2, seed + 3)
+    online = stage_two_encoder.clone()
     for r in range(1, st.online_rounds + 1):
         name = online_row(r)
         step += 1

@@ -241,6 +241,26 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
                  dataset_size=len(pairs))
 
 
+def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage II") -> None:
+    """Stage II: Stage I's LoRA folded into the DiT, then Flow-DPO on a fresh LoRA (the reference: the Stage I
+    model). The demo and every bench that rebuilds its models go through here, so their seeds agree."""
+    vm.den.fold_lora(seed=seed + 2)
+    dpo("dpo-lora", vm, encoder, pairs, st, seed + 2, log, name)
+
+
+def freeze_dit(vm, seed: int) -> None:
+    """After Stage II: its LoRA folded into the DiT and the (now zero) LoRA switched off, so the head-only stages
+    that follow skip its compute."""
+    vm.den.fold_lora(seed=seed + 3)
+    vm.den.set_lora_enabled(False)
+
+
+def stage_three(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage III") -> None:
+    """Stage III: Flow-DPO on the head alone, from the Stage II model (after `freeze_dit`); the reference is the
+    head as it comes in."""
+    dpo("dpo-head", vm, encoder, pairs, st, seed + 3, log, name)
+
+
 def judge_agreement(c: Candidates, min_gap: float = 0.02) -> dict:
     """The judge's agreement with the ground-truth L2 ordering on these candidates (`judging.judge_agreement`)."""
     from .judging import judge_agreement as agreement
