@@ -12,10 +12,10 @@ positions), [B, 1 + 16, 64]. The physical head learns which of it the DiT needs.
 The summary also sees a *pattern* branch: fine-scale (16x16) features max-pooled over the whole image. The
 material is a 2-3 px surface pattern wherever the object happens to be; from the flattened 4x4 map alone a
 detector has to be learned for each position, and the backbone without this branch read the material in only
-50-60% of held-out start images (chance 33%), less than the video model's own first-frame latent keeps (74% /
-50%, `bench/probe_latent_material.py`), so the physical tokens had nothing to add and Stage I learned to ignore
-them. Pooled, it reads it in 77-93% (seen and unseen, eval seeds 0 and 1) and places the object better too; the
-tokens then carry the bounce (README, "the demo").
+54% / 51% of seen / unseen start images (chance 33%), less than the video model's own first-frame latent keeps
+(74% / 50%; `bench/probe_latent_material.py`, 600 + 600 start images), so the physical tokens had nothing to
+add and Stage I learned to ignore them. Pooled, it reads it in 91% / 82%, places the object better too, and the
+tokens carry the bounce (README, "the demo").
 """
 
 from __future__ import annotations
