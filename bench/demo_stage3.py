@@ -130,7 +130,7 @@ def main() -> int:
     from physmaster.demo.assets import load_assets
     from physmaster.demo.cli import EVAL_SEED, held_out
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import Settings, dpo, freeze_dit, gt_pairs, sample_candidates, stage_two
+    from physmaster.demo.pipeline import Settings, freeze_dit, gt_pairs, sample_candidates, stage_three, stage_two
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None, help="folder for the Stage I weights (saved once, then read)")
@@ -190,7 +190,7 @@ def main() -> int:
         s = dataclasses.replace(st, **VARIANTS[name])
         pairs = gt_pairs(cands_2, s, lambda m: None, "Stage II")
         head = stage_two_encoder.clone()
-        dpo("dpo-head", vm, head, pairs, s, 3, lambda m: None, "Stage III")
+        stage_three(vm, head, pairs, s, 0, lambda m: None)
         d = l2_of(head.head) - l2_two
         lo, hi = bootstrap_ci(d)
         print(f"  {name:28s} {len(pairs):4d} pairs  L2 {l2_two.mean() + d.mean():.4f}  {d.mean():+.4f} "

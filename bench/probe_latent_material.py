@@ -21,7 +21,6 @@ import torch  # noqa: E402
 
 def main() -> int:
     from physmaster.demo.assets import ASSET_FILE, load_assets
-    from physmaster.demo.backbone import TARGETS
     from physmaster.demo.world import MATERIALS, drop_scene
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,8 +36,8 @@ def main() -> int:
         scenes = [drop_scene(base + i, split) for i in range(n)]
         x = vm.encode([s.frames[:1] for s in scenes])[:, :, 0]  # each start image as a 1-frame video
         y = torch.tensor([names.index(s.meta["texture"]) for s in scenes])
-        r = backbone.predict(torch.from_numpy(np.stack([s.frames[0] for s in scenes])))[:, TARGETS.index("restitution")]
-        backbone_read[tag] = float(((r[:, None] - levels[None]).abs().argmin(1) == y).float().mean())
+        read = backbone.read_restitution(torch.from_numpy(np.stack([s.frames[0] for s in scenes])))
+        backbone_read[tag] = float((read == levels[y]).float().mean())
         return x.flatten(1), y
 
     train = data(7_000_000, 3000, "seen", "train")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .fitting import fit
-from .world import FPS, SIZE
+from .world import FPS, MATERIALS, SIZE
 
 WIDTH = 64
 PATTERN_WIDTH = 32
@@ -94,6 +94,13 @@ class GeometryBackbone(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The geometry read-out [B, len(TARGETS)] (to check what the frozen features know)."""
         return self._forward(images)[1]
+
+    @torch.no_grad()
+    def read_restitution(self, images: torch.Tensor) -> torch.Tensor:
+        """The material read from each start image [B]: the restitution of the material nearest the read-out's."""
+        levels = torch.tensor(sorted(r for _, r in MATERIALS.values()))
+        r = self.predict(images)[:, TARGETS.index("restitution")]
+        return levels[(r[:, None] - levels[None]).abs().argmin(1)]
 
 
 def train_backbone(images: torch.Tensor, targets: torch.Tensor, steps: int, seed: int = 0, batch: int = 128,
