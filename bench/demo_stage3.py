@@ -8,9 +8,14 @@
 2. Stage III variants (head learning rate, beta, steps, pairs per image, min margin, motion-weighted Flow-DPO),
    each from the same Stage II and the same candidates, against Stage II: held-out avg L2 and its paired
    bootstrap 95% interval, as the demo prints them.
+3. With `--head-sft STEPS,...`: the head's lever with the most a label can say. From the same Stage II, the head
+   alone trained by flow matching on the ground-truth drops (Stage I's 512 videos; DiT frozen), as far as each
+   STEPS, at the demo's Stage III learning rate and a quarter of it. Not a stage of the method: the ceiling of
+   what any labelling of the head can reach. If the truth itself does not move Stage II, no preference will.
 
     python bench/demo_stage3.py [--cache DIR] [--scenes 30] [--eval-seed 0] [--variants default,lr5e-4,...]
     python bench/demo_stage3.py --image-dropout 0.3 --variants default   # can Stage I be made to use tokens?
+    python bench/demo_stage3.py --cache DIR --variants default --head-sft 300   # the head's ceiling
 
 `--image-dropout P` trains Stage I with the first-frame image condition zeroed for a fraction P of the samples
 (tokens kept), so the tokens are all those samples have to place the object, and prints the held-out avg L2
@@ -91,6 +96,20 @@ def stage_one_cached(vm, backbone, st, cache: Path | None, image_dropout: float 
     return encoder
 
 
+def head_sft(vm, encoder, backbone, st, steps: int, lr: float):
+    """A copy of `encoder` whose head alone is trained by flow matching on Stage I's ground-truth drops, with the
+    DiT frozen as it is (its LoRA folded and off: `freeze_dit`), so only the head can move."""
+    from physmaster.demo.pipeline import SFT_SEED, video_set
+    from physmaster.demo.world import drop_scene
+    from physmaster.training import StageTrainer, TrainConfig
+
+    data = video_set(vm, [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)], backbone)
+    head = encoder.clone()
+    cfg = TrainConfig(steps=int(steps), lr=float(lr), batch_size=st.batch, seed=7, warmup_steps=min(20, int(steps)))
+    StageTrainer("sft", vm.den, head, data, cfg).run(None)
+    return head
+
+
 @torch.no_grad()
 def token_sensitivity(vm, head, cond, latents) -> list[str]:
     """|v(tokens) - v(changed)| / |v(tokens)| at three noise levels, for four changes of the conditioning."""
@@ -139,7 +158,15 @@ def main() -> int:
     ap.add_argument("--image-dropout", type=float, default=0.0, help="Stage I with this fraction of the samples' "
                     "image condition zeroed (use another --cache folder)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--head-sft", default="", metavar="STEPS,...",
+                    help="also train the head alone on the ground-truth drops from Stage II for these step counts")
     args = ap.parse_args()
+    try:
+        head_sft_steps = [int(x) for x in args.head_sft.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--head-sft takes step counts such as 300 or 100,300, got {args.head_sft!r}") from None
+    if any(n < 1 for n in head_sft_steps):
+        raise SystemExit(f"--head-sft step counts must be >= 1, got {args.head_sft!r}")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]  # none: stop after the token figures
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
@@ -195,6 +222,16 @@ def main() -> int:
         lo, hi = bootstrap_ci(d)
         print(f"  {name:28s} {len(pairs):4d} pairs  L2 {l2_two.mean() + d.mean():.4f}  {d.mean():+.4f} "
               f"({d.mean() / l2_two.mean():+.1%}) [{lo:+.4f}, {hi:+.4f}]", flush=True)
+    if head_sft_steps:
+        print("\nthe head alone trained on the ground-truth drops from this Stage II (DiT frozen; the ceiling of any "
+              "labelling of the head):")
+        for steps in head_sft_steps:
+            for lr in (st.lr_head, st.lr_head / 4):
+                head = head_sft(vm, stage_two_encoder, backbone, st, steps, lr)
+                d = l2_of(head.head) - l2_two
+                lo, hi = bootstrap_ci(d)
+                print(f"  {steps:5d} steps, lr {lr:.0e}       L2 {l2_two.mean() + d.mean():.4f}  {d.mean():+.4f} "
+                      f"({d.mean() / l2_two.mean():+.1%}) [{lo:+.4f}, {hi:+.4f}]", flush=True)
     print(f"({time.perf_counter() - t_start:.0f}s)")
     return 0
 

@@ -24,6 +24,7 @@ def test_demo_fast(tmp_path, capsys):
     for row in names:
         assert f"\n{row:24s}|" in out
     assert "token influence" in out and "coherence" in out
+    assert "why frames are not coherent" in out and "  Stage III: coherent " in out
     table = (tmp_path / "table.txt").read_text()
     assert "Stage III - Stage II" in table and "Stage II - Stage I" in table and "Stage I - base" in table
     res = json.loads((tmp_path / "results.json").read_text())
@@ -45,6 +46,10 @@ def test_demo_fast(tmp_path, capsys):
         assert np.all((lost >= 0) & (lost <= 1 / np.sqrt(2) + 1e-9))
         assert np.all(lost <= np.array(row["per_scene"]["l2"]) + 1e-9)
         assert "frame_l2" not in row["per_scene"]
+        # coherence and the four reasons a frame misses it add up to every counted frame, scene by scene
+        parts = np.array(row["per_scene_coherence"]) + sum(
+            np.array(row["per_scene"][f"miss_{m}"]) for m in ("lost", "fragments", "too_small", "too_large"))
+        assert np.allclose(parts, 1.0)
         found = row["per_scene"]["l2_found"]
         assert len(found) == 4 and all(f is None or 0.0 <= f <= 1.0 for f in found)
     sources = out.split("where avg L2 comes from", 1)[1]
@@ -463,3 +468,72 @@ def test_settings_overrides_parse_and_name_the_bad_item():
         Settings().with_overrides(["beta="])
     with pytest.raises(ValueError, match=r"'lora_rank=1.5': '1.5' is not a int"):
         Settings().with_overrides(["lora_rank=1.5"])
+
+
+def test_head_sft_ceiling_trains_the_head_alone():
+    """bench/demo_stage3.py's `--head-sft`: from a frozen DiT (after `freeze_dit`), flow matching on the
+    ground-truth drops moves a copy of the head and nothing else: the DiT's weights and the given head stay as
+    they were."""
+    import importlib.util
+    from pathlib import Path
+
+    from physmaster.demo.pipeline import Settings, freeze_dit, stage_one
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "demo_stage3.py"
+    spec = importlib.util.spec_from_file_location("demo_stage3", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    st = Settings.fast()
+    vm, bb, _ = load_assets()
+    encoder = stage_one(vm, bb, st, 0, lambda m: None)
+    freeze_dit(vm, 0)
+    dit = {k: v.clone() for k, v in vm.den.model.state_dict().items()}
+    head = {k: v.clone() for k, v in encoder.head.state_dict().items()}
+    trained = mod.head_sft(vm, encoder, bb, st, steps=3, lr=1e-2)
+    assert trained is not encoder
+    assert all(torch.equal(head[k], v) for k, v in encoder.head.state_dict().items())
+    assert any(not torch.equal(head[k], v) for k, v in trained.head.state_dict().items())
+    assert all(torch.equal(dit[k], v) for k, v in vm.den.model.state_dict().items())
+
+
+def test_coherence_parts_say_why_each_frame_misses():
+    """Every frame where the truth shows the object is coherent or missed for exactly one reason, in the order
+    lost, fragments, too small, too large; the parts sum to 1 and `coherence` is the coherent part."""
+    from physmaster.demo.evaluation import MISSES, coherence_parts
+
+    gt = np.zeros((6, 32, 32), bool)
+    gt[:, 10:16, 10:16] = True  # area 36
+    masks = gt.copy()
+    fg = gt.copy()
+    masks[1] = False  # lost
+    fg[1] = False
+    fg[2, 25:29, 25:29] = True  # a second fragment outside the kept mask: 36 / 52 < 90%
+    masks[3] = False
+    masks[3, 10:14, 10:14] = True  # 16 px < half of 36
+    fg[3] = masks[3]
+    masks[4, 5:20, 5:20] = True  # 225 px > twice 36
+    fg[4] = masks[4]
+    gt_blank = gt.copy()
+    gt_blank[5] = False  # the truth does not show the object: not counted
+    parts = coherence_parts({"foreground": fg}, masks, gt_blank)
+    assert set(parts) == {"coherence", *MISSES}
+    assert parts == pytest.approx({"coherence": 0.2, "lost": 0.2, "fragments": 0.2, "too_small": 0.2,
+                                   "too_large": 0.2})
+    assert coherence({"foreground": fg}, masks, gt_blank) == pytest.approx(0.2)
+
+
+def test_the_report_prints_why_frames_miss_coherence():
+    from physmaster.demo.evaluation import MISSES
+    from physmaster.demo.report import format_coherence
+
+    def row(coh, lost):
+        r = {"coherence": np.array([coh, coh, 1.0, 1.0])}
+        r.update({f"miss_{m}": np.zeros(4) for m in MISSES})
+        r["miss_lost"] = np.array([lost, lost, 0.0, 0.0])
+        return r
+
+    text = format_coherence({"base": row(0.5, 0.5), "Stage I": row(0.75, 0.25)}, n_seen=2)
+    assert ("  base: coherent 75.0%; lost 25.0%, fragments 0.0%, too small 0.0%, too large 0.0%; "
+            "seen 0.500 | unseen 1.000") in text
+    assert "  Stage I: coherent 87.5%; lost 12.5%" in text
+    assert format_coherence({"base": {"coherence": np.ones(2)}}, 1) == ""

@@ -7,7 +7,9 @@
 - **Coherence**: the fraction of generated frames in which the segmenter finds the object as *one* component
   (the largest connected component holds at least 90% of the foreground the segmenter keeps) whose area is
   within a factor 2 of the ground truth's. A video of fragments, smears or a vanished object scores low,
-  whatever its centroid does.
+  whatever its centroid does. Each other frame is counted by why it misses (`coherence_parts`: lost,
+  fragments, too small, too large), as `miss_*` per scene: a row's shortfall is then either the object's place
+  or its drawing.
 - **Where L2 comes from** (`physics.pisa_metrics(..., parts=True)`): a frame where the object is lost costs
   1/sqrt(2), more than any real centroid error, so a row's L2 is its lost frames' share (`l2_lost`) plus its
   located frames' errors. `l2_found` is the mean centroid error over the frames where the object is found
@@ -31,21 +33,43 @@ import numpy as np
 from ..physics import pisa_metrics, segment_object
 from .world import FPS
 
-METRICS = ("l2", "chamfer", "iou", "coherence", "l2_lost", "l2_found")
+MISSES = ("lost", "fragments", "too_small", "too_large")  # why a frame is not coherent, in the order checked
+METRICS = ("l2", "chamfer", "iou", "coherence", "l2_lost", "l2_found") + tuple(f"miss_{m}" for m in MISSES)
 
 
-def coherence(details: dict, masks: np.ndarray, gt_masks: np.ndarray) -> float:
-    """Fraction of frames whose object is one component with an area within 2x of the ground truth's."""
+def coherence_parts(details: dict, masks: np.ndarray, gt_masks: np.ndarray) -> dict:
+    """Coherence and why the other frames miss it, as fractions of the frames where the truth shows the object
+    (they sum to 1): "lost" (no object found), "fragments" (the largest component holds under 90% of the
+    foreground), "too_small" / "too_large" (one component, area under half / over twice the truth's). A row
+    whose misses are fragments and sizes draws the object in the right place but not whole: its error is the
+    drawing, not the physics."""
     fg = details["foreground"]
-    ok = []
+    counts = dict.fromkeys(("coherence",) + MISSES, 0)
     for t in range(len(masks)):
         gt_area = float(gt_masks[t].sum())
         if gt_area == 0:
             continue
         area = float(masks[t].sum())
         total = float(fg[t].sum())
-        ok.append(area > 0 and area >= 0.9 * total and 0.5 * gt_area <= area <= 2.0 * gt_area)
-    return float(np.mean(ok)) if ok else 1.0
+        if area == 0:
+            counts["lost"] += 1
+        elif area < 0.9 * total:
+            counts["fragments"] += 1
+        elif area < 0.5 * gt_area:
+            counts["too_small"] += 1
+        elif area > 2.0 * gt_area:
+            counts["too_large"] += 1
+        else:
+            counts["coherence"] += 1
+    n = sum(counts.values())
+    if n == 0:
+        return {"coherence": 1.0, **dict.fromkeys(MISSES, 0.0)}
+    return {k: v / n for k, v in counts.items()}
+
+
+def coherence(details: dict, masks: np.ndarray, gt_masks: np.ndarray) -> float:
+    """Fraction of frames whose object is one component with an area within 2x of the ground truth's."""
+    return coherence_parts(details, masks, gt_masks)["coherence"]
 
 
 def score_video(frames: np.ndarray, gt_masks: np.ndarray) -> dict:
@@ -54,7 +78,9 @@ def score_video(frames: np.ndarray, gt_masks: np.ndarray) -> dict:
     m = pisa_metrics(masks, gt_masks, pred_fps=FPS, gt_fps=FPS, parts=True)
     out = {k: float(m[k]) for k in ("l2", "chamfer", "iou", "l2_lost", "l2_found")}
     out["frame_l2"] = m["frame_l2"]
-    out["coherence"] = coherence(details, masks, gt_masks)
+    parts = coherence_parts(details, masks, gt_masks)
+    out["coherence"] = parts["coherence"]
+    out.update({f"miss_{m}": parts[m] for m in MISSES})
     return out
 
 

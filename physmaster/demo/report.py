@@ -96,6 +96,21 @@ def format_sources(results: dict, n_seen: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def format_coherence(results: dict, n_seen: int) -> str:
+    """Why each row's frames are not coherent (`evaluation.coherence_parts`), as shares of all frames, and its
+    coherence per split."""
+    from .evaluation import MISSES
+
+    if not all(f"miss_{m}" in r for r in results.values() for m in MISSES):
+        return ""
+    lines = ["why frames are not coherent (share of all held-out frames; then coherence of the seen | unseen drops):"]
+    for name, r in results.items():
+        misses = ", ".join(f"{m.replace('_', ' ')} {r[f'miss_{m}'].mean():.1%}" for m in MISSES)
+        seen, unseen, _ = split_means(r["coherence"], n_seen)
+        lines.append(f"  {name}: coherent {r['coherence'].mean():.1%}; {misses}; seen {seen:.3f} | unseen {unseen:.3f}")
+    return "\n".join(lines)
+
+
 def format_influence(influence: dict) -> str:
     if not influence:
         return ""
@@ -116,10 +131,11 @@ def format_influence(influence: dict) -> str:
 
 
 def format_run(run: dict, n_seen: int) -> str:
-    """One `cli.run_once` result as the demo prints it: the table, where avg L2 comes from, token influence and
-    material read, judge agreement."""
+    """One `cli.run_once` result as the demo prints it: the table, where avg L2 comes from, why frames are not
+    coherent, token influence and material read, judge agreement."""
     return "\n".join([format_table(run["results"], n_seen), format_sources(run["results"], n_seen),
-                      format_influence(run["influence"]), format_judge(run["results"], run["judge_agreement"])])
+                      format_coherence(run["results"], n_seen), format_influence(run["influence"]),
+                      format_judge(run["results"], run["judge_agreement"])])
 
 
 def format_judge(results: dict, agreement: dict) -> str:
