@@ -8,10 +8,12 @@
 2. Stage III variants (head learning rate, beta, steps, pairs per image, min margin, motion-weighted Flow-DPO),
    each from the same Stage II and the same candidates, against Stage II: held-out avg L2 and its paired
    bootstrap 95% interval, as the demo prints them.
-3. With `--head-sft STEPS,...`: the head's lever with the most a label can say. From the same Stage II, the head
-   alone trained by flow matching on the ground-truth drops (Stage I's 512 videos; DiT frozen), as far as each
-   STEPS, at the demo's Stage III learning rate and a quarter of it. Not a stage of the method: the ceiling of
-   what any labelling of the head can reach. If the truth itself does not move Stage II, no preference will.
+3. With `--head-sft STEPS,...`: the head taught by the truth itself instead of by preferences. From the same
+   Stage II, the head alone trained by flow matching on the ground-truth drops (Stage I's 512 videos; DiT
+   frozen) for each STEPS, at the demo's Stage III learning rate and a quarter of it. Not a stage of the method:
+   a probe of how much lever the head has left on this DiT. Flow matching is not PISA's L2, so it bounds nothing
+   exactly; but when the videos themselves, given to the head, make Stage II worse, preferences between
+   Stage II's own candidates have little to work with.
 
     python bench/demo_stage3.py [--cache DIR] [--scenes 30] [--eval-seed 0] [--variants default,lr5e-4,...]
     python bench/demo_stage3.py --image-dropout 0.3 --variants default   # can Stage I be made to use tokens?
@@ -223,8 +225,8 @@ def main() -> int:
         print(f"  {name:28s} {len(pairs):4d} pairs  L2 {l2_two.mean() + d.mean():.4f}  {d.mean():+.4f} "
               f"({d.mean() / l2_two.mean():+.1%}) [{lo:+.4f}, {hi:+.4f}]", flush=True)
     if head_sft_steps:
-        print("\nthe head alone trained on the ground-truth drops from this Stage II (DiT frozen; the ceiling of any "
-              "labelling of the head):")
+        print("\nthe head alone trained by flow matching on the ground-truth drops from this Stage II (DiT frozen; "
+              "against Stage II):")
         for steps in head_sft_steps:
             for lr in (st.lr_head, st.lr_head / 4):
                 head = head_sft(vm, stage_two_encoder, backbone, st, steps, lr)
