@@ -17,7 +17,7 @@
 
     python bench/demo_stage3.py [--cache DIR] [--scenes 30] [--eval-seed 0] [--variants default,lr5e-4,...]
     python bench/demo_stage3.py --image-dropout 0.3 --variants default   # can Stage I be made to use tokens?
-    python bench/demo_stage3.py --cache DIR --variants default --head-sft 300   # the head's ceiling
+    python bench/demo_stage3.py --cache DIR --variants default --head-sft 300   # the head taught by the truth
 
 `--image-dropout P` trains Stage I with the first-frame image condition zeroed for a fraction P of the samples
 (tokens kept), so the tokens are all those samples have to place the object, and prints the held-out avg L2
