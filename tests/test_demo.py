@@ -470,7 +470,7 @@ def test_settings_overrides_parse_and_name_the_bad_item():
         Settings().with_overrides(["lora_rank=1.5"])
 
 
-def test_head_sft_ceiling_trains_the_head_alone():
+def test_head_sft_probe_trains_the_head_alone():
     """bench/demo_stage3.py's `--head-sft`: from a frozen DiT (after `freeze_dit`), flow matching on the
     ground-truth drops moves a copy of the head and nothing else: the DiT's weights and the given head stay as
     they were."""

@@ -8,8 +8,8 @@
   (the largest connected component holds at least 90% of the foreground the segmenter keeps) whose area is
   within a factor 2 of the ground truth's. A video of fragments, smears or a vanished object scores low,
   whatever its centroid does. Each other frame is counted by why it misses (`coherence_parts`: lost,
-  fragments, too small, too large), as `miss_*` per scene: a row's shortfall is then either the object's place
-  or its drawing.
+  fragments, too small, too large), as `miss_*` per scene: whether a row falls short by losing the object or
+  by drawing it badly.
 - **Where L2 comes from** (`physics.pisa_metrics(..., parts=True)`): a frame where the object is lost costs
   1/sqrt(2), more than any real centroid error, so a row's L2 is its lost frames' share (`l2_lost`) plus its
   located frames' errors. `l2_found` is the mean centroid error over the frames where the object is found
@@ -80,7 +80,7 @@ def score_video(frames: np.ndarray, gt_masks: np.ndarray) -> dict:
     out["frame_l2"] = m["frame_l2"]
     parts = coherence_parts(details, masks, gt_masks)
     out["coherence"] = parts["coherence"]
-    out.update({f"miss_{m}": parts[m] for m in MISSES})
+    out.update({f"miss_{miss}": parts[miss] for miss in MISSES})
     return out
 
 
