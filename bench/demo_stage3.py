@@ -98,14 +98,12 @@ def stage_one_cached(vm, backbone, st, cache: Path | None, image_dropout: float 
     return encoder
 
 
-def head_sft(vm, encoder, backbone, st, steps: int, lr: float):
-    """A copy of `encoder` whose head alone is trained by flow matching on Stage I's ground-truth drops, with the
-    DiT frozen as it is (its LoRA folded and off: `freeze_dit`), so only the head can move."""
-    from physmaster.demo.pipeline import SFT_SEED, video_set
-    from physmaster.demo.world import drop_scene
+def head_sft(vm, encoder, data, st, steps: int, lr: float):
+    """A copy of `encoder` whose head alone is trained by flow matching on `data` (Stage I's ground-truth drops,
+    `pipeline.sft_videos`), with the DiT frozen as it is (its LoRA folded and off: `freeze_dit`), so only the head
+    can move."""
     from physmaster.training import StageTrainer, TrainConfig
 
-    data = video_set(vm, [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)], backbone)
     head = encoder.clone()
     cfg = TrainConfig(steps=int(steps), lr=float(lr), batch_size=st.batch, seed=7, warmup_steps=min(20, int(steps)))
     StageTrainer("sft", vm.den, head, data, cfg).run(None)
@@ -151,7 +149,8 @@ def main() -> int:
     from physmaster.demo.assets import load_assets
     from physmaster.demo.cli import EVAL_SEED, held_out
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import Settings, freeze_dit, gt_pairs, sample_candidates, stage_three, stage_two
+    from physmaster.demo.pipeline import (Settings, freeze_dit, gt_pairs, sample_candidates, sft_videos, stage_three,
+                                          stage_two)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None, help="folder for the Stage I weights (saved once, then read)")
@@ -227,9 +226,10 @@ def main() -> int:
     if head_sft_steps:
         print("\nthe head alone trained by flow matching on the ground-truth drops from this Stage II (DiT frozen; "
               "against Stage II):")
+        truth = sft_videos(vm, backbone, st)  # encoded once for every probe
         for steps in head_sft_steps:
             for lr in (st.lr_head, st.lr_head / 4):
-                head = head_sft(vm, stage_two_encoder, backbone, st, steps, lr)
+                head = head_sft(vm, stage_two_encoder, truth, st, steps, lr)
                 d = l2_of(head.head) - l2_two
                 lo, hi = bootstrap_ci(d)
                 print(f"  {steps:5d} steps, lr {lr:.0e}       L2 {l2_two.mean() + d.mean():.4f}  {d.mean():+.4f} "

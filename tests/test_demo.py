@@ -15,6 +15,17 @@ from physmaster.demo.evaluation import coherence, material_blind_l2, material_co
 from physmaster.demo.world import FRAMES, MATERIALS, SIZE, drop_scene, material_renderings, material_restitution
 
 
+def bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_demo_fast(tmp_path, capsys):
     rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "1", "--judge-labels", "--online", "1"])
     assert rc == 0
@@ -351,15 +362,9 @@ def test_prompt_override_and_pretraining_on_from_a_model(tmp_path):
 def test_wrong_physics_drop_base_world():
     """bench/demo_drop_base.py's base world: drops of both splits from rest, at half the nominal gravity and one
     restitution for every material, deterministic by seed, and slower than the demo's true drop of the same seed."""
-    import importlib.util
-    from pathlib import Path
-
     from physmaster.demo.world import NOMINAL_GRAVITY
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "demo_drop_base.py"
-    spec = importlib.util.spec_from_file_location("demo_drop_base", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("demo_drop_base")
     scenes = [mod.base_scene(1_000_000 + i) for i in range(24)]
     assert {s.meta["split"] for s in scenes} == {"seen", "unseen"}
     assert {s.meta["texture"] for s in scenes} == set(MATERIALS)
@@ -474,22 +479,16 @@ def test_head_sft_probe_trains_the_head_alone():
     """bench/demo_stage3.py's `--head-sft`: from a frozen DiT (after `freeze_dit`), flow matching on the
     ground-truth drops moves a copy of the head and nothing else: the DiT's weights and the given head stay as
     they were."""
-    import importlib.util
-    from pathlib import Path
+    from physmaster.demo.pipeline import Settings, freeze_dit, sft_videos, stage_one
 
-    from physmaster.demo.pipeline import Settings, freeze_dit, stage_one
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "demo_stage3.py"
-    spec = importlib.util.spec_from_file_location("demo_stage3", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("demo_stage3")
     st = Settings.fast()
     vm, bb, _ = load_assets()
     encoder = stage_one(vm, bb, st, 0, lambda m: None)
     freeze_dit(vm, 0)
     dit = {k: v.clone() for k, v in vm.den.model.state_dict().items()}
     head = {k: v.clone() for k, v in encoder.head.state_dict().items()}
-    trained = mod.head_sft(vm, encoder, bb, st, steps=3, lr=1e-2)
+    trained = mod.head_sft(vm, encoder, sft_videos(vm, bb, st), st, steps=3, lr=1e-2)
     assert trained is not encoder
     assert all(torch.equal(head[k], v) for k, v in encoder.head.state_dict().items())
     assert any(not torch.equal(head[k], v) for k, v in trained.head.state_dict().items())

@@ -110,6 +110,12 @@ def progress(name: str, log, t0: float):
     return cb
 
 
+def sft_videos(vm, backbone, st: Settings):
+    """Stage I's training set: the first `st.sft_scenes` seen drops, encoded, with their start images'
+    conditioning (the benches that train on the same ground truth call this too)."""
+    return video_set(vm, [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)], backbone)
+
+
 def stage_one(vm, backbone, st: Settings, seed: int, log):
     """Stage I: flow matching on drops, training a fresh head and a DiT LoRA. Returns the encoder."""
     from ..training import StageTrainer, TrainConfig
@@ -118,7 +124,7 @@ def stage_one(vm, backbone, st: Settings, seed: int, log):
 
     encoder = new_head(st, seed)
     vm.den.add_lora(st.lora_rank, targets=LORA_TARGETS, seed=seed)
-    data = video_set(vm, [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)], backbone)
+    data = sft_videos(vm, backbone, st)
     cfg = TrainConfig(steps=st.sft_steps, lr=st.lr_sft, batch_size=st.batch, seed=seed,
                       warmup_steps=min(30, st.sft_steps), token_dropout=st.token_dropout,
                       motion_weight=st.motion_weight)
