@@ -1,4 +1,4 @@
-"""The demo on a base DiT that also learned from captions (tried, not shipped: README, "A base pretrained on
+"""The demo on a base DiT that also learned from captions (tried, not shipped: bench/FINDINGS.md, "A base pretrained on
 captions").
 
 A real I2V model is pretrained with text that describes the motion, so its cross-attention, the path the physical

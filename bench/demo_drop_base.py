@@ -1,5 +1,5 @@
 """The demo on a base DiT pretrained on *wrong-physics drops* instead of generic motion (tried, not shipped:
-README, "A base that keeps the object").
+bench/FINDINGS.md, "A base that keeps the object").
 
 The shipped base learned generic motion: random directions, random (even upward) gravity, any restitution. From
 one start image that motion cannot be told, so the tiny DiT samples the mean of many futures, a blob that smears

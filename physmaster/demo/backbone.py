@@ -15,7 +15,7 @@ detector has to be learned for each position, and the backbone without this bran
 54% / 51% of seen / unseen start images (chance 33%), less than the video model's own first-frame latent keeps
 (74% / 50%; `bench/probe_latent_material.py`, 600 + 600 start images), so the physical tokens had nothing to
 add and Stage I learned to ignore them. Pooled, it reads it in 91% / 82%, places the object better too, and the
-tokens carry the bounce (README, "the demo").
+tokens carry the bounce (README, "The two commands").
 """
 
 from __future__ import annotations

@@ -48,13 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes", type=int, default=None, help="held-out scenes per split (default 30)")
     parser.add_argument("--guidance", type=_guidance, default=1.0,
                         help="sample guided by the pretrained base model with this weight (autoguidance; 1 = off, "
-                        "the default; 2 halves Stage I's avg L2 but leaves Stage II no significant gain: README)")
+                        "the default; 2 halves Stage I's avg L2 but leaves Stage II no significant gain: "
+                        "bench/FINDINGS.md)")
     parser.add_argument("--judge-labels", action="store_true",
                         help="add the row 'Stage III (judge labels)': Stage III with every pair labelled by the "
                         "physics judge alone, no ground truth (about 100 s more)")
     parser.add_argument("--motion-weight", type=float, default=0.0, metavar="W",
                         help="Stage I's flow-matching loss up-weighted W-fold where the latent moves (0 = uniform, "
-                        "the default; README: W 10 gives a much better Stage I, and the DPO stages then gain little)")
+                        "the default; bench/FINDINGS.md: W 10 gives a much better Stage I, and the DPO stages "
+                        "then gain little)")
     parser.add_argument("--online", type=_non_negative, default=0, metavar="K",
                         help="after Stage II, K online rounds: fresh candidates from the current model, labelled by "
                         "the physics judge alone, Flow-DPO on the head with the current head as reference (a row "

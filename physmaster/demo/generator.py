@@ -47,7 +47,7 @@ class VideoModel:
     the stages' own. On 20 held-out scenes with the Stage I model, w = 2 took avg L2 from 0.099 to 0.050 and
     coherence from 0.68 to 0.77 (w = 1.5: 0.067 / 0.79; w = 3: 0.043 / 0.71; 8 or 12 Euler steps alike). It is
     off by default (`python -m physmaster demo --guidance 2` turns it on): guided, the DPO stages lose their
-    significant gains (README, "the demo").
+    significant gains (`bench/FINDINGS.md`, "`--guidance W`").
     """
 
     ae: FrameAutoencoder
