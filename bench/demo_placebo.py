@@ -9,13 +9,18 @@ moves which frames lose the object, and each such frame costs 0.707 of avg L2. T
    labels against Stage III on placebo labels**: the same Stage II candidates and pairs, each pair's winner and
    loser swapped at random (`pipeline.flipped_pairs`, `--flips` draws), the same Flow-DPO on the head. Both
    against Stage II.
+3. With `--pair-margins D`: each Stage III head's Flow-DPO implicit reward margin against the Stage II head
+   (`training.validation.preference_margins`, D draws of t and noise), on its training pairs (true labels) and on
+   **held-out pairs**: the Stage II model's candidates on 96 other start images, labelled by the ground truth as
+   the training pairs are. Accuracy above 50% there means the head learned a preference that holds on start
+   images it never trained on; 50% means it memorised its pairs.
 
 Every figure is held-out avg L2 against the row it builds on, with the paired bootstrap 95% interval, on each
 eval seed, with `--eval-videos` videos per held-out drop (the demo uses 2); `*` marks an interval below 0, `+`
 one above 0. A stage whose gain is real beats its placebos; one whose gain is what any perturbation gives does not.
 
     python bench/demo_placebo.py [--base drop --cache DIR] [--seeds 0,1,2] [--eval-seeds 0,1,2] [--eval-videos 8]
-                                 [--heads 5] [--flips 2] [--set beta=500 ...]
+                                 [--heads 5] [--flips 2] [--pair-margins 16] [--set beta=500 ...]
 
 `--base drop` uses `bench/demo_drop_base.py`'s wrong-physics drop base (11 minutes to pretrain, once with
 `--cache`); `shipped` the demo's base. On 2 cores: about 3 minutes for the fresh heads and 10 per training seed.
@@ -32,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+PAIR_CHECK_SEED = 700_000  # held-out pairs' start images (the DPO stages' are 500_000 on, online rounds' 601_000 on)
+
 
 def main() -> int:
     import numpy as np
@@ -42,6 +49,7 @@ def main() -> int:
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
     from physmaster.demo.pipeline import (flipped_pairs, freeze_dit, gt_pairs, new_head, sample_candidates, stage_one,
                                           stage_three, stage_two)
+    from physmaster.training.validation import margin_summary, preference_margins
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_base(ap)
@@ -50,12 +58,15 @@ def main() -> int:
     ap.add_argument("--eval-videos", type=int, default=8, help="videos per held-out drop (the demo: 2)")
     ap.add_argument("--heads", type=int, default=5, help="fresh (untrained) heads compared with the base")
     ap.add_argument("--flips", type=int, default=2, help="placebo label draws per training seed")
+    ap.add_argument("--pair-margins", type=int, default=0, metavar="D",
+                    help="also each Stage III head's Flow-DPO margin on its training pairs and on held-out pairs, "
+                    "over D draws of t and noise (0 = off)")
     add_set(ap)
     ap.add_argument("--json", type=Path, default=None, help="also write every comparison to this file")
     args = ap.parse_args()
     st = settings(args)
-    if args.eval_videos < 1 or args.heads < 0 or args.flips < 0:
-        raise SystemExit("--eval-videos must be >= 1, --heads and --flips >= 0")
+    if args.eval_videos < 1 or args.heads < 0 or args.flips < 0 or args.pair_margins < 0:
+        raise SystemExit("--eval-videos must be >= 1, --heads, --flips and --pair-margins >= 0")
     t_start = time.perf_counter()
     vm0, backbone = load_world(args)
     k = args.eval_videos
@@ -67,7 +78,7 @@ def main() -> int:
             out[es] = score_scenes(vm.decode(vm.sample(head, rep, noises, st.sample_steps)), scenes, k)["l2"]
         return out
 
-    records = []
+    records, margins = [], []
 
     def compare(kind, new, ref, **what):
         for es in held:
@@ -98,12 +109,23 @@ def main() -> int:
         compare("Stage II - Stage I", r2, r1, seed=seed)
         freeze_dit(vm, seed)
         pairs_2 = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II"), st, quiet, "")
+        if args.pair_margins:
+            held_pairs = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "held-out pairs",
+                                                    scene_base=PAIR_CHECK_SEED), st, quiet, "")
         for f in range(args.flips + 1):
             pairs = pairs_2 if f == 0 else flipped_pairs(pairs_2, [seed, f])
             head = encoder.clone()
             stage_three(vm, head, pairs, st, seed, quiet)
-            compare("Stage III - Stage II", evaluate(vm, head.head), r2, seed=seed,
-                    labels="true" if f == 0 else f"placebo {f}")
+            labels = "true" if f == 0 else f"placebo {f}"
+            compare("Stage III - Stage II", evaluate(vm, head.head), r2, seed=seed, labels=labels)
+            if args.pair_margins:
+                figs = {name: margin_summary(preference_margins(vm.den, ps, head.head, encoder.head, st.beta,
+                                                                args.pair_margins, seed=seed))
+                        for name, ps in (("training pairs", pairs_2), ("held-out pairs", held_pairs))}
+                margins.append({"seed": seed, "labels": labels, **figs})
+                print("  its Flow-DPO margin against Stage II, on true-labelled pairs: " + "; ".join(
+                    f"{name} ({g['pairs']}) {g['accuracy']:.0%} right, mean {g['margin']:+.3f} +- {g['se']:.3f}"
+                    for name, g in figs.items()), flush=True)
         print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
     print("summary (intervals below 0 | across 0 | above 0, mean relative change):")
     groups = {}
@@ -115,8 +137,15 @@ def main() -> int:
         above = sum(r["ci"][0] > 0 for r in rs)
         print(f"  {key:<40} {below} | {len(rs) - below - above} | {above}   "
               f"{np.mean([r['relative'] for r in rs]):+.1%}")
+    for kind in ("true", "placebo"):
+        ms = [m for m in margins if (m["labels"] == "true") == (kind == "true")]
+        if ms:
+            print(f"  Stage III heads on {kind} labels, Flow-DPO margin: " + "; ".join(
+                f"{name} {np.mean([m[name]['accuracy'] for m in ms]):.0%} right, mean "
+                f"{np.mean([m[name]['margin'] for m in ms]):+.3f}" for name in ("training pairs", "held-out pairs")))
     if args.json is not None:
-        write_json(args.json, {"settings": vars(st), "base": args.base, "eval_videos": k, "comparisons": records})
+        write_json(args.json, {"settings": vars(st), "base": args.base, "eval_videos": k, "comparisons": records,
+                               "pair_margins": margins})
     print(f"settings changed: {', '.join(args.set) or 'none'} ({time.perf_counter() - t_start:.0f}s)")
     return 0
 
