@@ -190,6 +190,18 @@ def sample_t(config: TrainConfig, n: int, generator: torch.Generator) -> torch.T
     return t.float()
 
 
+def noised_pairs(denoiser: Denoiser, xw, xl, cond: Conditioning, t, noise):
+    """Winners then losers noised with the same t and ε, on the denoiser's device: (x_t, t, velocity target, cond)
+    for the 2B videos of a Flow-DPO batch (the batched loss, `split_backward` and
+    `validation.preference_margins` draw them alike)."""
+    dev = denoiser.device
+    xw, xl, noise, t, cond = xw.to(dev), xl.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
+    x0 = torch.cat([xw, xl])
+    eps = torch.cat([noise, noise])
+    tt = torch.cat([t, t])
+    return denoiser.add_noise(x0, eps, tt), tt, denoiser.velocity_target(x0, eps, tt), cond.repeat(2)
+
+
 class StageTrainer:
     """Runs one stage. Build it, then `run(callback)`; `run` can be called again after raising `steps`."""
 
@@ -386,15 +398,7 @@ class StageTrainer:
         return saved_on_cpu() if self.config.activations_on_cpu else contextlib.nullcontext()
 
     def _noised_pairs(self, xw, xl, cond, t, noise):
-        """Winners then losers noised with the same t and ε, on the device: (x_t, t, velocity target, cond) for
-        the 2B videos of a Flow-DPO batch (the batched loss and `split_backward` draw them alike)."""
-        dev = self.denoiser.device
-        xw, xl, noise, t, cond = xw.to(dev), xl.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
-        x0 = torch.cat([xw, xl])
-        eps = torch.cat([noise, noise])
-        tt = torch.cat([t, t])
-        return (self.denoiser.add_noise(x0, eps, tt), tt, self.denoiser.velocity_target(x0, eps, tt),
-                cond.repeat(2))
+        return noised_pairs(self.denoiser, xw, xl, cond, t, noise)
 
     def split_backward(self, step: int) -> tuple[torch.Tensor, dict]:
         """`compute_loss(step)` and its backward with one video per pass (gradient accumulation): the same loss

@@ -19,7 +19,7 @@ import torch
 from ..losses import flow_dpo_from_errors, per_sample_sq_error
 from .data import PreferenceSet
 from .denoiser import Denoiser
-from .stages import TrainConfig, sample_t
+from .stages import TrainConfig, noised_pairs, sample_t
 
 
 @torch.no_grad()
@@ -33,23 +33,16 @@ def preference_margins(denoiser: Denoiser, pairs: PreferenceSet, head: torch.nn.
     if draws < 1 or batch < 1:
         raise ValueError(f"draws and batch must be >= 1, got {draws} and {batch}")
     cfg = config if config is not None else TrainConfig(steps=1, lr=1.0)
-    dev = denoiser.device
     n = len(pairs)
+    batches = [(s, pairs.batch(range(s, min(s + batch, n)))) for s in range(0, n, batch)]  # stacked once
     out = torch.zeros(n, dtype=torch.float64)
     gen = torch.Generator().manual_seed(int(seed))
-    shape = pairs.latent_shape
     for _ in range(draws):
         t_all = sample_t(cfg, n, gen)
-        noise_all = torch.randn((n, *shape), generator=gen)
-        for s in range(0, n, batch):
-            idx = list(range(s, min(s + batch, n)))
-            xw, xl, cond = pairs.batch(idx)
-            b = len(idx)
-            t = torch.cat([t_all[idx]] * 2).to(dev)
-            eps = torch.cat([noise_all[idx]] * 2).to(dev)
-            x0 = torch.cat([xw, xl]).to(dev)
-            cond2 = cond.repeat(2).map(lambda x: x.to(dev))
-            x_t, target = denoiser.add_noise(x0, eps, t), denoiser.velocity_target(x0, eps, t)
+        noise_all = torch.randn((n, *pairs.latent_shape), generator=gen)
+        for s, (xw, xl, cond) in batches:
+            b = xw.shape[0]
+            x_t, t, target, cond2 = noised_pairs(denoiser, xw, xl, cond, t_all[s:s + b], noise_all[s:s + b])
 
             def errors(h):
                 c = cond2.with_tokens(h(cond2.features), cfg.token_strength)
