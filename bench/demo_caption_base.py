@@ -77,18 +77,19 @@ def caption_phase(vm, cache: Path | None) -> None:
 def main() -> int:
     from physmaster.demo.assets import load_assets
     from physmaster.demo.cli import run_once
-    from physmaster.demo.pipeline import Settings
+    from demo_args import add_set, settings
     from physmaster.demo.report import format_run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None, help="folder for the caption base (saved once, then read)")
+    add_set(ap, "eval_scenes=30 eval_videos=2 (the held-out set of the runs in bench/FINDINGS.md)")
     args = ap.parse_args()
+    st = settings(args)
     t0 = time.perf_counter()
     vm, backbone, _ = load_assets()
     caption_phase(vm, args.cache)
-    st = Settings()
     r = run_once((vm, backbone), st, args.seed, args.eval_seed, lambda m: print(m, flush=True))
     print(format_run(r, st.eval_scenes))
     print(f"({time.perf_counter() - t0:.0f}s)")

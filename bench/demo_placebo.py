@@ -16,8 +16,10 @@ moves which frames lose the object, and each such frame costs 0.707 of avg L2. T
    images it never trained on; 50% means it memorised its pairs.
 
 Every figure is held-out avg L2 against the row it builds on, with the paired bootstrap 95% interval, on each
-eval seed, with `--eval-videos` videos per held-out drop (the demo uses 2); `*` marks an interval below 0, `+`
+eval seed, with `--eval-videos` videos per held-out drop (the demo uses 4); `*` marks an interval below 0, `+`
 one above 0. A stage whose gain is real beats its placebos; one whose gain is what any perturbation gives does not.
+The held-out drops per split are the demo's `eval_scenes` (100; the runs in bench/FINDINGS.md made before the
+demo's held-out set grew used 30 per split: `--set eval_scenes=30` repeats them).
 
     python bench/demo_placebo.py [--base drop --cache DIR] [--seeds 0,1,2] [--eval-seeds 0,1,2] [--eval-videos 8]
                                  [--heads 5] [--flips 2] [--pair-margins 16] [--set beta=500 ...]
@@ -55,7 +57,7 @@ def main() -> int:
     add_base(ap)
     ap.add_argument("--seeds", type=ints, default=[0, 1, 2], help="training seeds, e.g. 0,1,2")
     ap.add_argument("--eval-seeds", type=ints, default=[0, 1, 2], help="held-out sets, e.g. 0,1,2")
-    ap.add_argument("--eval-videos", type=int, default=8, help="videos per held-out drop (the demo: 2)")
+    ap.add_argument("--eval-videos", type=int, default=8, help="videos per held-out drop (the demo: 4)")
     ap.add_argument("--heads", type=int, default=5, help="fresh (untrained) heads compared with the base")
     ap.add_argument("--flips", type=int, default=2, help="placebo label draws per training seed")
     ap.add_argument("--pair-margins", type=int, default=0, metavar="D",

@@ -321,6 +321,18 @@ def test_guidance_flag_is_recorded_and_checked(tmp_path, capsys):
     assert "must be between 1 (off) and 10, got 0.5" in capsys.readouterr().err
 
 
+def test_eval_videos_and_scenes_set_the_held_out_set(tmp_path, capsys):
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--scenes", "3", "--eval-videos", "2"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["settings"]["eval_videos"] == 2 and res["settings"]["eval_scenes"] == 3
+    assert all(len(r["per_scene"]["l2"]) == 6 for r in res["runs"][0]["rows"].values())  # 3 seen + 3 unseen
+    assert "3 seen + 3 unseen held-out drops (eval seed 0), 2 videos each" in capsys.readouterr().out
+    from physmaster.demo.pipeline import Settings
+    assert (Settings().eval_scenes, Settings().eval_videos) == (100, 4)  # the README's runs
+    with pytest.raises(SystemExit, match="--eval-videos must be between 1 and 64, got 0"):
+        main(["demo", "--fast", "--out", str(tmp_path), "--eval-videos", "0"])
+
+
 def test_bad_motion_weight_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--motion-weight must be a number >= 0"):
         main(["demo", "--fast", "--out", str(tmp_path), "--motion-weight", "-1"])

@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draws the held-out scenes (and their noises) anew; 0 = the default set")
     parser.add_argument("--seeds", type=int, default=1, help="run K training seeds (seed, seed+1, ...) and print "
                         "each row as mean ± sd across them (K times as long)")
-    parser.add_argument("--scenes", type=int, default=None, help="held-out scenes per split (default 30)")
+    parser.add_argument("--scenes", type=int, default=None, help="held-out scenes per split (default 100)")
+    parser.add_argument("--eval-videos", type=int, default=None, metavar="K",
+                        help="videos per held-out scene and row, the same noises for every row (default 4)")
     parser.add_argument("--guidance", type=_guidance, default=1.0,
                         help="sample guided by the pretrained base model with this weight (autoguidance; 1 = off, "
                         "the default; 2 halves Stage I's avg L2 but leaves Stage II no significant gain: "
@@ -216,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
     st.motion_weight = float(args.motion_weight)
     if args.scenes is not None:
         st.eval_scenes = min(1000, max(1, int(args.scenes)))
+    if args.eval_videos is not None:
+        if not 1 <= args.eval_videos <= 64:
+            raise SystemExit(f"--eval-videos must be between 1 and 64, got {args.eval_videos}")
+        st.eval_videos = int(args.eval_videos)
     vm, backbone, info = load_assets(Path(args.assets) if args.assets else ASSET_FILE)
     log(f"proxy world: {info['ae']['steps']}-step autoencoder, {info['backbone']['steps']}-step geometry backbone, "
         f"base DiT pretrained {info['dit']['steps']} steps on generic motion")
