@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None, help="folder for the caption base (saved once, then read)")
-    add_set(ap, "eval_scenes=30 eval_videos=2 (the held-out set of the runs in bench/FINDINGS.md)")
+    add_set(ap, "eval_scenes=30 (and --set eval_videos=2: the held-out set of the runs in bench/FINDINGS.md)")
     args = ap.parse_args()
     st = settings(args)
     t0 = time.perf_counter()
