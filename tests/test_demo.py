@@ -331,6 +331,8 @@ def test_eval_videos_and_scenes_set_the_held_out_set(tmp_path, capsys):
     assert (Settings().eval_scenes, Settings().eval_videos) == (100, 4)  # the README's runs
     with pytest.raises(SystemExit, match="--eval-videos must be between 1 and 64, got 0"):
         main(["demo", "--fast", "--out", str(tmp_path), "--eval-videos", "0"])
+    with pytest.raises(SystemExit, match="--scenes must be between 1 and 1000, got 1001"):
+        main(["demo", "--fast", "--out", str(tmp_path), "--scenes", "1001"])
 
 
 def test_bad_motion_weight_is_refused(tmp_path):

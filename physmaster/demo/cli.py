@@ -217,7 +217,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--motion-weight must be a number >= 0, got {args.motion_weight}")
     st.motion_weight = float(args.motion_weight)
     if args.scenes is not None:
-        st.eval_scenes = min(1000, max(1, int(args.scenes)))
+        if not 1 <= args.scenes <= 1000:  # held_out_base gives each eval seed 1000 scene seeds
+            raise SystemExit(f"--scenes must be between 1 and 1000, got {args.scenes}")
+        st.eval_scenes = int(args.scenes)
     if args.eval_videos is not None:
         if not 1 <= args.eval_videos <= 64:
             raise SystemExit(f"--eval-videos must be between 1 and 64, got {args.eval_videos}")
