@@ -49,15 +49,16 @@ def main() -> int:
 
     from physmaster.demo.cli import held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import (flipped_pairs, freeze_dit, gt_pairs, new_head, sample_candidates, stage_one,
-                                          stage_three, stage_two)
+    from physmaster.demo.pipeline import (Settings, flipped_pairs, freeze_dit, gt_pairs, new_head, sample_candidates,
+                                          stage_one, stage_three, stage_two)
     from physmaster.training.validation import margin_summary, preference_margins
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_base(ap)
     ap.add_argument("--seeds", type=ints, default=[0, 1, 2], help="training seeds, e.g. 0,1,2")
     ap.add_argument("--eval-seeds", type=ints, default=[0, 1, 2], help="held-out sets, e.g. 0,1,2")
-    ap.add_argument("--eval-videos", type=int, default=8, help="videos per held-out drop (the demo: 4)")
+    ap.add_argument("--eval-videos", type=int, default=8,
+                    help=f"videos per held-out drop (the demo: {Settings.eval_videos})")
     ap.add_argument("--heads", type=int, default=5, help="fresh (untrained) heads compared with the base")
     ap.add_argument("--flips", type=int, default=2, help="placebo label draws per training seed")
     ap.add_argument("--pair-margins", type=int, default=0, metavar="D",

@@ -44,13 +44,14 @@ def main() -> int:
 
     from physmaster.demo.cli import held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, material_blind_l2, material_confusion, score_scenes
-    from physmaster.demo.pipeline import gt_pairs, sample_candidates, stage_one, stage_two
+    from physmaster.demo.pipeline import Settings, gt_pairs, sample_candidates, stage_one, stage_two
     from physmaster.demo.world import MATERIALS, material_renderings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--eval-seeds", type=ints, default=[0, 1], help="held-out sets, e.g. 0,1")
-    ap.add_argument("--eval-videos", type=int, default=4, help="videos per held-out drop (the demo: 4)")
+    ap.add_argument("--eval-videos", type=int, default=4,
+                    help=f"videos per held-out drop (the demo: {Settings.eval_videos})")
     ap.add_argument("--scales", type=floats, default=[0.0, 1.0, 1.5, 2.0, 3.0],
                     help="factors on the physical tokens when sampling")
     add_base(ap)

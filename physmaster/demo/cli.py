@@ -21,6 +21,7 @@ import torch
 
 HELP = "PhysMaster's Table 1 (Stage I SFT, Stage II/III Flow-DPO) on the drop proxy world, on CPU"
 EVAL_SEED = 900_000
+SCENES_PER_EVAL_SEED = 1_000  # held-out scene seeds each eval seed owns (`held_out_base`); --scenes' limit
 ONLINE_SEED = 600_000
 
 
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def held_out_base(eval_seed: int) -> int:
     """First scene seed of a held-out set: 900000 for the default set (eval seed 0, as before), else a range of
     1000 seeds per eval seed above 10 million, far from every training, candidate and asset seed."""
-    return EVAL_SEED if int(eval_seed) == 0 else 10_000_000 + 1_000 * int(eval_seed)
+    return EVAL_SEED if int(eval_seed) == 0 else 10_000_000 + SCENES_PER_EVAL_SEED * int(eval_seed)
 
 
 def held_out(n: int, eval_seed: int):
@@ -217,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--motion-weight must be a number >= 0, got {args.motion_weight}")
     st.motion_weight = float(args.motion_weight)
     if args.scenes is not None:
-        if not 1 <= args.scenes <= 1000:  # held_out_base gives each eval seed 1000 scene seeds
-            raise SystemExit(f"--scenes must be between 1 and 1000, got {args.scenes}")
+        if not 1 <= args.scenes <= SCENES_PER_EVAL_SEED:
+            raise SystemExit(f"--scenes must be between 1 and {SCENES_PER_EVAL_SEED}, got {args.scenes}")
         st.eval_scenes = int(args.scenes)
     if args.eval_videos is not None:
         if not 1 <= args.eval_videos <= 64:

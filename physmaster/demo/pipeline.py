@@ -43,8 +43,8 @@ class Settings:
     min_margin: float = 0.05
     dpo_steps: int = 200
     dpo_motion_weight: float = 0.0  # Flow-DPO stages: errors up-weighted where the pair moves (0 = uniform)
-    # 100 drops per split x 4 videos: a paired interval about 2.5x narrower than 30 x 2 gave, for ~1.5 minutes
-    # of sampling in all (bench/FINDINGS.md, "A held-out set large enough to see Stage III")
+    # 100 drops per split x 4 videos: a paired interval about 2.5x narrower than 30 x 2 gave, for about 3 more
+    # minutes of the default run's 8 (bench/FINDINGS.md, "A held-out set large enough to see Stage III")
     eval_scenes: int = 100  # per split
     eval_videos: int = 4  # per held-out scene and row (the same noises for every row)
     sample_steps: int = 12

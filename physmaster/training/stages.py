@@ -351,7 +351,7 @@ class StageTrainer:
         b = xw.shape[0]
         t = sample_t(cfg, big, gen)[part]
         noise = torch.randn((big, *xw.shape[1:]), generator=gen)[part]  # the same noise and t for winner and loser
-        x_t, tt, target, cond2 = self._noised_pairs(xw, xl, cond, t, noise)
+        x_t, tt, target, cond2 = noised_pairs(self.denoiser, xw, xl, cond, t, noise)
         # the reference first, without a graph: nothing of it is in memory while the policy's graph is
         v_ref = self._reference_velocity(x_t, tt, cond2)
         with self._keep_activations():
@@ -397,9 +397,6 @@ class StageTrainer:
         """Where autograd keeps what backward needs: CPU memory when `activations_on_cpu`."""
         return saved_on_cpu() if self.config.activations_on_cpu else contextlib.nullcontext()
 
-    def _noised_pairs(self, xw, xl, cond, t, noise):
-        return noised_pairs(self.denoiser, xw, xl, cond, t, noise)
-
     def split_backward(self, step: int) -> tuple[torch.Tensor, dict]:
         """`compute_loss(step)` and its backward with one video per pass (gradient accumulation): the same loss
         and gradient (up to float summation order), about half the activation memory of a batch of 2.
@@ -443,7 +440,7 @@ class StageTrainer:
         b = xw.shape[0]
         t = sample_t(cfg, b, gen)
         noise = torch.randn(xw.shape, generator=gen)
-        x_t, tt, target, cond2 = self._noised_pairs(xw, xl, cond, t, noise)
+        x_t, tt, target, cond2 = noised_pairs(self.denoiser, xw, xl, cond, t, noise)
         w = self._pair_motion(xw, xl)
 
         def err_of(v, i):
