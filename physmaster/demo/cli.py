@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after Stage II, K online rounds: fresh candidates from the current model, labelled by "
                         "the physics judge alone, Flow-DPO on the head with the current head as reference (a row "
                         "each)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one of the demo's settings (`pipeline.Settings`, e.g. lr_lora=3e-4 or "
+                        "dpo_steps=100; repeatable; applied after the other flags, recorded in results.json): how "
+                        "the runs in bench/FINDINGS.md that change a setting are repeated")
     parser.add_argument("--fast", action="store_true", help="a seconds-long smoke run; numbers mean nothing")
     parser.add_argument("--make-base", action="store_true",
                         help="remake the shipped weights (autoencoder, backbone, base DiT; slow)")
@@ -225,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         if not 1 <= args.eval_videos <= 64:
             raise SystemExit(f"--eval-videos must be between 1 and 64, got {args.eval_videos}")
         st.eval_videos = int(args.eval_videos)
+    st = _with_set(st, args.set)
     vm, backbone, info = load_assets(Path(args.assets) if args.assets else ASSET_FILE)
     log(f"proxy world: {info['ae']['steps']}-step autoencoder, {info['backbone']['steps']}-step geometry backbone, "
         f"base DiT pretrained {info['dit']['steps']} steps on generic motion")
@@ -273,6 +278,26 @@ def run(args: argparse.Namespace) -> int:
     log(f"\nwrote {gif} (ground truth | base | Stage I | Stage III), {out / 'table.txt'}, {out / 'results.json'} "
         f"in {wall:.0f}s")
     return 0
+
+
+def _with_set(st, items):
+    """`st` with the `--set NAME=VALUE` items applied, checked as the flags that set the same fields are: a bad
+    item is an error that names it and the fix, before anything is trained."""
+    try:
+        st = st.with_overrides(items)
+    except ValueError as e:
+        raise SystemExit(f"--set {e}") from None
+    if not 1 <= st.eval_scenes <= SCENES_PER_EVAL_SEED:
+        raise SystemExit(f"--set: eval_scenes must be between 1 and {SCENES_PER_EVAL_SEED}, got {st.eval_scenes}")
+    if not 1 <= st.eval_videos <= 64:
+        raise SystemExit(f"--set: eval_videos must be between 1 and 64, got {st.eval_videos}")
+    if not 1.0 <= st.guidance <= 10.0:
+        raise SystemExit(f"--set: guidance must be between 1 (off) and 10, got {st.guidance}")
+    negative = [f"{k}={v}" for k, v in vars(st).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and not (v >= 0 and np.isfinite(v))]
+    if negative:
+        raise SystemExit(f"--set: settings must be finite numbers >= 0, got {', '.join(negative)}")
+    return st
 
 
 def _finite_or_none(values: np.ndarray) -> list:
