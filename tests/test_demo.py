@@ -342,7 +342,7 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
     assert (settings["lr_lora"], settings["dpo_steps"], settings["sft_steps"]) == (3e-4, 3, 2)  # 2: --fast's
     for item, message in (("nope=1", "--set 'nope=1': use NAME=VALUE with NAME one of"),
-                          ("dpo_steps=2.5", "--set 'dpo_steps=2.5': '2.5' is not a int"),
+                          ("dpo_steps=2.5", "--set 'dpo_steps=2.5': '2.5' is not an integer"),
                           ("eval_scenes=1001", "--set: eval_scenes must be between 1 and 1000, got 1001"),
                           ("guidance=0.5", r"--set: guidance must be between 1 \(off\) and 10, got 0.5"),
                           ("lr_head=-1", "--set: settings must be finite numbers >= 0, got lr_head=-1.0"),
@@ -350,6 +350,9 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
         with pytest.raises(SystemExit, match=message):
             main(["demo", "--fast", "--out", str(tmp_path / "bad"), "--set", item])
     assert not (tmp_path / "bad" / "results.json").exists()
+    with pytest.raises(SystemExit, match="--set changes the demo's run; --make-base does not read it"):
+        main(["demo", "--make-base", "--fast", "--assets", str(tmp_path / "w.safetensors"), "--set", "beta=1"])
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_bad_motion_weight_is_refused(tmp_path):
@@ -502,7 +505,7 @@ def test_settings_overrides_parse_and_name_the_bad_item():
         Settings().with_overrides(["bta=5"])
     with pytest.raises(ValueError, match=r"'beta='"):
         Settings().with_overrides(["beta="])
-    with pytest.raises(ValueError, match=r"'lora_rank=1.5': '1.5' is not a int"):
+    with pytest.raises(ValueError, match=r"'lora_rank=1.5': '1.5' is not an integer"):
         Settings().with_overrides(["lora_rank=1.5"])
 
 

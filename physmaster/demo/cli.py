@@ -212,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
     if args.make_base:
         from .assets import make_assets
 
+        if args.set:
+            raise SystemExit("--set changes the demo's run; --make-base does not read it (leave --set out)")
+
         make_assets(Path(args.assets) if args.assets else ASSET_FILE, seed=args.seed, fast=args.fast, log=log)
         return 0
     st = Settings.fast() if args.fast else Settings()

@@ -74,7 +74,8 @@ class Settings:
             try:
                 parsed = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
             except ValueError:
-                raise ValueError(f"{item!r}: {value!r} is not a {kind.__name__}") from None
+                word = {"int": "an integer", "float": "a number"}.get(kind.__name__, f"a {kind.__name__}")
+                raise ValueError(f"{item!r}: {value!r} is not {word}") from None
             st = dataclasses.replace(st, **{name: parsed})
         return st
 
