@@ -41,13 +41,11 @@ def add_base(ap: argparse.ArgumentParser, choose: bool = True) -> None:
 
 
 def settings(args: argparse.Namespace):
-    """The demo's Settings with `--set` applied; a bad item exits with the parser's message."""
+    """The demo's Settings with `--set` applied and checked as the demo checks it (`cli.checked_settings`)."""
+    from physmaster.demo.cli import checked_settings
     from physmaster.demo.pipeline import Settings
 
-    try:
-        return Settings().with_overrides(args.set)
-    except ValueError as e:
-        raise SystemExit(f"--set {e}") from None
+    return checked_settings(Settings(), args.set)
 
 
 def load_world(args: argparse.Namespace, drop: bool | None = None):

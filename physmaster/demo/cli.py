@@ -23,6 +23,9 @@ HELP = "PhysMaster's Table 1 (Stage I SFT, Stage II/III Flow-DPO) on the drop pr
 EVAL_SEED = 900_000
 SCENES_PER_EVAL_SEED = 1_000  # held-out scene seeds each eval seed owns (`held_out_base`); --scenes' limit
 ONLINE_SEED = 600_000
+# the settings with a range, and how their errors say it (the flags and `--set` check them through `_out_of_range`)
+LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED}"),
+          "eval_videos": (1, 64, "1 and 64"), "guidance": (1.0, 10.0, "1 (off) and 10")}
 
 
 def _non_negative(text: str) -> int:
@@ -32,10 +35,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _out_of_range(field: str, value) -> str | None:
+    """What is wrong with `value` for the setting `field` of `LIMITS`, or None."""
+    lo, hi, text = LIMITS[field]
+    return None if lo <= value <= hi else f"must be between {text}, got {value}"
+
+
 def _guidance(text: str) -> float:
     value = float(text)
-    if not 1.0 <= value <= 10.0:
-        raise argparse.ArgumentTypeError(f"must be between 1 (off) and 10, got {value}")
+    if problem := _out_of_range("guidance", value):
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -224,15 +233,13 @@ def run(args: argparse.Namespace) -> int:
     if not (args.motion_weight >= 0 and np.isfinite(args.motion_weight)):
         raise SystemExit(f"--motion-weight must be a number >= 0, got {args.motion_weight}")
     st.motion_weight = float(args.motion_weight)
-    if args.scenes is not None:
-        if not 1 <= args.scenes <= SCENES_PER_EVAL_SEED:
-            raise SystemExit(f"--scenes must be between 1 and {SCENES_PER_EVAL_SEED}, got {args.scenes}")
-        st.eval_scenes = int(args.scenes)
-    if args.eval_videos is not None:
-        if not 1 <= args.eval_videos <= 64:
-            raise SystemExit(f"--eval-videos must be between 1 and 64, got {args.eval_videos}")
-        st.eval_videos = int(args.eval_videos)
-    st = _with_set(st, args.set)
+    for flag, field, value in (("--scenes", "eval_scenes", args.scenes), ("--eval-videos", "eval_videos",
+                                                                          args.eval_videos)):
+        if value is not None:
+            if problem := _out_of_range(field, value):
+                raise SystemExit(f"{flag} {problem}")
+            setattr(st, field, int(value))
+    st = checked_settings(st, args.set)
     vm, backbone, info = load_assets(Path(args.assets) if args.assets else ASSET_FILE)
     log(f"proxy world: {info['ae']['steps']}-step autoencoder, {info['backbone']['steps']}-step geometry backbone, "
         f"base DiT pretrained {info['dit']['steps']} steps on generic motion")
@@ -283,19 +290,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_set(st, items):
-    """`st` with the `--set NAME=VALUE` items applied, checked as the flags that set the same fields are: a bad
-    item is an error that names it and the fix, before anything is trained."""
+def checked_settings(st, items):
+    """`st` (`pipeline.Settings`) with `--set NAME=VALUE` items applied (the demo's and the benches'), checked as the
+    flags that set the same fields are: a bad item is an error that names it, before anything is trained."""
     try:
         st = st.with_overrides(items)
     except ValueError as e:
         raise SystemExit(f"--set {e}") from None
-    if not 1 <= st.eval_scenes <= SCENES_PER_EVAL_SEED:
-        raise SystemExit(f"--set: eval_scenes must be between 1 and {SCENES_PER_EVAL_SEED}, got {st.eval_scenes}")
-    if not 1 <= st.eval_videos <= 64:
-        raise SystemExit(f"--set: eval_videos must be between 1 and 64, got {st.eval_videos}")
-    if not 1.0 <= st.guidance <= 10.0:
-        raise SystemExit(f"--set: guidance must be between 1 (off) and 10, got {st.guidance}")
+    for field in LIMITS:
+        if problem := _out_of_range(field, getattr(st, field)):
+            raise SystemExit(f"--set: {field} {problem}")
     negative = [f"{k}={v}" for k, v in vars(st).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and not (v >= 0 and np.isfinite(v))]
     if negative:
