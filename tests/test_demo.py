@@ -1,6 +1,7 @@
 """The demo package: its world, parts, figures and the `--fast` end-to-end run."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -349,10 +350,31 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("beta=nan", "--set: settings must be finite numbers >= 0, got beta=nan")):
         with pytest.raises(SystemExit, match=message):
             main(["demo", "--fast", "--out", str(tmp_path / "bad"), "--set", item])
-    assert not (tmp_path / "bad" / "results.json").exists()
+    assert not (tmp_path / "bad").exists()  # a refused run makes no folder
     with pytest.raises(SystemExit, match="--set changes the demo's run; --make-base does not read it"):
         main(["demo", "--make-base", "--fast", "--assets", str(tmp_path / "w.safetensors"), "--set", "beta=1"])
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_out_is_checked_before_training_and_made_only_at_the_end(tmp_path, monkeypatch):
+    """`--out` that is a file, or that lies under a file, is refused before the assets load; a run that fails
+    midway leaves no folder and no half-written table behind."""
+    import physmaster.demo.cli as demo_cli
+
+    (tmp_path / "f").write_text("mine")
+    for out, message in ((tmp_path / "f", "is a file, not a folder"),
+                         (tmp_path / "f" / "run", f"{tmp_path / 'f'} is a file, so the folder cannot be made there")):
+        with pytest.raises(SystemExit, match=re.escape(f"--out {out}: {message}")):
+            main(["demo", "--fast", "--out", str(out)])
+    assert (tmp_path / "f").read_text() == "mine"
+
+    def broken(*a, **k):
+        raise RuntimeError("stopped midway")
+
+    monkeypatch.setattr(demo_cli, "run_once", broken)
+    with pytest.raises(RuntimeError, match="stopped midway"):
+        main(["demo", "--fast", "--out", str(tmp_path / "new" / "run")])
+    assert not (tmp_path / "new").exists()
 
 
 def test_bad_motion_weight_is_refused(tmp_path):

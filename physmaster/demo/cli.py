@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -208,11 +209,10 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .assets import ASSET_FILE, load_assets
     from .pipeline import Settings
-    from .report import format_run, seeds_table, write_gif, write_results
+    from .report import format_run, seeds_table, write_gif, write_results, write_table
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     def log(msg):
@@ -240,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"{flag} {problem}")
             setattr(st, field, int(value))
     st = checked_settings(st, args.set)
+    if problem := _unwritable(out):
+        raise SystemExit(f"--out {out}: {problem}")
     vm, backbone, info = load_assets(Path(args.assets) if args.assets else ASSET_FILE)
     log(f"proxy world: {info['ae']['steps']}-step autoencoder, {info['backbone']['steps']}-step geometry backbone, "
         f"base DiT pretrained {info['dit']['steps']} steps on generic motion")
@@ -261,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         multi = seeds_table([r["results"] for r in runs], n)
         log(f"\nacross {len(runs)} training seeds (average of seen and unseen), mean ± sd:\n{multi}")
         text += f"\nacross {len(runs)} training seeds, mean ± sd:\n{multi}\n"
-    (out / "table.txt").write_text(text, encoding="utf-8")
+    write_table(out / "table.txt", text)
     gif = write_gif(out / "comparison.gif", [s.frames for s in last["scenes"]],
                     {k: last["videos"][k] for k in ("base", "Stage I", "Stage III")}, st.gif_scenes)
     summary = {"settings": dict(st.__dict__), "seed": args.seed, "seeds": [int(args.seed) + i for i in
@@ -305,6 +307,22 @@ def checked_settings(st, items):
     if negative:
         raise SystemExit(f"--set: settings must be finite numbers >= 0, got {', '.join(negative)}")
     return st
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why the demo could not write its outputs into folder `out`, or None. Checked before anything trains, and
+    nothing is created until the run ends (every output is written whole, through `fileio.atomic_path`), so a
+    refused or failed run leaves no empty folder behind."""
+    if out.exists() and not out.is_dir():
+        return "is a file, not a folder; give a folder for the table, GIF and results.json"
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, so the folder cannot be made there; give another --out"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write in {parent}; give a folder you can write to"
+    return None
 
 
 def _finite_or_none(values: np.ndarray) -> list:
