@@ -37,11 +37,12 @@ def test_a_head_trained_on_pairs_prefers_their_winners_and_swapping_them_negates
     assert (m > 0).all() and m.mean() > 0.1
     flipped = preference_margins(den, swapped(data), enc.head, ref.head, beta=2000.0, draws=8, seed=3)
     assert torch.allclose(flipped, -m, atol=1e-5)
-    # the same draws whatever the batch, and other draws give other (finite) figures
+    # the same draws whatever the batch (to float rounding: a margin is beta x a difference of mean squared errors,
+    # and another batch size sums them in another order on some CPUs), and other draws give other (finite) figures
     assert torch.allclose(preference_margins(den, data, enc.head, ref.head, 2000.0, draws=8, seed=3, batch=1), m,
-                          atol=1e-5)
+                          rtol=1e-4, atol=2000.0 * 2e-6)
     other = preference_margins(den, data, enc.head, ref.head, 2000.0, draws=8, seed=4)
-    assert torch.isfinite(other).all() and not torch.allclose(other, m)
+    assert torch.isfinite(other).all() and ((other - m).abs() > 1e-2 * m.abs()).any()
 
 
 def test_one_draw_is_flow_dpo_loss_inside_on_the_same_t_and_noise():
@@ -59,7 +60,10 @@ def test_one_draw_is_flow_dpo_loss_inside_on_the_same_t_and_noise():
         (pw, tw), (pl, tl) = v(enc.head, xw), v(enc.head, xl)
         (rw, _), (rl, _) = v(ref.head, xw), v(ref.head, xl)
         out = flow_dpo_loss(pw, pl, rw, rl, tw, tl, beta=500.0)
-    assert torch.allclose(m, out.per_pair_margin.float(), rtol=1e-4, atol=1e-5)
+    # to float rounding: a margin is beta x a difference of differences of mean squared errors of about 1, so the
+    # winners and losers batched together (preference_margins) or apart (here) differ by about beta x 1e-7 on some
+    # CPUs (the test above checks that other draws of t and noise give other margins)
+    assert torch.allclose(m, out.per_pair_margin.float(), rtol=1e-4, atol=500.0 * 2e-6)
 
 
 def test_bad_draws_and_the_summary():
