@@ -339,13 +339,20 @@ def test_eval_videos_and_scenes_set_the_held_out_set(tmp_path, capsys):
 def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
     """`--set NAME=VALUE` (the benches' override, now the demo's too) reaches the run and results.json; a bad
     item is refused before anything trains, with an error that names it."""
-    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "lr_lora=3e-4", "--set", "dpo_steps=3"]) == 0
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "lr_lora=3e-4", "--set", "dpo_steps=3",
+                 "--set", "head_t_min=0.5"]) == 0
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
     assert (settings["lr_lora"], settings["dpo_steps"], settings["sft_steps"]) == (3e-4, 3, 2)  # 2: --fast's
+    from physmaster.encoder import load_encoder
+
+    stages = load_encoder(tmp_path / "demo_encoder.safetensors").provenance["stages"]
+    ranges = {s["stage"]: s.get("t_range") for s in stages}  # head_t_min: the head's stages only
+    assert ranges == {"sft": None, "dpo-lora": None, "dpo-head": [0.5, 1.0]}, ranges
     for item, message in (("nope=1", "--set 'nope=1': use NAME=VALUE with NAME one of"),
                           ("dpo_steps=2.5", "--set 'dpo_steps=2.5': '2.5' is not an integer"),
                           ("eval_scenes=1001", "--set: eval_scenes must be between 1 and 1000, got 1001"),
                           ("guidance=0.5", r"--set: guidance must be between 1 \(off\) and 10, got 0.5"),
+                          ("head_t_min=1", "--set: head_t_min must be between 0 and 0.99, got 1.0"),
                           ("lr_head=-1", "--set: settings must be finite numbers >= 0, got lr_head=-1.0"),
                           ("beta=nan", "--set: settings must be finite numbers >= 0, got beta=nan")):
         with pytest.raises(SystemExit, match=message):

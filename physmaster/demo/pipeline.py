@@ -54,6 +54,9 @@ class Settings:
     lr_sft: float = 1e-3
     lr_lora: float = 5e-4
     lr_head: float = 2e-3
+    # the head's Flow-DPO stages draw t from [head_t_min, 1] (1 = pure noise); bench/FINDINGS.md, "Stage III at
+    # high noise only": drawing only where the DiT's velocity answers the tokens most did not help
+    head_t_min: float = 0.001
     beta: float = 2000.0
     lora_rank: int = 64
     head_tokens: int = 4
@@ -242,8 +245,9 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
     from ..training import StageTrainer, TrainConfig
 
     lr = st.lr_lora if stage == "dpo-lora" else st.lr_head
+    t_min = TrainConfig.t_min if stage == "dpo-lora" else st.head_t_min
     cfg = TrainConfig(steps=st.dpo_steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
-                      warmup_steps=min(20, st.dpo_steps), motion_weight=st.dpo_motion_weight)
+                      warmup_steps=min(20, st.dpo_steps), motion_weight=st.dpo_motion_weight, t_min=t_min)
     t0 = time.perf_counter()
     result = StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
     record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",

@@ -687,6 +687,8 @@ def stage_entry(stage: str, steps: int, config: TrainConfig, *, planned: int | N
              "stopped": stopped, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
              "base_model": base_model, "dataset": dataset, "dataset_size": dataset_size,
              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if (config.t_min, config.t_max) != (TrainConfig.t_min, TrainConfig.t_max):  # only where a run narrowed it
+        entry["t_range"] = [float(config.t_min), float(config.t_max)]
     if stage != "sft":
         entry["beta"] = config.beta
         if config.margin_use != "ignore":
