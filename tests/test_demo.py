@@ -599,3 +599,39 @@ def test_the_report_prints_why_frames_miss_coherence():
             "seen 0.500 | unseen 1.000") in text
     assert "  Stage I: coherent 87.5%; lost 12.5%" in text
     assert format_coherence({"base": {"coherence": np.ones(2)}}, 1) == ""
+
+
+def test_plain_objects_decoder_targets_and_their_flag(tmp_path):
+    """`--make-base --plain-objects`: the autoencoder's targets are the same scenes with every object drawn without
+    its pattern (same masks, same motion, bounce included; only object pixels differ), the file records it, and
+    the flag is refused where it would overwrite the shipped weights or where a run would ignore it."""
+    from physmaster.demo.assets import make_assets
+    from physmaster.demo.autoencoder import train_autoencoder
+    from physmaster.demo.world import generic_scene
+
+    patterned = next(s for s in range(100) if drop_scene(s, "unseen").meta["texture"] != "flat")
+    moving = next(s for s in range(100) if generic_scene(s).meta["texture"] != "flat")
+    for a, b in ((drop_scene(patterned, "unseen"), drop_scene(patterned, "unseen", plain=True)),
+                 (generic_scene(moving), generic_scene(moving, plain=True))):
+        masks = a.object_masks().astype(bool)
+        assert np.array_equal(masks, b.object_masks()) and b.meta["texture"] == "flat"
+        assert (np.abs(a.frames - b.frames).max(-1) > 1e-6).sum() > 20
+    a, b = drop_scene(patterned, "unseen"), drop_scene(patterned, "unseen", plain=True)
+    near = masks = a.object_masks().astype(bool)  # the drop: the object and its anti-aliased one-pixel rim
+    for axis in (1, 2):
+        for shift in (1, -1):
+            near = near | np.roll(masks, shift, axis)
+    assert not ((np.abs(a.frames - b.frames).max(-1) > 1e-6) & ~near).any()  # the pattern, on the object only
+    assert drop_scene(patterned, plain=True).meta["restitution"] == drop_scene(patterned).meta["restitution"]
+    x = torch.rand(4, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"targets must have the frames' shape \(4, 3, 32, 32\), got \(2, 3, 32, 32\)"):
+        train_autoencoder(x, torch.zeros(4, SIZE, SIZE), 1, targets=x[:2], log=None)
+    path = make_assets(tmp_path / "p.safetensors", fast=True, log=lambda m: None, plain_objects=True)
+    info = load_assets(path)[2]
+    assert info["ae"]["command"] == "python -m physmaster demo --make-base --plain-objects"
+    assert info["ae"]["decodes"].startswith("every object plain")
+    with pytest.raises(SystemExit, match="--plain-objects makes other weights than the shipped ones; give --assets"):
+        main(["demo", "--make-base", "--fast", "--plain-objects"])
+    with pytest.raises(SystemExit, match="--plain-objects chooses how --make-base trains the autoencoder"):
+        main(["demo", "--fast", "--out", str(tmp_path / "run"), "--plain-objects"])
+    assert not (tmp_path / "run").exists()

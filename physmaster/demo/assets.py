@@ -79,10 +79,13 @@ ASSET_STEPS = {"ae": 3000, "backbone": 1500, "dit": 5000}
 ASSET_SEEDS = 1_000_000, 2_000_000, 3_000_000  # generic scenes, autoencoder drops, backbone drops
 
 
-def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print) -> Path:
+def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print, plain_objects: bool = False) -> Path:
     """Remake the shipped weights: the frame autoencoder (on generic-motion and drop frames), the geometry
     backbone (on drop start images of both splits, *other* seeds than any demo scene), then the base DiT on
-    generic motion in the autoencoder's latent space."""
+    generic motion in the autoencoder's latent space. `plain_objects` (`--make-base --plain-objects`, not the
+    shipped file): the autoencoder learns to decode every object without its pattern, so the material is in no
+    latent and the physical tokens are the video model's one way to the bounce (bench/FINDINGS.md, "An
+    autoencoder that draws every object plain")."""
     import time
 
     import numpy as np
@@ -94,7 +97,8 @@ def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print) -> Pat
 
     steps = {k: (2 if fast else v) for k, v in ASSET_STEPS.items()}
     n_generic, n_drops, n_backbone = (8, 8, 16) if fast else (1500, 600, 6000)
-    command = "python -m physmaster demo --make-base" + (f" --seed {seed}" if seed else "")
+    command = ("python -m physmaster demo --make-base" + (f" --seed {seed}" if seed else "")
+               + (" --plain-objects" if plain_objects else ""))
     info: dict = {"command": command, "seed": seed}
     t0 = time.perf_counter()
     log(f"rendering {n_generic} generic-motion scenes and {n_drops} drops")
@@ -102,8 +106,16 @@ def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print) -> Pat
     drops = [drop_scene(ASSET_SEEDS[1] + i, "seen" if i % 2 else "unseen") for i in range(n_drops)]
     frames = torch.cat([to_pixels(s.frames) for s in generic + drops])
     masks = torch.cat([torch.from_numpy(s.object_masks()) for s in generic + drops])
-    log(f"[1/3] frame autoencoder: {steps['ae']} steps on {len(frames)} frames")
-    ae, info["ae"] = train_autoencoder(frames, masks, steps["ae"], seed=seed, log=log)
+    targets = None
+    if plain_objects:  # the same scenes with every object drawn without its pattern, as the decoder's targets
+        plain = [generic_scene(ASSET_SEEDS[0] + i, plain=True) for i in range(n_generic)]
+        plain += [drop_scene(ASSET_SEEDS[1] + i, "seen" if i % 2 else "unseen", plain=True) for i in range(n_drops)]
+        targets = torch.cat([to_pixels(s.frames) for s in plain])
+    log(f"[1/3] frame autoencoder: {steps['ae']} steps on {len(frames)} frames"
+        + (" (objects decoded plain)" if plain_objects else ""))
+    ae, info["ae"] = train_autoencoder(frames, masks, steps["ae"], seed=seed, log=log, targets=targets)
+    if plain_objects:
+        info["ae"]["decodes"] = "every object plain (its material's pattern drawn flat)"
     log(f"[2/3] geometry backbone: {steps['backbone']} steps on {n_backbone} start images")
     scenes = [drop_scene(ASSET_SEEDS[2] + i, "seen" if i % 2 else "unseen") for i in range(n_backbone)]
     images = torch.from_numpy(np.stack([s.frames[0] for s in scenes]))

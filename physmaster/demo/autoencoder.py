@@ -68,9 +68,16 @@ class FrameAutoencoder(nn.Module):
 
 
 def train_autoencoder(frames: torch.Tensor, masks: torch.Tensor, steps: int, seed: int = 0, batch: int = 32,
-                      lr: float = 3e-3, log=print) -> tuple[FrameAutoencoder, dict]:
+                      lr: float = 3e-3, log=print,
+                      targets: torch.Tensor | None = None) -> tuple[FrameAutoencoder, dict]:
     """Fit the autoencoder to frames [N, 3, H, W] in [0, 1]; object pixels (masks [N, H, W]) weigh 10x, so
-    the small moving object is drawn sharply. Returns the model (normalised) and {steps, final_loss, seconds}."""
+    the small moving object is drawn sharply. `targets` (same shape as `frames`): what the decoder must draw
+    from each frame's latent, when not the frame itself (the shipped one: the frame with its object drawn plain).
+    Returns the model (normalised) and {steps, final_loss, seconds}."""
+    if targets is None:
+        targets = frames
+    if targets.shape != frames.shape:
+        raise ValueError(f"targets must have the frames' shape {tuple(frames.shape)}, got {tuple(targets.shape)}")
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -79,10 +86,10 @@ def train_autoencoder(frames: torch.Tensor, masks: torch.Tensor, steps: int, see
 
     def step_loss():
         idx = torch.randint(0, len(frames), (batch,), generator=g)
-        x, w = frames[idx], weight[idx][:, None]
+        x, y0, w = frames[idx], targets[idx], weight[idx][:, None]
         z = ae.encode_frames(x)
         y = ae.decode_frames(z + 0.1 * torch.randn(z.shape, generator=g))
-        err = (y - x).abs() + 4 * (y - x).pow(2)
+        err = (y - y0).abs() + 4 * (y - y0).pow(2)
         return (err * w).mean() / w.mean() + 1e-3 * z.pow(2).mean()
 
     info = fit(ae, step_loss, steps, lr, weight_decay=0.0, warmup=0.05, name="autoencoder", log=log)

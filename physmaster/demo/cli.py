@@ -83,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--make-base", action="store_true",
                         help="remake the shipped weights (autoencoder, backbone, base DiT; slow)")
     parser.add_argument("--assets", default=None, help="weights file (default: the shipped one)")
+    parser.add_argument("--plain-objects", action="store_true",
+                        help="with --make-base and --assets FILE: an autoencoder that decodes every object without "
+                        "its pattern, so the material reaches the video model only through the physical tokens "
+                        "(bench/FINDINGS.md; not the shipped weights)")
 
 
 def held_out_base(eval_seed: int) -> int:
@@ -224,9 +228,15 @@ def run(args: argparse.Namespace) -> int:
 
         if args.set:
             raise SystemExit("--set changes the demo's run; --make-base does not read it (leave --set out)")
+        if args.plain_objects and not args.assets:
+            raise SystemExit("--plain-objects makes other weights than the shipped ones; give --assets FILE for them")
 
-        make_assets(Path(args.assets) if args.assets else ASSET_FILE, seed=args.seed, fast=args.fast, log=log)
+        make_assets(Path(args.assets) if args.assets else ASSET_FILE, seed=args.seed, fast=args.fast, log=log,
+                    plain_objects=args.plain_objects)
         return 0
+    if args.plain_objects:
+        raise SystemExit("--plain-objects chooses how --make-base trains the autoencoder; a run reads the weights "
+                         "of --assets FILE (leave --plain-objects out)")
     st = Settings.fast() if args.fast else Settings()
     st.guidance = float(args.guidance)
     st.online_rounds = int(args.online)

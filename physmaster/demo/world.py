@@ -40,11 +40,14 @@ def render(seed: int, split: str = "seen", **overrides):
     return render_scene(seed, split, size=SIZE, frames=FRAMES, fps=FPS, object_scale=OBJECT_SCALE, **overrides)
 
 
-def drop_scene(seed: int, split: str = "seen", restitution: float | None = None):
+def drop_scene(seed: int, split: str = "seen", restitution: float | None = None, plain: bool = False):
     """A drop from rest under nominal gravity, bouncing as its material (surface pattern) says; the three
-    materials are equally likely. `restitution` overrides the material's (the same drop, another bounce)."""
+    materials are equally likely. `restitution` overrides the material's (the same drop, another bounce).
+    `plain`: the same drop, bounce included, with its object drawn without its pattern (the autoencoder's
+    training target, `assets.make_assets`)."""
     texture = list(MATERIALS)[int(np.random.default_rng([int(seed) & 0xFFFFFFFF, 4242]).integers(len(MATERIALS)))]
-    return render(seed, split, initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE, texture=texture,
+    return render(seed, split, initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE,
+                  texture="flat" if plain else texture,
                   restitution=material_restitution(texture) if restitution is None else float(restitution))
 
 
@@ -60,15 +63,17 @@ def material_renderings(scene) -> tuple[dict, float] | None:
     return masks, own
 
 
-def generic_scene(seed: int):
-    """The base model's world: the same objects moving in random directions under random gravity."""
+def generic_scene(seed: int, plain: bool = False):
+    """The base model's world: the same objects moving in random directions under random gravity. `plain`: the
+    same scene with its object drawn without its pattern."""
     rng = np.random.default_rng([seed, 77])
     duration = (FRAMES - 1) / FPS
     split = "seen" if rng.random() < 0.5 else "unseen"
     g = float(rng.uniform(-1.0, 1.0) * 3.0 * SIZE)
     v = rng.uniform(-0.5, 0.5, 2) * SIZE / duration
     return render(seed, split, gravity=g, initial_velocity=(float(v[0]), float(v[1])),
-                  floor_collisions=bool(rng.random() < 0.5), restitution=float(rng.uniform(0.1, 0.9)))
+                  floor_collisions=bool(rng.random() < 0.5), restitution=float(rng.uniform(0.1, 0.9)),
+                  texture="flat" if plain else None)
 
 
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
