@@ -37,6 +37,9 @@ def add_base(ap: argparse.ArgumentParser, choose: bool = True) -> None:
     """`--cache DIR` for the drop base, and with `choose` `--base shipped|drop`."""
     if choose:
         ap.add_argument("--base", choices=["shipped", "drop"], default="shipped")
+        ap.add_argument("--assets", type=Path, default=None,
+                        help="with --base shipped: another weights file than the shipped one, e.g. one made by "
+                        "python -m physmaster demo --make-base --plain-objects --assets FILE")
     ap.add_argument("--cache", type=Path, default=None, help="folder for the drop base (saved once, then read)")
 
 
@@ -49,11 +52,16 @@ def settings(args: argparse.Namespace):
 
 
 def load_world(args: argparse.Namespace, drop: bool | None = None):
-    """(video model, backbone) of the shipped assets, with the drop base's DiT when `--base drop` (or `drop`)."""
-    from physmaster.demo.assets import load_assets
+    """(video model, backbone) of the shipped assets (or `--assets FILE`'s), with the drop base's DiT when `--base
+    drop` (or `drop`)."""
+    from physmaster.demo.assets import ASSET_FILE, load_assets
 
-    vm, backbone, _ = load_assets()
     use_drop = getattr(args, "base", "shipped") == "drop" if drop is None else drop
+    assets = getattr(args, "assets", None)
+    if assets is not None and use_drop:
+        raise SystemExit("--assets and --base drop: the drop base is pretrained on the shipped autoencoder's latents "
+                         "and cached for it; use one of them")
+    vm, backbone, _ = load_assets(assets or ASSET_FILE)
     if use_drop:
         from demo_drop_base import drop_base
 

@@ -21,8 +21,8 @@ one above 0. A stage whose gain is real beats its placebos; one whose gain is wh
 The held-out drops per split are the demo's `eval_scenes` (100; the runs in bench/FINDINGS.md made before the
 demo's held-out set grew used 30 per split: `--set eval_scenes=30` repeats them).
 
-    python bench/demo_placebo.py [--base drop --cache DIR] [--seeds 0,1,2] [--eval-seeds 0,1,2] [--eval-videos 8]
-                                 [--heads 5] [--flips 2] [--pair-margins 16] [--set beta=500 ...]
+    python bench/demo_placebo.py [--base drop --cache DIR | --assets FILE] [--seeds 0,1,2] [--eval-seeds 0,1,2]
+                                 [--eval-videos 8] [--heads 5] [--flips 2] [--pair-margins 16] [--set beta=500 ...]
 
 `--base drop` uses `bench/demo_drop_base.py`'s wrong-physics drop base (11 minutes to pretrain, once with
 `--cache`); `shipped` the demo's base. On 2 cores: about 3 minutes for the fresh heads and 10 per training seed.

@@ -635,3 +635,24 @@ def test_plain_objects_decoder_targets_and_their_flag(tmp_path):
     with pytest.raises(SystemExit, match="--plain-objects chooses how --make-base trains the autoencoder"):
         main(["demo", "--fast", "--out", str(tmp_path / "run"), "--plain-objects"])
     assert not (tmp_path / "run").exists()
+
+
+def test_benches_read_other_weights_with_assets(tmp_path):
+    """The benches' `--assets FILE` (demo_args.load_world): the video model and backbone come from that file, as
+    the demo's `--assets` does; with `--base drop` it is refused (the drop base is cached for the shipped latents)."""
+    import argparse
+
+    from physmaster.demo.generator import new_dit
+
+    demo_args = bench_module("demo_args")
+    ap = argparse.ArgumentParser()
+    demo_args.add_base(ap)
+    ae = FrameAutoencoder()
+    path = save_assets(tmp_path / "other.safetensors", ae, GeometryBackbone(), new_dit(0),
+                       {"ae": {"steps": 1}, "backbone": {"steps": 1}, "dit": {"steps": 1}})
+    vm, _ = demo_args.load_world(ap.parse_args(["--assets", str(path)]))
+    assert all(torch.equal(a, b) for a, b in zip(vm.ae.state_dict().values(), ae.state_dict().values()))
+    shipped, _ = demo_args.load_world(ap.parse_args([]))
+    assert not torch.equal(shipped.ae.decoder[0].weight, vm.ae.decoder[0].weight)
+    with pytest.raises(SystemExit, match="--assets and --base drop: the drop base is pretrained on the shipped"):
+        demo_args.load_world(ap.parse_args(["--assets", str(path), "--base", "drop"]))
