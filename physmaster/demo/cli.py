@@ -214,7 +214,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .assets import ASSET_FILE, load_assets
     from .pipeline import Settings
-    from .report import format_run, seeds_table, write_gif, write_results, write_table
+    from ..fileio import atomic_write_text
+    from .report import format_run, seeds_table, write_gif, write_results
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         multi = seeds_table([r["results"] for r in runs], n)
         log(f"\nacross {len(runs)} training seeds (average of seen and unseen), mean ± sd:\n{multi}")
         text += f"\nacross {len(runs)} training seeds, mean ± sd:\n{multi}\n"
-    write_table(out / "table.txt", text)
+    atomic_write_text(out / "table.txt", text)
     gif = write_gif(out / "comparison.gif", [s.frames for s in last["scenes"]],
                     {k: last["videos"][k] for k in ("base", "Stage I", "Stage III")}, st.gif_scenes)
     summary = {"settings": dict(st.__dict__), "seed": args.seed, "seeds": [int(args.seed) + i for i in

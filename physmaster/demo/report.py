@@ -183,12 +183,6 @@ def write_gif(path: Path, gt_videos, columns: dict, n: int, scale: int = 3) -> P
     return path
 
 
-def write_table(path: Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-    return path
-
-
 def write_results(path: Path, summary: dict) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
