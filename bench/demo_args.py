@@ -39,7 +39,7 @@ def add_base(ap: argparse.ArgumentParser, choose: bool = True) -> None:
         ap.add_argument("--base", choices=["shipped", "drop"], default="shipped")
         ap.add_argument("--assets", type=Path, default=None,
                         help="with --base shipped: another weights file than the shipped one, e.g. one made by "
-                        "python -m physmaster demo --make-base --plain-objects --assets FILE")
+                        "python -m physmaster demo --make-base --patterned-objects --assets FILE")
     ap.add_argument("--cache", type=Path, default=None, help="folder for the drop base (saved once, then read)")
 
 

@@ -602,9 +602,10 @@ def test_the_report_prints_why_frames_miss_coherence():
 
 
 def test_plain_objects_decoder_targets_and_their_flag(tmp_path):
-    """`--make-base --plain-objects`: the autoencoder's targets are the same scenes with every object drawn without
-    its pattern (same masks, same motion, bounce included; only object pixels differ), the file records it, and
-    the flag is refused where it would overwrite the shipped weights or where a run would ignore it."""
+    """`--make-base` (the shipped weights): the autoencoder's targets are the same scenes with every object drawn
+    without its pattern (same masks, same motion, bounce included; only object pixels differ), and the file records
+    it. `--patterned-objects` makes the earlier autoencoder, and is refused where it would overwrite the shipped
+    weights; either flag is refused where a run would ignore it."""
     from physmaster.demo.assets import make_assets
     from physmaster.demo.autoencoder import train_autoencoder
     from physmaster.demo.world import generic_scene
@@ -626,14 +627,25 @@ def test_plain_objects_decoder_targets_and_their_flag(tmp_path):
     x = torch.rand(4, 3, SIZE, SIZE)
     with pytest.raises(ValueError, match=r"targets must have the frames' shape \(4, 3, 32, 32\), got \(2, 3, 32, 32\)"):
         train_autoencoder(x, torch.zeros(4, SIZE, SIZE), 1, targets=x[:2], log=None)
-    path = make_assets(tmp_path / "p.safetensors", fast=True, log=lambda m: None, plain_objects=True)
-    info = load_assets(path)[2]
-    assert info["ae"]["command"] == "python -m physmaster demo --make-base --plain-objects"
+    info = load_assets(make_assets(tmp_path / "p.safetensors", fast=True, log=lambda m: None))[2]
+    assert info["ae"]["command"] == "python -m physmaster demo --make-base"
     assert info["ae"]["decodes"].startswith("every object plain")
-    with pytest.raises(SystemExit, match="--plain-objects makes other weights than the shipped ones; give --assets"):
-        main(["demo", "--make-base", "--fast", "--plain-objects"])
-    with pytest.raises(SystemExit, match="--plain-objects chooses how --make-base trains the autoencoder"):
-        main(["demo", "--fast", "--out", str(tmp_path / "run"), "--plain-objects"])
+    assert load_assets(ASSET_FILE)[2]["ae"]["decodes"].startswith("every object plain")  # the shipped file
+    other = str(tmp_path / "q.safetensors")
+    assert main(["demo", "--make-base", "--fast", "--patterned-objects", "--assets", other]) == 0
+    info = load_assets(tmp_path / "q.safetensors")[2]
+    assert info["ae"]["command"] == "python -m physmaster demo --make-base --patterned-objects"
+    assert "decodes" not in info["ae"]
+    shipped = ASSET_FILE.read_bytes()
+    with pytest.raises(SystemExit, match="--patterned-objects makes other weights than the shipped ones; give "):
+        main(["demo", "--make-base", "--fast", "--patterned-objects"])
+    with pytest.raises(SystemExit, match="--plain-objects and --patterned-objects ask for two different autoencoders"):
+        main(["demo", "--make-base", "--fast", "--plain-objects", "--patterned-objects", "--assets",
+              str(tmp_path / "r.safetensors")])
+    assert ASSET_FILE.read_bytes() == shipped and not (tmp_path / "r.safetensors").exists()
+    for flag in ("--plain-objects", "--patterned-objects"):
+        with pytest.raises(SystemExit, match=f"{flag} chooses how --make-base trains the autoencoder"):
+            main(["demo", "--fast", "--out", str(tmp_path / "run"), flag])
     assert not (tmp_path / "run").exists()
 
 

@@ -79,13 +79,14 @@ ASSET_STEPS = {"ae": 3000, "backbone": 1500, "dit": 5000}
 ASSET_SEEDS = 1_000_000, 2_000_000, 3_000_000  # generic scenes, autoencoder drops, backbone drops
 
 
-def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print, plain_objects: bool = False) -> Path:
+def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print, plain_objects: bool = True) -> Path:
     """Remake the shipped weights: the frame autoencoder (on generic-motion and drop frames), the geometry
     backbone (on drop start images of both splits, *other* seeds than any demo scene), then the base DiT on
-    generic motion in the autoencoder's latent space. `plain_objects` (`--make-base --plain-objects`, not the
-    shipped file): the autoencoder learns to decode every object without its pattern, so the material is in no
-    latent and the physical tokens are the video model's one way to the bounce (bench/FINDINGS.md, "An
-    autoencoder that draws every object plain")."""
+    generic motion in the autoencoder's latent space. `plain_objects` (the default, as the shipped file): the
+    autoencoder learns to decode every object without its pattern, so the material is in no latent and the
+    physical tokens are the video model's one way to the bounce, as the paper's DINOv2 sees what Wan's VAE latent
+    does not spell out (bench/FINDINGS.md, "An autoencoder that draws every object plain"). False
+    (`--patterned-objects`): the earlier autoencoder, which decodes each frame itself, pattern included."""
     import time
 
     import numpy as np
@@ -98,7 +99,7 @@ def make_assets(path: Path, seed: int = 0, fast: bool = False, log=print, plain_
     steps = {k: (2 if fast else v) for k, v in ASSET_STEPS.items()}
     n_generic, n_drops, n_backbone = (8, 8, 16) if fast else (1500, 600, 6000)
     command = ("python -m physmaster demo --make-base" + (f" --seed {seed}" if seed else "")
-               + (" --plain-objects" if plain_objects else ""))
+               + ("" if plain_objects else " --patterned-objects"))
     info: dict = {"command": command, "seed": seed}
     t0 = time.perf_counter()
     log(f"rendering {n_generic} generic-motion scenes and {n_drops} drops")

@@ -72,8 +72,8 @@ def train_autoencoder(frames: torch.Tensor, masks: torch.Tensor, steps: int, see
                       targets: torch.Tensor | None = None) -> tuple[FrameAutoencoder, dict]:
     """Fit the autoencoder to frames [N, 3, H, W] in [0, 1]; object pixels (masks [N, H, W]) weigh 10x, so
     the small moving object is drawn sharply. `targets` (same shape as `frames`): what the decoder must draw
-    from each frame's latent, when not the frame itself (`--make-base --plain-objects`: the frame with its
-    object drawn plain; the shipped autoencoder draws the frame itself).
+    from each frame's latent, when not the frame itself (`--make-base`, the shipped autoencoder: the frame with
+    its object drawn plain; `--patterned-objects`: the frame itself).
     Returns the model (normalised) and {steps, final_loss, seconds}."""
     if targets is None:
         targets = frames

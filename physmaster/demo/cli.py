@@ -84,9 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="remake the shipped weights (autoencoder, backbone, base DiT; slow)")
     parser.add_argument("--assets", default=None, help="weights file (default: the shipped one)")
     parser.add_argument("--plain-objects", action="store_true",
-                        help="with --make-base and --assets FILE: an autoencoder that decodes every object without "
-                        "its pattern, so the material reaches the video model only through the physical tokens "
-                        "(bench/FINDINGS.md; not the shipped weights)")
+                        help="with --make-base: an autoencoder that decodes every object without its pattern, so "
+                        "the material reaches the video model only through the physical tokens (the default, "
+                        "and the shipped weights; kept for the commands that name it)")
+    parser.add_argument("--patterned-objects", action="store_true",
+                        help="with --make-base and --assets FILE: the earlier autoencoder, which decodes each frame "
+                        "pattern included, so the video model can read the bounce from the first frame's latent "
+                        "(bench/FINDINGS.md)")
 
 
 def held_out_base(eval_seed: int) -> int:
@@ -229,15 +233,19 @@ def run(args: argparse.Namespace) -> int:
 
         if args.set:
             raise SystemExit("--set changes the demo's run; --make-base does not read it (leave --set out)")
-        if args.plain_objects and not args.assets:
-            raise SystemExit("--plain-objects makes other weights than the shipped ones; give --assets FILE for them")
+        if args.plain_objects and args.patterned_objects:
+            raise SystemExit("--plain-objects and --patterned-objects ask for two different autoencoders; give one")
+        if args.patterned_objects and not args.assets:
+            raise SystemExit("--patterned-objects makes other weights than the shipped ones; give --assets FILE "
+                             "for them")
 
         make_assets(Path(args.assets) if args.assets else ASSET_FILE, seed=args.seed, fast=args.fast, log=log,
-                    plain_objects=args.plain_objects)
+                    plain_objects=not args.patterned_objects)
         return 0
-    if args.plain_objects:
-        raise SystemExit("--plain-objects chooses how --make-base trains the autoencoder; a run reads the weights "
-                         "of --assets FILE (leave --plain-objects out)")
+    for flag in ("--plain-objects", "--patterned-objects"):
+        if getattr(args, flag[2:].replace("-", "_")):
+            raise SystemExit(f"{flag} chooses how --make-base trains the autoencoder; a run reads the weights "
+                             f"of --assets FILE (leave {flag} out)")
     st = Settings.fast() if args.fast else Settings()
     st.guidance = float(args.guidance)
     st.online_rounds = int(args.online)

@@ -44,7 +44,7 @@ def drop_scene(seed: int, split: str = "seen", restitution: float | None = None,
     """A drop from rest under nominal gravity, bouncing as its material (surface pattern) says; the three
     materials are equally likely. `restitution` overrides the material's (the same drop, another bounce).
     `plain`: the same drop, bounce included, with its object drawn without its pattern (the decoder's target
-    in `--make-base --plain-objects`, `assets.make_assets`)."""
+    in `--make-base`, `assets.make_assets`)."""
     texture = list(MATERIALS)[int(np.random.default_rng([int(seed) & 0xFFFFFFFF, 4242]).integers(len(MATERIALS)))]
     return render(seed, split, initial_velocity=(0.0, 0.0), gravity=NOMINAL_GRAVITY * SIZE,
                   texture="flat" if plain else texture,
