@@ -243,7 +243,7 @@ def test_shipped_assets_record_how_they_were_made():
 
 def test_shipped_backbone_reads_the_material_the_latent_keeps_only_in_part():
     """The physical tokens can only add what the backbone reads: the material (the bounce), which the video
-    model's first-frame latent keeps in about 74% of seen and 50% of unseen start images. The backbone without
+    model's first-frame latent keeps in about 64% of seen and 41% of unseen start images. The backbone without
     the pooled pattern branch read it in 50-60% of these (seen and unseen); the shipped one must read it well on both
     splits (87 / 97% seen, 83 / 70% unseen on eval seeds 0 / 1)."""
     from physmaster.demo.cli import held_out

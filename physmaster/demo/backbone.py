@@ -13,8 +13,9 @@ The summary also sees a *pattern* branch: fine-scale (16x16) features max-pooled
 material is a 2-3 px surface pattern wherever the object happens to be; from the flattened 4x4 map alone a
 detector has to be learned for each position, and the backbone without this branch read the material in only
 54% / 51% of seen / unseen start images (chance 33%), less than the video model's own first-frame latent keeps
-(74% / 50%; `bench/probe_latent_material.py`, 600 + 600 start images), so the physical tokens had nothing to
-add and Stage I learned to ignore them. Pooled, it reads it in 91% / 82%, places the object better too, and the
+(74% / 50% with the earlier autoencoder, 64% / 41% with the shipped one, which decodes objects plain;
+`bench/probe_latent_material.py`, 600 + 600 start images), so the physical tokens had nothing to add and
+Stage I learned to ignore them. Pooled, it reads it in 91% / 82%, places the object better too, and the
 tokens carry the bounce (README, "The two commands").
 """
 
