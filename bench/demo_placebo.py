@@ -14,6 +14,8 @@ moves which frames lose the object, and each such frame costs 0.707 of avg L2. T
    **held-out pairs**: the Stage II model's candidates on 96 other start images, labelled by the ground truth as
    the training pairs are. Accuracy above 50% there means the head learned a preference that holds on start
    images it never trained on; 50% means it memorised its pairs.
+4. With `--variant NAME:SET,SET`: Stage III on the true labels again from the same Stage II with these settings
+   changed; a variant that changes the candidates or pairs (`PAIR_FIELDS`) samples and labels its own.
 
 Every figure is held-out avg L2 against the row it builds on, with the paired bootstrap 95% interval, on each
 eval seed, with `--eval-videos` videos per held-out drop (the demo uses 4); `*` marks an interval below 0, `+`
@@ -23,6 +25,7 @@ demo's held-out set grew used 30 per split: `--set eval_scenes=30` repeats them)
 
     python bench/demo_placebo.py [--base drop --cache DIR | --assets FILE] [--seeds 0,1,2] [--eval-seeds 0,1,2]
                                  [--eval-videos 8] [--heads 5] [--flips 2] [--pair-margins 16] [--set beta=500 ...]
+                                 [--variant soup4:head_soup=4 --variant s192:dpo_scenes=192 ...]
 
 `--base drop` uses `bench/demo_drop_base.py`'s wrong-physics drop base (11 minutes to pretrain, once with
 `--cache`); `shipped` the demo's base. On 2 cores: about 3 minutes for the fresh heads and 10 per training seed.
@@ -39,6 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# the settings that change Stage III's candidates or pairs: a --variant that changes one samples its own
+PAIR_FIELDS = ("dpo_scenes", "candidates", "pairs_per_image", "min_margin")
 PAIR_CHECK_SEED = 700_000  # held-out pairs' start images (the DPO stages' are 500_000 on, online rounds' 601_000 on)
 
 
@@ -47,7 +52,7 @@ def main() -> int:
 
     from demo_args import add_base, add_set, ints, load_world, settings, write_json
 
-    from physmaster.demo.cli import held_out_set
+    from physmaster.demo.cli import checked_settings, held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
     from physmaster.demo.pipeline import (Settings, flipped_pairs, freeze_dit, gt_pairs, new_head, sample_candidates,
                                           stage_one, stage_three, stage_two)
@@ -64,12 +69,21 @@ def main() -> int:
     ap.add_argument("--pair-margins", type=int, default=0, metavar="D",
                     help="also each Stage III head's Flow-DPO margin on its training pairs and on held-out pairs, "
                     "over D draws of t and noise (0 = off)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:SET,SET",
+                    help="also Stage III on the true labels with these settings changed (repeatable), e.g. "
+                    "soup4:head_soup=4 or slow:lr_head=2.5e-4,dpo_steps=400; from the same Stage II and pairs")
     add_set(ap)
     ap.add_argument("--json", type=Path, default=None, help="also write every comparison to this file")
     args = ap.parse_args()
     st = settings(args)
     if args.eval_videos < 1 or args.heads < 0 or args.flips < 0 or args.pair_margins < 0:
         raise SystemExit("--eval-videos must be >= 1, --heads, --flips and --pair-margins >= 0")
+    variants = []
+    for v in args.variant:
+        name, _, items = v.partition(":")
+        if not name or not items:
+            raise SystemExit(f"--variant {v!r}: use NAME:SET,SET (e.g. soup4:head_soup=4)")
+        variants.append((name, checked_settings(st, items.split(","))))
     t_start = time.perf_counter()
     vm0, backbone = load_world(args)
     k = args.eval_videos
@@ -129,11 +143,20 @@ def main() -> int:
                 print("  its Flow-DPO margin against Stage II, on true-labelled pairs: " + "; ".join(
                     f"{name} ({g['pairs']}) {g['accuracy']:.0%} right, mean {g['margin']:+.3f} +- {g['se']:.3f}"
                     for name, g in figs.items()), flush=True)
+        for name, vst in variants:
+            head = encoder.clone()
+            same = all(getattr(vst, f) == getattr(st, f) for f in PAIR_FIELDS)
+            vpairs = pairs_2 if same else gt_pairs(sample_candidates(vm, encoder.head, backbone, vst, seed, "Stage II"),
+                                                   vst, quiet, "")
+            stage_three(vm, head, vpairs, vst, seed, quiet)
+            compare("Stage III - Stage II", evaluate(vm, head.head), r2, seed=seed, labels=f"variant {name}")
         print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
     print("summary (intervals below 0 | across 0 | above 0, mean relative change):")
     groups = {}
     for r in records:
-        key = r["kind"] + ("" if "labels" not in r else f", {'true' if r['labels'] == 'true' else 'placebo'} labels")
+        labels = r.get("labels", "")
+        key = r["kind"] + ("" if not labels else f", {labels}" if labels.startswith("variant")
+                           else f", {'true' if labels == 'true' else 'placebo'} labels")
         groups.setdefault(key, []).append(r)
     for key, rs in groups.items():
         below = sum(r["ci"][1] < 0 for r in rs)

@@ -353,6 +353,7 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("eval_scenes=1001", "--set: eval_scenes must be between 1 and 1000, got 1001"),
                           ("guidance=0.5", r"--set: guidance must be between 1 \(off\) and 10, got 0.5"),
                           ("head_t_min=1", "--set: head_t_min must be between 0 and 0.99, got 1.0"),
+                          ("head_soup=0", r"--set: head_soup must be between 1 \(one run\) and 16, got 0"),
                           ("lr_head=-1", "--set: settings must be finite numbers >= 0, got lr_head=-1.0"),
                           ("beta=nan", "--set: settings must be finite numbers >= 0, got beta=nan")):
         with pytest.raises(SystemExit, match=message):
@@ -668,3 +669,33 @@ def test_benches_read_other_weights_with_assets(tmp_path):
     assert not torch.equal(shipped.ae.decoder[0].weight, vm.ae.decoder[0].weight)
     with pytest.raises(SystemExit, match="--assets and --base drop: the drop base is pretrained on the shipped"):
         demo_args.load_world(ap.parse_args(["--assets", str(path), "--base", "drop"]))
+
+
+def test_head_soup_averages_heads_trained_on_other_draws():
+    """`head_soup=K` (the head's Flow-DPO stages): K heads trained from the same start on other draws of t, noise
+    and batch order, their weights averaged; the DiT untouched, the run recorded once with its K."""
+    import dataclasses
+
+    from physmaster.demo.pipeline import Settings, dpo, freeze_dit, gt_pairs, sample_candidates, stage_one
+
+    quiet = lambda m: None  # noqa: E731
+    st = dataclasses.replace(Settings.fast(), dpo_steps=3)
+    vm, bb, _ = load_assets()
+    encoder = stage_one(vm, bb, st, 0, quiet)
+    freeze_dit(vm, 0)
+    pairs = gt_pairs(sample_candidates(vm, encoder.head, bb, st, 0, "Stage II"), st, quiet, "")
+    assert len(pairs) > 0
+    dit = {k: v.clone() for k, v in vm.den.model.state_dict().items()}
+    runs = []
+    for seed in (5, 5 + 7919):
+        one = encoder.clone()
+        dpo("dpo-head", vm, one, pairs, st, seed, quiet, "one")
+        runs.append(one.head.state_dict())
+    assert any(not torch.allclose(runs[0][k], runs[1][k]) for k in runs[0])  # other draws, other heads
+    soup = encoder.clone()
+    dpo("dpo-head", vm, soup, pairs, dataclasses.replace(st, head_soup=2), 5, quiet, "soup")
+    for k, v in soup.head.state_dict().items():
+        torch.testing.assert_close(v, (runs[0][k] + runs[1][k]) / 2)
+    assert soup.provenance["stages"][-1]["soup"] == 2 and len(soup.provenance["stages"]) == len(
+        encoder.provenance["stages"]) + 1
+    assert all(torch.equal(dit[k], v) for k, v in vm.den.model.state_dict().items())

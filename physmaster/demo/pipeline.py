@@ -59,6 +59,9 @@ class Settings:
     # the head's Flow-DPO stages draw t from [head_t_min, 1] (1 = pure noise); bench/FINDINGS.md, "Stage III at
     # high noise only": drawing only where the DiT's velocity answers the tokens most did not help
     head_t_min: float = 0.001
+    # the head's Flow-DPO stages: train this many heads from the same start on other draws of t, noise and batch
+    # order, and average their weights (1 = one run, as before)
+    head_soup: int = 1
     beta: float = 2000.0
     lora_rank: int = 64
     head_tokens: int = 4
@@ -251,9 +254,25 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
     cfg = TrainConfig(steps=st.dpo_steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
                       warmup_steps=min(20, st.dpo_steps), motion_weight=st.dpo_motion_weight, t_min=t_min)
     t0 = time.perf_counter()
-    result = StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
+    runs = 1 if stage == "dpo-lora" else int(st.head_soup)
+    if runs == 1:
+        result = StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
+        record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",
+                     dataset_size=len(pairs))
+        return
+    import torch
+
+    states = []
+    for r in range(runs):
+        head = encoder.clone()
+        run_cfg = dataclasses.replace(cfg, seed=cfg.seed + 7919 * r)
+        result = StageTrainer(stage, vm.den, head, pairs, run_cfg).run(progress(f"{name} {r + 1}/{runs}", log, t0))
+        states.append(head.head.state_dict())
+    with torch.no_grad():
+        encoder.head.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+                                      for k, v in states[0].items()})
     record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",
-                 dataset_size=len(pairs))
+                 dataset_size=len(pairs), extra={"soup": runs})
 
 
 def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage II") -> None:
