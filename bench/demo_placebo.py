@@ -42,8 +42,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# the settings that change Stage III's candidates or pairs: a --variant that changes one samples its own
-PAIR_FIELDS = ("dpo_scenes", "candidates", "pairs_per_image", "min_margin")
+# the settings that change Stage III's candidates (the first two) or pairs: a --variant that changes one samples
+# (or labels) its own
+PAIR_FIELDS = ("dpo_scenes", "candidates", "min_margin", "head_pairs_whole", "head_pairs_per_image")
 PAIR_CHECK_SEED = 700_000  # held-out pairs' start images (the DPO stages' are 500_000 on, online rounds' 601_000 on)
 
 
@@ -54,8 +55,8 @@ def main() -> int:
 
     from physmaster.demo.cli import checked_settings, held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import (Settings, flipped_pairs, freeze_dit, gt_pairs, new_head, sample_candidates,
-                                          stage_one, stage_three, stage_two)
+    from physmaster.demo.pipeline import (Settings, flipped_pairs, freeze_dit, gt_pairs, head_pairs, new_head,
+                                          sample_candidates, stage_one, stage_three, stage_two)
     from physmaster.training.validation import margin_summary, preference_margins
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -125,10 +126,11 @@ def main() -> int:
         r2 = evaluate(vm, encoder.head)
         compare("Stage II - Stage I", r2, r1, seed=seed)
         freeze_dit(vm, seed)
-        pairs_2 = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II"), st, quiet, "")
+        cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II")
+        pairs_2 = head_pairs(cands_2, st, quiet, "")
         if args.pair_margins:
-            held_pairs = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "held-out pairs",
-                                                    scene_base=PAIR_CHECK_SEED), st, quiet, "")
+            held_pairs = head_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "held-out pairs",
+                                                      scene_base=PAIR_CHECK_SEED), st, quiet, "")
         for f in range(args.flips + 1):
             pairs = pairs_2 if f == 0 else flipped_pairs(pairs_2, [seed, f])
             head = encoder.clone()
@@ -146,8 +148,9 @@ def main() -> int:
         for name, vst in variants:
             head = encoder.clone()
             same = all(getattr(vst, f) == getattr(st, f) for f in PAIR_FIELDS)
-            vpairs = pairs_2 if same else gt_pairs(sample_candidates(vm, encoder.head, backbone, vst, seed, "Stage II"),
-                                                   vst, quiet, "")
+            vcands = cands_2 if all(getattr(vst, f) == getattr(st, f) for f in PAIR_FIELDS[:2]) else \
+                sample_candidates(vm, encoder.head, backbone, vst, seed, "Stage II")
+            vpairs = pairs_2 if same else head_pairs(vcands, vst, quiet, "")
             stage_three(vm, head, vpairs, vst, seed, quiet)
             compare("Stage III - Stage II", evaluate(vm, head.head), r2, seed=seed, labels=f"variant {name}")
         print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)

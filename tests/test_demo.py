@@ -699,3 +699,60 @@ def test_head_soup_averages_heads_trained_on_other_draws():
     assert soup.provenance["stages"][-1]["soup"] == 2 and len(soup.provenance["stages"]) == len(
         encoder.provenance["stages"]) + 1
     assert all(torch.equal(dit[k], v) for k, v in vm.den.model.state_dict().items())
+
+
+def _candidates(similarity, lost):
+    """pipeline.Candidates of one start image with these similarities and lost-frame L2s (latents: the index)."""
+    from physmaster.demo.pipeline import Candidates
+    from physmaster.training import Conditioning
+
+    k = len(similarity)
+    scene = drop_scene(3)
+    lat = torch.arange(k, dtype=torch.float32).view(k, 1, 1, 1, 1).expand(k, 2, 2, 2, 2).contiguous()
+    sims, lost = np.array([similarity], float), np.array([lost], float)
+    return Candidates([scene], Conditioning(context=torch.zeros(1, 4, 32)), lat, [None] * k, 1 - sims, sims, k,
+                      0.0, lost)
+
+
+def test_head_pairs_among_candidates_that_keep_the_object():
+    """The head's pairs (`head_pairs`): with `head_pairs_whole` only candidates that keep the object in every frame
+    are paired (best vs worst among them, then the next), up to `head_pairs_per_image`; Stage II's pairs
+    (`gt_pairs`) keep every candidate; with no whole pair at all, the head's pairs fall back to every candidate."""
+    import dataclasses
+
+    from physmaster.demo.pipeline import Settings, gt_pairs, head_pairs
+
+    quiet, logs = (lambda m: None), []
+    c = _candidates([0.9, 0.8, 0.7, 0.5, 0.4, 0.1], [0, 0, 0.2, 0, 0, 0.5])
+    ids = lambda ps: [(int(p.winner.flatten()[0]), int(p.loser.flatten()[0])) for p in ps.pairs]  # noqa: E731
+    st = dataclasses.replace(Settings(), head_pairs_whole=True, head_pairs_per_image=4)
+    assert ids(gt_pairs(c, st, quiet, "")) == [(0, 5), (1, 4)]  # pairs_per_image 2, every candidate
+    assert ids(head_pairs(c, st, logs.append, "Stage II")) == [(0, 4), (1, 3)]  # 4 whole ones: 2 pairs at most
+    assert "keep the object in every frame" in logs[-1]
+    assert ids(head_pairs(c, dataclasses.replace(st, head_pairs_per_image=1), quiet, "")) == [(0, 4)]
+    assert ids(head_pairs(c, dataclasses.replace(st, head_pairs_whole=False), quiet, "")) == [(0, 5), (1, 4), (2, 3)]
+    lost_all = _candidates([0.9, 0.5, 0.1, 0.0], [0.1, 0.1, 0.1, 0.1])
+    logs.clear()
+    assert ids(head_pairs(lost_all, st, logs.append, "Stage II")) == [(0, 3), (1, 2)]
+    assert "no pair of Stage II candidates that keep the object in every frame" in logs[0]
+
+
+def test_judge_pairs_whole_only_leave_out_a_video_that_loses_the_object():
+    """`judge_label_pairs(..., whole_only=True)`: a candidate in which the judge's track loses the object is in no
+    pair (without it, the judge pairs it as the worst)."""
+    from physmaster.demo.judging import judge_label_pairs
+    from physmaster.demo.world import FPS
+
+    scene = drop_scene(11)
+    true = scene.frames.astype(np.float32)
+    lost, masks = true.copy(), scene.object_masks()
+    for f in (4, 5):  # the object painted over with the background just left of it, row by row
+        for y in np.where(masks[f].any(1))[0]:
+            xs = np.where(masks[f][y])[0]
+            lost[f, y, xs] = true[f, y, max(xs.min() - 2, 0)]
+    slow = drop_scene(11, restitution=0.0).frames.astype(np.float32)
+    videos = [true, lost, slow, true.copy()]
+    every = judge_label_pairs(videos, true[0], FPS, min_confidence=0.0)
+    assert 1 in {i for p in every for i in p[:2]}
+    whole = judge_label_pairs(videos, true[0], FPS, min_confidence=0.0, whole_only=True)
+    assert whole and all(1 not in p[:2] for p in whole) and len(whole) <= 1

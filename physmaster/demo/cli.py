@@ -119,8 +119,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
-    from .pipeline import (dpo, freeze_dit, gt_pairs, judge_agreement, judge_pairs, sample_candidates, stage_one,
-                           stage_three, stage_two)
+    from .pipeline import (dpo, freeze_dit, gt_pairs, head_pairs, judge_agreement, judge_pairs, sample_candidates,
+                           stage_one, stage_three, stage_two)
     from .report import JUDGE_ROW, online_row
 
     vm, backbone = assets
@@ -168,7 +168,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     pairs_1 = gt_pairs(cands_1, st, log, "Stage I")
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
-    dpo("dpo-head", vm, enc_only, pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
+    head_pairs_1 = head_pairs(cands_1, st, log, "Stage I")
+    dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
     evaluate("Stage I + DPO encoder", enc_only.head)
     log(f"[5/{total}] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")
     stage_two(vm, encoder, pairs_1, st, seed, log)
@@ -176,13 +177,15 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
     freeze_dit(vm, seed)
     cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II")
-    pairs_2 = gt_pairs(cands_2, st, log, "Stage II")
+    pairs_2 = head_pairs(cands_2, st, log, "Stage II")
     stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
     stage_three(vm, encoder, pairs_2, st, seed, log)
     with_influence("Stage III", encoder.head)
     agreement = {"Stage I candidates": judge_agreement(cands_1), "Stage II candidates": judge_agreement(cands_2)}
     names = ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
-    n_pairs = {"Stage I": len(pairs_1), "Stage II": len(pairs_2)}
+    # pairs from each model's candidates: Stage I's for Stage II (the LoRA), and the head's own from Stage I's
+    # (Stage I + DPO encoder) and from Stage II's (Stage III)
+    n_pairs = {"Stage I": len(pairs_1), "Stage II": len(pairs_2), "Stage I, the head's": len(head_pairs_1)}
     step = 6
 
     def judged_dpo(name, encoder_, cands, dpo_seed):

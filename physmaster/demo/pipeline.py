@@ -62,6 +62,11 @@ class Settings:
     # the head's Flow-DPO stages: train this many heads from the same start on other draws of t, noise and batch
     # order, and average their weights (1 = one run, as before)
     head_soup: int = 1
+    # the head's Flow-DPO stages: pairs only among the candidates that keep the object in every frame, so that a
+    # pair differs in the motion (which the tokens decide) rather than in a lost frame (which they do not), and
+    # up to this many pairs per start image
+    head_pairs_whole: bool = True
+    head_pairs_per_image: int = 2
     beta: float = 2000.0
     lora_rank: int = 64
     head_tokens: int = 4
@@ -186,16 +191,26 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
     return Candidates(scenes, cond, lat, videos, l2, sims, k, time.perf_counter() - t0, lost)
 
 
-def gt_pairs(c: Candidates, st: Settings, log, tag: str):
+def head_pairs(c: Candidates, st: Settings, log, tag: str):
+    """The head's Flow-DPO pairs (Stage I + DPO encoder, Stage III): `gt_pairs` among the candidates that keep the
+    object in every frame (`Settings.head_pairs_whole`), up to `head_pairs_per_image` per start image."""
+    return gt_pairs(c, st, log, tag, whole_only=st.head_pairs_whole, per_image=st.head_pairs_per_image)
+
+
+def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = False, per_image: int | None = None):
     """Pairs labelled by the ground truth (the paper's synthetic-data recipe): per start image, 1st vs last,
-    2nd vs second-to-last, ... by similarity to the true masks, while the gap is at least `min_margin`."""
+    2nd vs second-to-last, ... by similarity to the true masks, while the gap is at least `min_margin`; up to
+    `per_image` (default `pairs_per_image`) per start image. `whole_only`: among the candidates that keep the
+    object in every frame only; when no start image has such a pair, among all of them."""
     from ..training import PreferencePair, PreferenceSet
 
     pairs, gaps = [], []
     for j, s in enumerate(c.scenes):
         sims = c.similarity[j]
         order = np.argsort(-sims)
-        for r in range(min(st.pairs_per_image, c.k // 2)):
+        if whole_only:
+            order = order[c.lost[j][order] == 0]
+        for r in range(min(st.pairs_per_image if per_image is None else per_image, len(order) // 2)):
             w, lo = int(order[r]), int(order[-1 - r])
             if sims[w] - sims[lo] < st.min_margin:
                 break
@@ -203,7 +218,11 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str):
             pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
                                         c.latents[j * c.k + lo], "similarity", float(sims[w] - sims[lo]),
                                         f"scene{s.meta['seed']}"))
-    log(f"  {len(pairs)} pairs from {len(c.scenes)} start images x {c.k} candidates of the {tag} model "
+    if whole_only and not pairs:
+        log(f"  no pair of {tag} candidates that keep the object in every frame: pairs among all of them")
+        return gt_pairs(c, st, log, tag, per_image=per_image)
+    whole = " (those that keep the object in every frame)" if whole_only else ""
+    log(f"  {len(pairs)} pairs from {len(c.scenes)} start images x {c.k} candidates{whole} of the {tag} model "
         f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {np.mean(c.lost > 0):.1%} of the candidates "
         f"lose the object in some frame, {np.mean(c.lost) / c.l2.mean():.0%} of their avg L2; {c.seconds:.0f}s)")
     return PreferenceSet(pairs)
@@ -224,23 +243,32 @@ def flipped_pairs(pairs, seed, fraction: float = 0.5):
                          for p, s in zip(pairs.pairs, swap))
 
 
-def judge_pairs(c: Candidates, st: Settings, log, tag: str):  # -> PreferenceSet | None (no pair)
+def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | None = None):  # -> PreferenceSet | None
     """Pairs labelled by the physics judge alone (`judging.judge_label_pairs`: it sees the candidates and the
     start image, never the ground truth): per start image, the judge's best vs its worst, 2nd vs second-to-last,
-    ... while its confidence is at least `judge_min_confidence`; the margin is that confidence."""
+    ... while its confidence is at least `judge_min_confidence`; the margin is that confidence. The head's recipe
+    (`head_pairs`) with the judge's eyes: up to `head_pairs_per_image` per start image, and with
+    `head_pairs_whole` among the candidates whose object the judge tracks in every frame (when that gives no
+    pair, among all of them). None: no pair at all."""
     from ..training import PreferencePair, PreferenceSet
     from .judging import judge_label_pairs
     from .world import FPS
 
+    whole_only = st.head_pairs_whole if whole_only is None else whole_only
     pairs, confs, right = [], [], []
     for j, s in enumerate(c.scenes):
-        for w, lo, m in judge_label_pairs(c.videos_of(j), s.frames[0], FPS, max_pairs=st.pairs_per_image,
-                                          min_confidence=st.judge_min_confidence):
+        for w, lo, m in judge_label_pairs(c.videos_of(j), s.frames[0], FPS, max_pairs=st.head_pairs_per_image,
+                                          min_confidence=st.judge_min_confidence, whole_only=whole_only):
             confs.append(m)
             right.append(c.l2[j, w] < c.l2[j, lo])
             pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
                                         c.latents[j * c.k + lo], "judge", float(m), f"scene{s.meta['seed']}"))
-    log(f"  {len(pairs)} judge-labelled pairs from {len(c.scenes)} start images x {c.k} candidates of the {tag} "
+    if whole_only and not pairs:
+        log(f"  no judge-labelled pair of {tag} candidates whose object the judge tracks in every frame: pairs among "
+            "all of them")
+        return judge_pairs(c, st, log, tag, whole_only=False)
+    whole = " (those whose object the judge tracks in every frame)" if whole_only else ""
+    log(f"  {len(pairs)} judge-labelled pairs from {len(c.scenes)} start images x {c.k} candidates{whole} of the {tag} "
         f"model (mean confidence {np.mean(confs) if confs else 0:.3f}; the ground truth, not shown to the judge, "
         f"prefers the same video in {np.mean(right) if right else 0:.0%} of them)")
     return PreferenceSet(pairs) if pairs else None
