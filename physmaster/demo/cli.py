@@ -168,7 +168,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     pairs_1 = gt_pairs(cands_1, st, log, "Stage I")
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
-    head_pairs_1 = head_pairs(cands_1, st, log, "Stage I")
+    same = not st.head_pairs_whole and st.head_pairs_per_image == st.pairs_per_image
+    head_pairs_1 = pairs_1 if same else head_pairs(cands_1, st, log, "Stage I")
     dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
     evaluate("Stage I + DPO encoder", enc_only.head)
     log(f"[5/{total}] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")

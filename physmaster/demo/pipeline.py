@@ -60,12 +60,14 @@ class Settings:
     # high noise only": drawing only where the DiT's velocity answers the tokens most did not help
     head_t_min: float = 0.001
     # the head's Flow-DPO stages: train this many heads from the same start on other draws of t, noise and batch
-    # order, and average their weights (1 = one run, as before)
+    # order, and average their weights (1 = one run; 4 gave what one run gives, bench/FINDINGS.md, "Stage III's
+    # variance: which pairs, not which draws")
     head_soup: int = 1
     # the head's Flow-DPO stages: pairs only among the candidates that keep the object in every frame, so that a
     # pair differs in the motion (which the tokens decide) rather than in a lost frame (which they do not), and
-    # up to this many pairs per start image
-    head_pairs_whole: bool = True
+    # up to this many pairs per start image. Off: it moved Stage III as much as any other choice of pairs, both ways
+    # (bench/FINDINGS.md, "Stage III's variance: which pairs, not which draws")
+    head_pairs_whole: bool = False
     head_pairs_per_image: int = 2
     beta: float = 2000.0
     lora_rank: int = 64
