@@ -354,6 +354,7 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("guidance=0.5", r"--set: guidance must be between 1 \(off\) and 10, got 0.5"),
                           ("head_t_min=1", "--set: head_t_min must be between 0 and 0.99, got 1.0"),
                           ("head_soup=0", r"--set: head_soup must be between 1 \(one run\) and 16, got 0"),
+                          ("head_pairs_per_image=0", "--set: head_pairs_per_image must be between 1 and 64, got 0"),
                           ("lr_head=-1", "--set: settings must be finite numbers >= 0, got lr_head=-1.0"),
                           ("beta=nan", "--set: settings must be finite numbers >= 0, got beta=nan")):
         with pytest.raises(SystemExit, match=message):
