@@ -15,7 +15,8 @@ moves which frames lose the object, and each such frame costs 0.707 of avg L2. T
    the training pairs are. Accuracy above 50% there means the head learned a preference that holds on start
    images it never trained on; 50% means it memorised its pairs.
 4. With `--variant NAME:SET,SET`: Stage III on the true labels again from the same Stage II with these settings
-   changed; a variant that changes the candidates or pairs (`PAIR_FIELDS`) samples and labels its own.
+   changed; a variant that changes the candidates or pairs (`CANDIDATE_FIELDS`, `PAIR_FIELDS`) samples or labels
+   its own.
 
 Every figure is held-out avg L2 against the row it builds on, with the paired bootstrap 95% interval, on each
 eval seed, with `--eval-videos` videos per held-out drop (the demo uses 4); `*` marks an interval below 0, `+`
@@ -42,9 +43,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# the settings that change Stage III's candidates (the first two) or pairs: a --variant that changes one samples
-# (or labels) its own
-PAIR_FIELDS = ("dpo_scenes", "candidates", "min_margin", "head_pairs_whole", "head_pairs_per_image")
+# the settings that change Stage III's candidates, and those that change only its pairs: a --variant that changes
+# one samples (or labels) its own
+CANDIDATE_FIELDS = ("dpo_scenes", "candidates")
+PAIR_FIELDS = ("min_margin", "head_pairs_whole", "head_pairs_per_image")
 PAIR_CHECK_SEED = 700_000  # held-out pairs' start images (the DPO stages' are 500_000 on, online rounds' 601_000 on)
 
 
@@ -147,10 +149,10 @@ def main() -> int:
                     for name, g in figs.items()), flush=True)
         for name, vst in variants:
             head = encoder.clone()
-            same = all(getattr(vst, f) == getattr(st, f) for f in PAIR_FIELDS)
-            vcands = cands_2 if all(getattr(vst, f) == getattr(st, f) for f in PAIR_FIELDS[:2]) else \
-                sample_candidates(vm, encoder.head, backbone, vst, seed, "Stage II")
-            vpairs = pairs_2 if same else head_pairs(vcands, vst, quiet, "")
+            same_cands = all(getattr(vst, f) == getattr(st, f) for f in CANDIDATE_FIELDS)
+            vcands = cands_2 if same_cands else sample_candidates(vm, encoder.head, backbone, vst, seed, "Stage II")
+            same_pairs = same_cands and all(getattr(vst, f) == getattr(st, f) for f in PAIR_FIELDS)
+            vpairs = pairs_2 if same_pairs else head_pairs(vcands, vst, quiet, "")
             stage_three(vm, head, vpairs, vst, seed, quiet)
             compare("Stage III - Stage II", evaluate(vm, head.head), r2, seed=seed, labels=f"variant {name}")
         print(f"  ({time.perf_counter() - t0:.0f}s)", flush=True)

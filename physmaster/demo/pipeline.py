@@ -285,24 +285,20 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
                       warmup_steps=min(20, st.dpo_steps), motion_weight=st.dpo_motion_weight, t_min=t_min)
     t0 = time.perf_counter()
     runs = 1 if stage == "dpo-lora" else int(st.head_soup)
-    if runs == 1:
-        result = StageTrainer(stage, vm.den, encoder, pairs, cfg).run(progress(name, log, t0))
-        record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",
-                     dataset_size=len(pairs))
-        return
-    import torch
-
-    states = []
-    for r in range(runs):
-        head = encoder.clone()
+    heads = [encoder] if runs == 1 else [encoder.clone() for _ in range(runs)]
+    for r, head in enumerate(heads):  # a soup's runs: the same start, other draws (run 0: the single run's)
         run_cfg = dataclasses.replace(cfg, seed=cfg.seed + 7919 * r)
-        result = StageTrainer(stage, vm.den, head, pairs, run_cfg).run(progress(f"{name} {r + 1}/{runs}", log, t0))
-        states.append(head.head.state_dict())
-    with torch.no_grad():
-        encoder.head.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
-                                      for k, v in states[0].items()})
+        result = StageTrainer(stage, vm.den, head, pairs, run_cfg).run(
+            progress(name if runs == 1 else f"{name} {r + 1}/{runs}", log, t0))
+    if runs > 1:
+        import torch
+
+        states = [h.head.state_dict() for h in heads]
+        with torch.no_grad():
+            encoder.head.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+                                          for k, v in states[0].items()})
     record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",
-                 dataset_size=len(pairs), extra={"soup": runs})
+                 dataset_size=len(pairs), extra={"soup": runs} if runs > 1 else None)
 
 
 def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage II") -> None:
