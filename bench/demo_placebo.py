@@ -55,6 +55,7 @@ def main() -> int:
 
     from demo_args import add_base, add_set, ints, load_world, settings, write_json
 
+    from physmaster.demo.backbone import head_input
     from physmaster.demo.cli import checked_settings, held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
     from physmaster.demo.pipeline import (Settings, flipped_pairs, freeze_dit, gt_pairs, head_pairs, new_head,
@@ -86,9 +87,13 @@ def main() -> int:
         name, _, items = v.partition(":")
         if not name or not items:
             raise SystemExit(f"--variant {v!r}: use NAME:SET,SET (e.g. soup4:head_soup=4)")
-        variants.append((name, checked_settings(st, items.split(","))))
+        vst = checked_settings(st, items.split(","))
+        if vst.head_reads != st.head_reads:
+            raise SystemExit(f"--variant {v!r}: head_reads changes Stage I's input too; give it with --set")
+        variants.append((name, vst))
     t_start = time.perf_counter()
     vm0, backbone = load_world(args)
+    backbone = head_input(backbone, st.head_reads)
     k = args.eval_videos
     held = {es: held_out_set(vm0, backbone, st.eval_scenes, es, k) for es in args.eval_seeds}
 

@@ -158,6 +158,25 @@ def test_geometry_targets_and_backbone_shapes():
     assert net.predict(img).shape == (2, len(TARGETS))
 
 
+def test_head_input_gives_the_head_the_hidden_states_the_summary_or_the_geometry():
+    """`Settings.head_reads`: the backbone itself, its summary token alone, or its geometry read-out as one token
+    padded to the width; anything else is refused by name."""
+    from physmaster.demo.backbone import HeadInput, head_input
+
+    net = GeometryBackbone()
+    img = torch.from_numpy(np.stack([drop_scene(5).frames[0], drop_scene(6).frames[0]]))
+    hidden = net(img)
+    assert head_input(net, "hidden") is net
+    summary = head_input(net, "summary")(img)
+    assert summary.shape == (2, 1, 64) and torch.equal(summary, hidden[:, :1])
+    geometry = head_input(net, "geometry")(img)
+    assert geometry.shape == (2, 1, 64) and not geometry.requires_grad
+    assert torch.equal(geometry[:, 0, :len(TARGETS)], net.predict(img))
+    assert not geometry[:, 0, len(TARGETS):].any()
+    with pytest.raises(ValueError, match="head_reads must be one of hidden, summary, geometry, got 'pixels'"):
+        HeadInput(net, "pixels")
+
+
 def test_coherence_counts_whole_objects_only():
     gt = np.zeros((4, 32, 32), bool)
     gt[:, 10:16, 10:16] = True  # area 36
@@ -340,9 +359,10 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
     """`--set NAME=VALUE` (the benches' override, now the demo's too) reaches the run and results.json; a bad
     item is refused before anything trains, with an error that names it."""
     assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "lr_lora=3e-4", "--set", "dpo_steps=3",
-                 "--set", "head_t_min=0.5"]) == 0
+                 "--set", "head_t_min=0.5", "--set", "head_reads=geometry"]) == 0
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
     assert (settings["lr_lora"], settings["dpo_steps"], settings["sft_steps"]) == (3e-4, 3, 2)  # 2: --fast's
+    assert settings["head_reads"] == "geometry"
     from physmaster.encoder import load_encoder
 
     stages = load_encoder(tmp_path / "demo_encoder.safetensors").provenance["stages"]
@@ -355,6 +375,8 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("head_t_min=1", "--set: head_t_min must be between 0 and 0.99, got 1.0"),
                           ("head_soup=0", r"--set: head_soup must be between 1 \(one run\) and 16, got 0"),
                           ("head_pairs_per_image=0", "--set: head_pairs_per_image must be between 1 and 64, got 0"),
+                          ("head_reads=pixels",
+                           "--set: head_reads must be one of hidden, summary, geometry, got 'pixels'"),
                           ("lr_head=-1", "--set: settings must be finite numbers >= 0, got lr_head=-1.0"),
                           ("beta=nan", "--set: settings must be finite numbers >= 0, got beta=nan")):
         with pytest.raises(SystemExit, match=message):

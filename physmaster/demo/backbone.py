@@ -104,6 +104,41 @@ class GeometryBackbone(nn.Module):
         return levels[(r[:, None] - levels[None]).abs().argmin(1)]
 
 
+#: what the physical head reads of the backbone (`Settings.head_reads`): "hidden", its hidden states as a
+#: CLIPVisionEncode output would give them (the default); "summary", the summary token alone (the layer every
+#: geometry target is a linear read-out of); "geometry", the geometry read-out itself (`TARGETS`, one token, padded
+#: with zeros to WIDTH). The two narrow ones drop the patch tokens, which carry the object's and background's looks
+#: the head only ever sees for the seen split; neither made Stage III beat Stage II (bench/FINDINGS.md, "What the
+#: head reads").
+HEAD_READS = ("hidden", "summary", "geometry")
+
+
+class HeadInput(nn.Module):
+    """The backbone as the head reads it (`HEAD_READS`): the frozen `backbone`'s hidden states, its summary token
+    alone, or its geometry read-out as one token [B, 1, WIDTH]."""
+
+    def __init__(self, backbone: GeometryBackbone, reads: str = "hidden"):
+        super().__init__()
+        if reads not in HEAD_READS:
+            raise ValueError(f"head_reads must be one of {', '.join(HEAD_READS)}, got {reads!r}")
+        self.backbone, self.reads = backbone, reads
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden, geometry = self.backbone._forward(images)
+        if self.reads == "summary":
+            return hidden[:, :1]
+        if self.reads == "geometry":
+            pad = hidden.new_zeros(len(geometry), hidden.shape[-1] - geometry.shape[-1])
+            return torch.cat([geometry, pad], 1)[:, None]
+        return hidden
+
+
+def head_input(backbone: GeometryBackbone, reads: str = "hidden") -> nn.Module:
+    """`backbone` itself for "hidden" (the default: nothing changes), else a `HeadInput` over it."""
+    return backbone if reads == "hidden" else HeadInput(backbone, reads)
+
+
 def train_backbone(images: torch.Tensor, targets: torch.Tensor, steps: int, seed: int = 0, batch: int = 128,
                    lr: float = 2e-3, log=print) -> tuple[GeometryBackbone, dict]:
     """Supervised pretraining on start images [N, H, W, 3] -> targets [N, len(TARGETS)]; frozen afterwards."""

@@ -124,7 +124,10 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
                            stage_one, stage_three, stage_two)
     from .report import JUDGE_ROW, online_row
 
+    from .backbone import head_input
+
     vm, backbone = assets
+    backbone = head_input(backbone, st.head_reads)
     vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))  # each seed trains a fresh copy of the shipped base
     vm.guidance = float(st.guidance)
     k = st.eval_videos
@@ -327,6 +330,10 @@ def checked_settings(st, items):
     for field in LIMITS:
         if problem := _out_of_range(field, getattr(st, field)):
             raise SystemExit(f"--set: {field} {problem}")
+    from .backbone import HEAD_READS
+
+    if st.head_reads not in HEAD_READS:
+        raise SystemExit(f"--set: head_reads must be one of {', '.join(HEAD_READS)}, got {st.head_reads!r}")
     negative = [f"{k}={v}" for k, v in vars(st).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and not (v >= 0 and np.isfinite(v))]
     if negative:

@@ -70,6 +70,10 @@ class Settings:
     head_pairs_whole: bool = False
     head_pairs_per_image: int = 2
     beta: float = 2000.0
+    # what the head reads of the backbone (backbone.HEAD_READS): its hidden states (the default), its summary token
+    # or its geometry read-out; the narrow ones did not make Stage III beat Stage II (bench/FINDINGS.md, "What the
+    # head reads")
+    head_reads: str = "hidden"
     lora_rank: int = 64
     head_tokens: int = 4
     head_gain: float = 1.0
