@@ -113,15 +113,20 @@ class GeometryBackbone(nn.Module):
 HEAD_READS = ("hidden", "summary", "geometry")
 
 
+def check_head_reads(reads: str) -> str:
+    """`reads` if it is one of `HEAD_READS`; else a ValueError that names the choices (HeadInput's and --set's)."""
+    if reads not in HEAD_READS:
+        raise ValueError(f"head_reads must be one of {', '.join(HEAD_READS)}, got {reads!r}")
+    return reads
+
+
 class HeadInput(nn.Module):
     """The backbone as the head reads it (`HEAD_READS`): the frozen `backbone`'s hidden states, its summary token
     alone, or its geometry read-out as one token [B, 1, WIDTH]."""
 
     def __init__(self, backbone: GeometryBackbone, reads: str = "hidden"):
         super().__init__()
-        if reads not in HEAD_READS:
-            raise ValueError(f"head_reads must be one of {', '.join(HEAD_READS)}, got {reads!r}")
-        self.backbone, self.reads = backbone, reads
+        self.backbone, self.reads = backbone, check_head_reads(reads)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -122,9 +122,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .world import material_renderings
     from .pipeline import (dpo, freeze_dit, gt_pairs, head_pairs, judge_agreement, judge_pairs, sample_candidates,
                            stage_one, stage_three, stage_two)
-    from .report import JUDGE_ROW, online_row
-
     from .backbone import head_input
+    from .report import JUDGE_ROW, online_row
 
     vm, backbone = assets
     backbone = head_input(backbone, st.head_reads)
@@ -330,10 +329,12 @@ def checked_settings(st, items):
     for field in LIMITS:
         if problem := _out_of_range(field, getattr(st, field)):
             raise SystemExit(f"--set: {field} {problem}")
-    from .backbone import HEAD_READS
+    from .backbone import check_head_reads
 
-    if st.head_reads not in HEAD_READS:
-        raise SystemExit(f"--set: head_reads must be one of {', '.join(HEAD_READS)}, got {st.head_reads!r}")
+    try:
+        check_head_reads(st.head_reads)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
     negative = [f"{k}={v}" for k, v in vars(st).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and not (v >= 0 and np.isfinite(v))]
     if negative:
