@@ -446,6 +446,60 @@ def test_prompt_override_and_pretraining_on_from_a_model(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in den.model.state_dict().items())
 
 
+def test_new_dit_overrides_and_pretraining_with_an_ema_of_the_weights():
+    """`new_dit(**overrides)` builds the demo's DiT with fields of its config changed (a deeper base) and refuses a
+    field it does not have; `pretrain_dit(ema_decay=d)` returns the moving average of the trained weights: after one
+    step, min(d, 2/11) of the initial weights and the rest of the trained ones, exactly."""
+    from physmaster.demo.generator import MODEL, new_dit, pretrain_dit, pretraining_condition
+
+    deep = new_dit(0, num_layers=2)
+    assert len(deep.model.blocks) == 2 and len(new_dit(0).model.blocks) == MODEL["num_layers"]
+    with pytest.raises(ValueError, match=r"\['depth'\] are not fields of the demo's DiT config; use some of"):
+        new_dit(0, depth=8)
+    lat = torch.randn(2, MODEL["latent_channels"], FRAMES, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(0))
+    cond = pretraining_condition(lat)
+    init = {k: v.clone() for k, v in new_dit(0, num_layers=1).model.state_dict().items()}
+    raw, info = pretrain_dit(lat, cond, steps=1, batch=2, log=None, den=new_dit(0, num_layers=1))
+    assert "ema_decay" not in info
+    avg, info = pretrain_dit(lat, cond, steps=1, batch=2, log=None, den=new_dit(0, num_layers=1), ema_decay=0.9)
+    assert info["ema_decay"] == 0.9
+    trained = raw.model.state_dict()
+    changed = [k for k in init if not torch.equal(init[k], trained[k])]
+    assert changed
+    d = 2 / 11
+    for k, v in avg.model.state_dict().items():
+        assert torch.allclose(v, d * init[k] + (1 - d) * trained[k], atol=1e-6), k
+    assert not any(p.requires_grad for p in avg.model.parameters())
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\), got 1.0"):
+        pretrain_dit(lat, cond, steps=1, batch=2, log=None, ema_decay=1.0)
+
+
+def test_base_scale_bench_runs_both_bases_side_by_side(tmp_path, capsys):
+    """bench/demo_base_scale.py at smoke size: pretrains the other base (cached, then read), trains Stage I on it and
+    on the shipped base, and writes avg L2 and coherence by split and by unseen background for both."""
+    import json
+
+    mod = bench_module("demo_base_scale")
+    tiny = ["--set", "sft_steps=2", "--set", "sft_scenes=4", "--set", "eval_scenes=3", "--set", "sample_steps=2",
+            "--set", "batch=2", "--eval-seeds", "3", "--cache", str(tmp_path / "c")]
+    out = tmp_path / "f.json"
+    assert mod.main(["--layers", "1", "--steps", "2", "--videos", "4", "--out", str(out)] + tiny) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"args", "shipped base", "1-block base", "seconds"}
+    for label in ("shipped base", "1-block base"):
+        assert set(figures[label]) == {"base, eval seed 3", "Stage I, eval seed 3"}
+        r = figures[label]["Stage I, eval seed 3"]
+        assert 0.0 <= r["coherence seen"] <= 1.0 and r["l2"] == pytest.approx((r["l2 seen"] + r["l2 unseen"]) / 2)
+    assert (tmp_path / "c" / "base_layers1_steps2_v4_ema0.999.safetensors").is_file()
+    assert "1-block base read from" not in capsys.readouterr().out
+    assert mod.main(["--layers", "1", "--steps", "2", "--videos", "4"] + tiny) == 0
+    assert "1-block base read from" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--ema must be in \[0, 1\), got 1.0"):
+        mod.main(["--continue-steps", "2", "--ema", "1"] + tiny)
+    with pytest.raises(SystemExit):  # one of --layers / --continue-steps
+        mod.main(tiny)
+
+
 def test_wrong_physics_drop_base_world():
     """bench/demo_drop_base.py's base world: drops of both splits from rest, at half the nominal gravity and one
     restitution for every material, deterministic by seed, and slower than the demo's true drop of the same seed."""

@@ -29,10 +29,15 @@ def prompt_context() -> torch.Tensor:
     return torch.randn(1, PROMPT_LEN, TEXT_DIM, generator=g)
 
 
-def new_dit(seed: int = 0):
+def new_dit(seed: int = 0, **overrides):
+    """A fresh tiny Wan DiT of the demo's config (`MODEL`), with `overrides` of it (e.g. `num_layers=8`:
+    `bench/demo_base_scale.py`'s deeper base)."""
     from ..backends.diffusers_wan import WanDenoiser, make_tiny_wan
 
-    return WanDenoiser(make_tiny_wan(seed, **MODEL))
+    unknown = sorted(set(overrides) - set(MODEL))
+    if unknown:
+        raise ValueError(f"{unknown} are not fields of the demo's DiT config; use some of {sorted(MODEL)}")
+    return WanDenoiser(make_tiny_wan(seed, **{**MODEL, **overrides}))
 
 
 @dataclass
@@ -120,9 +125,12 @@ def pretraining_condition(latents: torch.Tensor, context: torch.Tensor | None = 
 
 
 def pretrain_dit(latents: torch.Tensor, cond, steps: int, seed: int = 0, batch: int = 16, lr: float = 1e-3,
-                 log=print, den=None, name: str = "base DiT"):
+                 log=print, den=None, name: str = "base DiT", ema_decay: float = 0.0):
     """Train the base DiT (every weight; no physical tokens) on latents [N, C, T, h, w]: from scratch, or on from
-    `den` (trained in place, e.g. `bench/demo_caption_base.py`'s caption phase)."""
+    `den` (trained in place, e.g. `bench/demo_caption_base.py`'s caption phase). `ema_decay` > 0: the weights
+    returned are an exponential moving average of the trained ones (after step k the average takes
+    1 - min(ema_decay, (k + 1) / (k + 10)) of the new weights, so its first steps are not dominated by the
+    initialisation), as diffusion models are usually sampled; 0: the last step's weights."""
     from ..training import StageTrainer, TrainConfig, VideoSample, VideoSet
 
     den = new_dit(seed) if den is None else den
@@ -133,21 +141,35 @@ def pretrain_dit(latents: torch.Tensor, cond, steps: int, seed: int = 0, batch: 
     # train every weight: for the base, the trainer's "LoRA" is the whole model
     den.named_lora_parameters = lambda: list(den.model.named_parameters())  # type: ignore[method-assign]
     den.lora_parameters = lambda: params  # type: ignore[method-assign]
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch, seed=seed, warmup_steps=min(100, steps), grad_clip=1.0)
     tr = StageTrainer("sft", den, None, data, cfg)
     t0 = time.perf_counter()
+    ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
 
     def cb(step, total, logs):
+        if ema is not None:
+            d = min(ema_decay, (step + 1) / (step + 10))  # `step` steps are done
+            with torch.no_grad():
+                for a, p in zip(ema, params):
+                    a.mul_(d).add_(p.detach(), alpha=1 - d)
         if log and (step == total or step % max(1, total // 10) == 0):
             log(f"  [{name}] {step}/{total} loss {logs['loss']:.4f} ({time.perf_counter() - t0:.0f}s)")
 
     tr.run(cb)
     del den.named_lora_parameters, den.lora_parameters
-    for p in den.model.parameters():
-        p.requires_grad_(False)
+    with torch.no_grad():
+        for i, p in enumerate(den.model.parameters()):
+            if ema is not None:
+                p.copy_(ema[i])
+            p.requires_grad_(False)
     tail = [h["loss"] for h in tr.history[-50:]]
-    return den, {"steps": steps, "final_loss": float(np.mean(tail)) if tail else None,
-                 "seconds": time.perf_counter() - t0}
+    info = {"steps": steps, "final_loss": float(np.mean(tail)) if tail else None,
+            "seconds": time.perf_counter() - t0}
+    if ema is not None:
+        info["ema_decay"] = ema_decay
+    return den, info
 
 
 def rebase(vm: VideoModel, cache_file, pretrain, name: str, log=print) -> None:
