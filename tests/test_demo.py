@@ -456,7 +456,8 @@ def test_new_dit_overrides_and_pretraining_with_an_ema_of_the_weights():
     assert len(deep.model.blocks) == 2 and len(new_dit(0).model.blocks) == MODEL["num_layers"]
     with pytest.raises(ValueError, match=r"\['depth'\] are not fields of the demo's DiT config; use some of"):
         new_dit(0, depth=8)
-    lat = torch.randn(2, MODEL["latent_channels"], FRAMES, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, MODEL["latent_channels"], FRAMES, SIZE // 4, SIZE // 4, generator=g)
     cond = pretraining_condition(lat)
     init = {k: v.clone() for k, v in new_dit(0, num_layers=1).model.state_dict().items()}
     raw, info = pretrain_dit(lat, cond, steps=1, batch=2, log=None, den=new_dit(0, num_layers=1))
