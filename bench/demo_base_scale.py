@@ -71,7 +71,8 @@ def other_base(vm, args, log):
         vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den), guide=copy.deepcopy(vm.guide))
         name, steps = f"shipped base + {args.continue_steps} steps", args.continue_steps
     tag = f"layers{args.layers}_steps{steps}" if args.layers else f"continue{steps}"
-    cache = None if args.cache is None else args.cache / f"base_{tag}_v{args.videos}_ema{args.ema:g}_s{args.pretrain_seed}.safetensors"
+    cache_name = f"base_{tag}_v{args.videos}_ema{args.ema:g}_s{args.pretrain_seed}.safetensors"
+    cache = None if args.cache is None else args.cache / cache_name
 
     def pretrain(vm_):
         log(f"pretraining the {name} on {args.videos} generic-motion videos (EMA {args.ema:g})")

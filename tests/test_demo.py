@@ -491,10 +491,13 @@ def test_base_scale_bench_runs_both_bases_side_by_side(tmp_path, capsys):
         assert set(figures[label]) == {"base, eval seed 3", "Stage I, eval seed 3"}
         r = figures[label]["Stage I, eval seed 3"]
         assert 0.0 <= r["coherence seen"] <= 1.0 and r["l2"] == pytest.approx((r["l2 seen"] + r["l2 unseen"]) / 2)
-    assert (tmp_path / "c" / "base_layers1_steps2_v4_ema0.999.safetensors").is_file()
+    assert (tmp_path / "c" / "base_layers1_steps2_v4_ema0.999_s7.safetensors").is_file()
     assert "1-block base read from" not in capsys.readouterr().out
     assert mod.main(["--layers", "1", "--steps", "2", "--videos", "4"] + tiny) == 0
     assert "1-block base read from" in capsys.readouterr().out
+    assert mod.main(["--layers", "1", "--steps", "2", "--videos", "4", "--pretrain-seed", "8"] + tiny) == 0
+    assert "1-block base read from" not in capsys.readouterr().out  # another seed: another base, not the cache
+    assert (tmp_path / "c" / "base_layers1_steps2_v4_ema0.999_s8.safetensors").is_file()
     with pytest.raises(SystemExit, match=r"--ema must be in \[0, 1\), got 1.0"):
         mod.main(["--continue-steps", "2", "--ema", "1"] + tiny)
     with pytest.raises(SystemExit):  # one of --layers / --continue-steps
