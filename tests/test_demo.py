@@ -1,5 +1,7 @@
 """The demo package: its world, parts, figures and the `--fast` end-to-end run."""
 
+import dataclasses
+import itertools
 import json
 import re
 
@@ -144,6 +146,41 @@ def test_the_world_is_determined_by_the_start_image():
     assert s.frames.shape == (FRAMES, SIZE, SIZE, 3)
     assert np.array_equal(s.frames, drop_scene(3).frames)
     assert 20 <= s.object_masks()[0].sum() <= 150  # objects big enough to be shapes at 32 px
+
+
+def test_recoloured_changes_the_look_only():
+    """Stage I's colour augmentation: channels permuted, half the time inverted; one draw per clip, by seed."""
+    from physmaster.demo.world import recoloured
+
+    f = drop_scene(3).frames
+    inverted = 0
+    for seed in range(12):
+        r = recoloured(f, seed)
+        assert r.shape == f.shape and r.dtype == np.float32 and 0.0 <= r.min() and r.max() <= 1.0
+        assert np.array_equal(r, recoloured(f, seed))
+        matches = [(p, inv) for p in itertools.permutations(range(3)) for inv in (False, True)
+                   if np.allclose(r, (1.0 - f[..., list(p)]) if inv else f[..., list(p)], atol=1e-6)]
+        assert matches, "not a permutation (or its inversion) of the clip's channels"
+        inverted += all(inv for _, inv in matches)
+    assert 2 <= inverted <= 10  # about half the draws invert
+    # a light background turns dark: what the unseen split's slate asks of Stage I
+    assert f[0, 0, 0].mean() > 0.5 and min(recoloured(f, s)[0, 0, 0].mean() for s in range(12)) < 0.35
+
+
+def test_stage_one_set_gains_its_recoloured_copies():
+    from physmaster.demo.pipeline import Settings, sft_videos
+
+    vm, bb, _ = load_assets()
+    st = dataclasses.replace(Settings.fast(), sft_recoloured=0)
+    assert Settings().sft_recoloured == 1  # the demo's Stage I: each drop and one recoloured copy
+    plain = sft_videos(vm, bb, st)
+    both = sft_videos(vm, bb, dataclasses.replace(st, sft_recoloured=2))
+    assert len(plain) == st.sft_scenes and len(both) == 3 * st.sft_scenes
+    names = [s.name for s in both]
+    assert names[:st.sft_scenes] == [s.name for s in plain] and names[st.sft_scenes].endswith("c1")
+    assert len(set(names)) == len(names)
+    assert torch.equal(both[0].latent, plain[0].latent)
+    assert not torch.allclose(both[st.sft_scenes].latent, plain[0].latent)
 
 
 def test_geometry_targets_and_backbone_shapes():
@@ -375,6 +412,7 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("head_t_min=1", "--set: head_t_min must be between 0 and 0.99, got 1.0"),
                           ("head_soup=0", r"--set: head_soup must be between 1 \(one run\) and 16, got 0"),
                           ("head_pairs_per_image=0", "--set: head_pairs_per_image must be between 1 and 64, got 0"),
+                          ("sft_recoloured=8", r"--set: sft_recoloured must be between 0 \(none\) and 7, got 8"),
                           ("head_reads=pixels",
                            "--set: head_reads must be one of hidden, summary, geometry, got 'pixels'"),
                           ("lr_head=-1", "--set: settings must be finite numbers >= 0, got lr_head=-1.0"),

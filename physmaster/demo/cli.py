@@ -28,7 +28,7 @@ ONLINE_SEED = 600_000
 LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED}"),
           "eval_videos": (1, 64, "1 and 64"), "guidance": (1.0, 10.0, "1 (off) and 10"),
           "head_t_min": (0.0, 0.99, "0 and 0.99"), "head_soup": (1, 16, "1 (one run) and 16"),
-          "head_pairs_per_image": (1, 64, "1 and 64")}
+          "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7")}
 
 
 def _non_negative(text: str) -> int:

@@ -77,6 +77,19 @@ def generic_scene(seed: int, plain: bool = False):
                   texture="flat" if plain else None)
 
 
+def recoloured(frames: np.ndarray, seed: int) -> np.ndarray:
+    """The same video [T, H, W, 3] in other colours: its RGB channels permuted, and half the time inverted
+    (1 - x), one draw of `seed` for the whole clip. Motion, shapes, masks and the surface pattern (the material)
+    are unchanged; only the look is, so Stage I sees drops on backgrounds darker or more saturated than any of the
+    seen split's (a light grey turns dark, a beige navy) without seeing the unseen split's own looks: the colour
+    augmentation image models are trained with (`Settings.sft_recoloured`)."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 5151])
+    x = np.asarray(frames, dtype=np.float32)[..., rng.permutation(3)]
+    if rng.random() < 0.5:
+        x = 1.0 - x
+    return np.ascontiguousarray(x)
+
+
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
     """[..., H, W, 3] in [0, 1] (numpy) -> [..., 3, H, W] float tensor in [0, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).float()
