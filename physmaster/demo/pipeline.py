@@ -123,14 +123,10 @@ def new_head(settings: Settings, seed: int = 0):
     return PhysEncoder.new(cfg, seed=seed, name="demo")
 
 
-def video_set(vm, scenes, backbone, copies: int = 0):
-    """Scenes encoded with their start images' conditioning; `copies` > 0 adds that many recoloured copies
-    of each (`world.recoloured`), named "scene{seed}c{k}"."""
+def video_set(vm, clips, backbone):
+    """Clips [(frames [T, H, W, 3], name)] encoded, with their start images' conditioning."""
     from ..training import VideoSample, VideoSet
 
-    clips = [(s.frames, f"scene{s.meta['seed']}") for s in scenes]
-    clips += [(recoloured(s.frames, s.meta["seed"] * 1000 + k), f"scene{s.meta['seed']}c{k}")
-              for k in range(1, copies + 1) for s in scenes]
     cond = vm.conditioning(np.stack([f[0] for f, _ in clips]), backbone)
     lat = vm.encode([f for f, _ in clips])
     return VideoSet(VideoSample(lat[i], cond.map(lambda x, i=i: x[i:i + 1]), name)
@@ -146,11 +142,14 @@ def progress(name: str, log, t0: float):
 
 
 def sft_videos(vm, backbone, st: Settings):
-    """Stage I's training set: the first `st.sft_scenes` seen drops (and `st.sft_recoloured` recoloured copies of
-    each), encoded, with their start images' conditioning (the benches that train on the same ground truth call
-    this too)."""
-    return video_set(vm, [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)], backbone,
-                     st.sft_recoloured)
+    """Stage I's training set: the first `st.sft_scenes` seen drops and `st.sft_recoloured` recoloured copies of
+    each (`world.recoloured`, named "scene{seed}c{k}"), encoded, with their start images' conditioning (the
+    benches that train on the same ground truth call this too)."""
+    scenes = [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)]
+    clips = [(s.frames, f"scene{s.meta['seed']}") for s in scenes]
+    clips += [(recoloured(s.frames, s.meta["seed"] * 1000 + k), f"scene{s.meta['seed']}c{k}")
+              for k in range(1, st.sft_recoloured + 1) for s in scenes]
+    return video_set(vm, clips, backbone)
 
 
 def stage_one(vm, backbone, st: Settings, seed: int, log):
