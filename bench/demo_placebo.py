@@ -26,7 +26,7 @@ demo's held-out set grew used 30 per split: `--set eval_scenes=30` repeats them)
 
     python bench/demo_placebo.py [--base drop --cache DIR | --assets FILE] [--seeds 0,1,2] [--eval-seeds 0,1,2]
                                  [--eval-videos 8] [--heads 5] [--flips 2] [--pair-margins 16] [--set beta=500 ...]
-                                 [--variant soup4:head_soup=4 --variant s192:dpo_scenes=192 ...]
+                                 [--variant soup4:head_soup=4 --variant s192:head_scenes=192 ...]
 
 `--base drop` uses `bench/demo_drop_base.py`'s wrong-physics drop base (11 minutes to pretrain, once with
 `--cache`); `shipped` the demo's base. On 2 cores: about 3 minutes for the fresh heads and 10 per training seed.
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # the settings that change Stage III's candidates, and those that change only its pairs: a --variant that changes
 # one samples (or labels) its own
-CANDIDATE_FIELDS = ("dpo_scenes", "candidates")
+CANDIDATE_FIELDS = ("head_scenes", "candidates")
 PAIR_FIELDS = ("min_margin", "head_pairs_whole", "head_pairs_per_image")
 PAIR_CHECK_SEED = 700_000  # held-out pairs' start images (the DPO stages' are 500_000 on, online rounds' 601_000 on)
 
@@ -133,7 +133,7 @@ def main() -> int:
         r2 = evaluate(vm, encoder.head)
         compare("Stage II - Stage I", r2, r1, seed=seed)
         freeze_dit(vm, seed)
-        cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II")
+        cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes)
         pairs_2 = head_pairs(cands_2, st, quiet, "")
         if args.pair_margins:
             held_pairs = head_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "held-out pairs",
@@ -155,7 +155,8 @@ def main() -> int:
         for name, vst in variants:
             head = encoder.clone()
             same_cands = all(getattr(vst, f) == getattr(st, f) for f in CANDIDATE_FIELDS)
-            vcands = cands_2 if same_cands else sample_candidates(vm, encoder.head, backbone, vst, seed, "Stage II")
+            vcands = cands_2 if same_cands else sample_candidates(vm, encoder.head, backbone, vst, seed, "Stage II",
+                                                                  scenes=vst.head_scenes)
             same_pairs = same_cands and all(getattr(vst, f) == getattr(st, f) for f in PAIR_FIELDS)
             vpairs = pairs_2 if same_pairs else head_pairs(vcands, vst, quiet, "")
             stage_three(vm, head, vpairs, vst, seed, quiet)

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 VARIANTS = {
     "default": {},
     "lr5e-4": dict(lr_head=5e-4),
-    "lr5e-4 400 steps": dict(lr_head=5e-4, dpo_steps=400),
+    "lr5e-4 400 steps": dict(lr_head=5e-4, head_dpo_steps=400),
     "beta200": dict(beta=200.0),
     "beta200 lr5e-4": dict(beta=200.0, lr_head=5e-4),
     "4 pairs per image": dict(pairs_per_image=4),
@@ -210,7 +210,7 @@ def main() -> int:
     lo, hi = bootstrap_ci(l2_two - l2_one)
     print(f"Stage I avg L2 {l2_one.mean():.4f}; Stage II {l2_two.mean():.4f} [{lo:+.4f}, {hi:+.4f}]")
     freeze_dit(vm, 0)
-    cands_2 = sample_candidates(vm, encoder.head, backbone, st, 0, "Stage II")
+    cands_2 = sample_candidates(vm, encoder.head, backbone, st, 0, "Stage II", scenes=st.head_scenes)
     stage_two_encoder = encoder.clone()
     print(f"\nStage III variants from this Stage II (avg L2 minus Stage II's, paired bootstrap 95% interval; "
           f"{args.scenes} + {args.scenes} held-out drops, eval seed {args.eval_seed}):")

@@ -321,7 +321,8 @@ def test_held_out_scenes_are_disjoint_from_training_and_candidates():
     from physmaster.demo.pipeline import DPO_SEED, SFT_SEED, Settings
 
     st = Settings()
-    train = set(range(SFT_SEED, SFT_SEED + st.sft_scenes)) | set(range(DPO_SEED, DPO_SEED + st.dpo_scenes))
+    drawn = max(st.dpo_scenes, st.head_scenes)  # Stage I's candidates serve Stage II and the head
+    train = set(range(SFT_SEED, SFT_SEED + st.sft_scenes)) | set(range(DPO_SEED, DPO_SEED + drawn))
     assert held_out_base(0) == 900_000  # the default set is the one earlier versions used
     for eval_seed in (0, 1, 7, 10, 123, 10**6):
         held = set(range(held_out_base(eval_seed), held_out_base(eval_seed) + 1000))
@@ -412,6 +413,7 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("head_t_min=1", "--set: head_t_min must be between 0 and 0.99, got 1.0"),
                           ("head_soup=0", r"--set: head_soup must be between 1 \(one run\) and 16, got 0"),
                           ("head_pairs_per_image=0", "--set: head_pairs_per_image must be between 1 and 64, got 0"),
+                          ("head_scenes=0", "--set: head_scenes must be between 1 and 4096, got 0"),
                           ("sft_recoloured=8", r"--set: sft_recoloured must be between 0 \(none\) and 7, got 8"),
                           ("head_reads=pixels",
                            "--set: head_reads must be one of hidden, summary, geometry, got 'pixels'"),
@@ -818,6 +820,34 @@ def test_head_soup_averages_heads_trained_on_other_draws():
     assert soup.provenance["stages"][-1]["soup"] == 2 and len(soup.provenance["stages"]) == len(
         encoder.provenance["stages"]) + 1
     assert all(torch.equal(dit[k], v) for k, v in vm.den.model.state_dict().items())
+
+
+def test_head_stages_draw_more_start_images_and_take_their_own_steps():
+    """The head's Flow-DPO stages learn from `head_scenes` start images for `head_dpo_steps` steps; Stage II from
+    the first `dpo_scenes` of the same draw (`Candidates.first`: a candidate's noise depends on its index alone)
+    for `dpo_steps`."""
+    import dataclasses
+
+    from physmaster.demo.pipeline import Settings, dpo, gt_pairs, sample_candidates, stage_one
+
+    quiet = lambda m: None  # noqa: E731
+    st = dataclasses.replace(Settings.fast(), dpo_scenes=2, head_scenes=3, dpo_steps=2, head_dpo_steps=3)
+    vm, bb, _ = load_assets()
+    encoder = stage_one(vm, bb, st, 0, quiet)
+    many = sample_candidates(vm, encoder.head, bb, st, 0, "Stage I", scenes=st.head_scenes)
+    few = sample_candidates(vm, encoder.head, bb, st, 0, "Stage I")
+    assert (len(many.scenes), len(many.videos), many.l2.shape) == (3, 6, (3, 2))
+    first = many.first(st.dpo_scenes)
+    assert [s.meta["seed"] for s in first.scenes] == [s.meta["seed"] for s in few.scenes]
+    assert (first.l2.shape, first.similarity.shape, first.lost.shape, len(first.videos)) == ((2, 2),) * 3 + (4,)
+    assert first.cond.context.shape[0] == 2 and first.latents.shape[0] == 4
+    torch.testing.assert_close(first.latents, few.latents, atol=1e-4, rtol=1e-4)  # the same noises
+    assert many.first(5) is many
+    pairs = gt_pairs(many, st, quiet, "")
+    head, lora = encoder.clone(), encoder.clone()
+    dpo("dpo-head", vm, head, pairs, st, 1, quiet, "head")
+    dpo("dpo-lora", vm, lora, pairs, st, 2, quiet, "lora")
+    assert head.provenance["stages"][-1]["steps_planned"] == 3 and lora.provenance["stages"][-1]["steps_planned"] == 2
 
 
 def _candidates(similarity, lost):

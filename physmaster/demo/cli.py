@@ -28,7 +28,8 @@ ONLINE_SEED = 600_000
 LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED}"),
           "eval_videos": (1, 64, "1 and 64"), "guidance": (1.0, 10.0, "1 (off) and 10"),
           "head_t_min": (0.0, 0.99, "0 and 0.99"), "head_soup": (1, 16, "1 (one run) and 16"),
-          "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7")}
+          "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7"),
+          "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000")}
 
 
 def _non_negative(text: str) -> int:
@@ -167,12 +168,17 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     encoder = stage_one(vm, backbone, st, seed, log)
     with_influence("Stage I", encoder.head)
     log(f"[3/{total}] candidates from the Stage I model")
-    cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I")
-    pairs_1 = gt_pairs(cands_1, st, log, "Stage I")
+    # one draw for both: Stage II's pairs from the first dpo_scenes start images, the head's from head_scenes
+    cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I",
+                                scenes=max(st.dpo_scenes, st.head_scenes))
+    pairs_1 = gt_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
-    same = not st.head_pairs_whole and st.head_pairs_per_image == st.pairs_per_image
-    head_pairs_1 = pairs_1 if same else head_pairs(cands_1, st, log, "Stage I")
+    same = (not st.head_pairs_whole and st.head_pairs_per_image == st.pairs_per_image
+            and st.head_scenes == st.dpo_scenes)
+    head_pairs_1 = pairs_1 if same else head_pairs(cands_1.first(st.head_scenes), st, log, "Stage I")
+    agreement = {"Stage I candidates": judge_agreement(cands_1.first(st.dpo_scenes))}
+    del cands_1  # its videos: a few hundred MB at the default head_scenes
     dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
     evaluate("Stage I + DPO encoder", enc_only.head)
     log(f"[5/{total}] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")
@@ -180,12 +186,12 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     evaluate("Stage II", encoder.head)
     log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
     freeze_dit(vm, seed)
-    cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II")
+    cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes)
     pairs_2 = head_pairs(cands_2, st, log, "Stage II")
     stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
     stage_three(vm, encoder, pairs_2, st, seed, log)
     with_influence("Stage III", encoder.head)
-    agreement = {"Stage I candidates": judge_agreement(cands_1), "Stage II candidates": judge_agreement(cands_2)}
+    agreement["Stage II candidates"] = judge_agreement(cands_2.first(st.dpo_scenes))
     names = ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
     # pairs from each model's candidates: Stage I's for Stage II (the LoRA), and the head's own from Stage I's
     # (Stage I + DPO encoder) and from Stage II's (Stage III)
@@ -214,8 +220,9 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         step += 1
         log(f"[{step}/{total}] {name}: fresh candidates from the current model, judged, Flow-DPO on the head "
             "(reference: the current head)")
-        cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r)
-        agreement[name + " candidates"] = judge_agreement(cands_r)
+        cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r,
+                                    scenes=st.head_scenes)
+        agreement[name + " candidates"] = judge_agreement(cands_r.first(st.dpo_scenes))
         judged_dpo(name, online, cands_r, seed + 3 + r)
     ordered = {name: results[name] for name in names}
     return {"results": ordered, "influence": influence, "videos": videos, "scenes": scenes, "encoder": encoder,

@@ -49,7 +49,15 @@ class Settings:
     candidates: int = 8  # per start image
     pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
     min_margin: float = 0.05
-    dpo_steps: int = 200
+    dpo_steps: int = 200  # Stage II's (the LoRA's)
+    # the head's Flow-DPO stages (Stage I + DPO encoder, Stage III, the judge-labelled row, online rounds): pairs
+    # from this many start images (x `candidates`; Stage II's pairs come from the first `dpo_scenes` of the same
+    # draw of Stage I's candidates) and this many steps. Four times the start images and twice the steps (384, 400)
+    # did not make Stage III steadier: from one Stage II it still moved by 5 points with which 384 images it learned
+    # from, and the default run took 22 minutes instead of 16 on 2 cores (bench/FINDINGS.md, "Stage III on four
+    # times the start images")
+    head_scenes: int = 96
+    head_dpo_steps: int = 200
     dpo_motion_weight: float = 0.0  # Flow-DPO stages: errors up-weighted where the pair moves (0 = uniform)
     # 100 drops per split x 4 videos: a paired interval about 2.5x narrower than 30 x 2 gave, for about 3 more
     # minutes of the default run's 8 (bench/FINDINGS.md, "A held-out set large enough to see Stage III")
@@ -109,7 +117,8 @@ class Settings:
     @classmethod
     def fast(cls) -> "Settings":
         return cls(sft_scenes=4, sft_steps=2, dpo_scenes=3, candidates=2, pairs_per_image=1, min_margin=0.0,
-                   dpo_steps=2, eval_scenes=2, eval_videos=1, sample_steps=2, batch=2, dpo_batch=2, gif_scenes=2)
+                   dpo_steps=2, head_scenes=3, head_dpo_steps=2, eval_scenes=2, eval_videos=1, sample_steps=2, batch=2,
+                   dpo_batch=2, gif_scenes=2)
 
 
 def new_head(settings: Settings, seed: int = 0):
@@ -191,12 +200,23 @@ class Candidates:
     def videos_of(self, j: int) -> list:
         return self.videos[j * self.k:(j + 1) * self.k]
 
+    def first(self, n: int) -> "Candidates":
+        """These candidates of the first `n` start images only (all of them when there are fewer)."""
+        if n >= len(self.scenes):
+            return self
+        m = n * self.k
+        return dataclasses.replace(self, scenes=self.scenes[:n], cond=self.cond.map(lambda x: x[:n]),
+                                   latents=self.latents[:m], videos=self.videos[:m], l2=self.l2[:n],
+                                   similarity=self.similarity[:n], lost=self.lost[:n])
 
-def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED
-                      ) -> Candidates:
-    """`st.candidates` videos per start image from the current model (vm + head), scored against the truth."""
+
+def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED,
+                      scenes: int | None = None) -> Candidates:
+    """`st.candidates` videos per start image from the current model (vm + head), scored against the truth, for
+    `scenes` start images (default `st.dpo_scenes`). Candidate i's noise depends on i alone, so the first n start
+    images' candidates are the same whatever `scenes` is (`Candidates.first`)."""
     t0 = time.perf_counter()
-    scenes = [drop_scene(scene_base + i, "seen") for i in range(st.dpo_scenes)]
+    scenes = [drop_scene(scene_base + i, "seen") for i in range(st.dpo_scenes if scenes is None else scenes)]
     k = st.candidates
     cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
     rep = cond.map(lambda x: x.repeat_interleave(k, 0))
@@ -300,8 +320,9 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
 
     lr = st.lr_lora if stage == "dpo-lora" else st.lr_head
     t_min = TrainConfig.t_min if stage == "dpo-lora" else st.head_t_min
-    cfg = TrainConfig(steps=st.dpo_steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
-                      warmup_steps=min(20, st.dpo_steps), motion_weight=st.dpo_motion_weight, t_min=t_min)
+    steps = st.dpo_steps if stage == "dpo-lora" else st.head_dpo_steps
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
+                      warmup_steps=min(20, steps), motion_weight=st.dpo_motion_weight, t_min=t_min)
     t0 = time.perf_counter()
     runs = 1 if stage == "dpo-lora" else int(st.head_soup)
     heads = [encoder] if runs == 1 else [encoder.clone() for _ in range(runs)]
