@@ -414,6 +414,7 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("head_soup=0", r"--set: head_soup must be between 1 \(one run\) and 16, got 0"),
                           ("head_pairs_per_image=0", "--set: head_pairs_per_image must be between 1 and 64, got 0"),
                           ("head_scenes=0", "--set: head_scenes must be between 1 and 4096, got 0"),
+                          ("head_bag=17", r"--set: head_bag must be between 1 \(one run\) and 16, got 17"),
                           ("sft_recoloured=8", r"--set: sft_recoloured must be between 0 \(none\) and 7, got 8"),
                           ("head_reads=pixels",
                            "--set: head_reads must be one of hidden, summary, geometry, got 'pixels'"),
@@ -848,6 +849,41 @@ def test_head_stages_draw_more_start_images_and_take_their_own_steps():
     dpo("dpo-head", vm, head, pairs, st, 1, quiet, "head")
     dpo("dpo-lora", vm, lora, pairs, st, 2, quiet, "lora")
     assert head.provenance["stages"][-1]["steps_planned"] == 3 and lora.provenance["stages"][-1]["steps_planned"] == 2
+
+
+def test_head_bag_averages_heads_trained_without_one_group_of_start_images_each():
+    """`head_bag=K`: K heads from the same start, each trained on the pairs of all but one of K groups of start
+    images (same draws), their weights averaged; K larger than the start images with pairs, or with a soup, refused."""
+    import dataclasses
+
+    from physmaster.demo.pipeline import Settings, bagged, dpo, freeze_dit, gt_pairs, sample_candidates, stage_one
+
+    quiet = lambda m: None  # noqa: E731
+    st = dataclasses.replace(Settings.fast(), dpo_steps=3)
+    vm, bb, _ = load_assets()
+    encoder = stage_one(vm, bb, st, 0, quiet)
+    freeze_dit(vm, 0)
+    pairs = gt_pairs(sample_candidates(vm, encoder.head, bb, st, 0, "Stage II"), st, quiet, "")
+    groups = list(dict.fromkeys(p.group for p in pairs.pairs))
+    assert len(groups) == 3
+    parts = bagged(pairs, 2)  # groups [g0, g1] and [g2] left out in turn
+    assert [sorted({p.group for p in part.pairs}) for part in parts] == [[groups[2]], sorted(groups[:2])]
+    runs = []
+    for part in parts:
+        one = encoder.clone()
+        dpo("dpo-head", vm, one, part, st, 5, quiet, "one")
+        runs.append(one.head.state_dict())
+    bag = encoder.clone()
+    dpo("dpo-head", vm, bag, pairs, dataclasses.replace(st, head_bag=2), 5, quiet, "bag")
+    for k, v in bag.head.state_dict().items():
+        torch.testing.assert_close(v, (runs[0][k] + runs[1][k]) / 2)
+    assert bag.provenance["stages"][-1]["bag"] == 2
+    with pytest.raises(ValueError, match="head_bag=4 needs pairs from at least 4 start images, got 3"):
+        bagged(pairs, 4)
+    with pytest.raises(ValueError, match="head_soup=2 and head_bag=2 both average heads"):
+        dpo("dpo-head", vm, encoder.clone(), pairs, dataclasses.replace(st, head_bag=2, head_soup=2), 5, quiet, "x")
+    with pytest.raises(SystemExit, match="head_soup=2 and head_bag=2 both average heads"):
+        main(["demo", "--fast", "--set", "head_bag=2", "--set", "head_soup=2"])
 
 
 def _candidates(similarity, lost):

@@ -29,7 +29,8 @@ LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED
           "eval_videos": (1, 64, "1 and 64"), "guidance": (1.0, 10.0, "1 (off) and 10"),
           "head_t_min": (0.0, 0.99, "0 and 0.99"), "head_soup": (1, 16, "1 (one run) and 16"),
           "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7"),
-          "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000")}
+          "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000"),
+          "head_bag": (1, 16, "1 (one run) and 16")}
 
 
 def _non_negative(text: str) -> int:
@@ -336,6 +337,9 @@ def checked_settings(st, items):
     for field in LIMITS:
         if problem := _out_of_range(field, getattr(st, field)):
             raise SystemExit(f"--set: {field} {problem}")
+    if st.head_soup > 1 and st.head_bag > 1:
+        raise SystemExit(f"--set: head_soup={st.head_soup} and head_bag={st.head_bag} both average heads; set one "
+                         "of them to 1")
     from .backbone import check_head_reads
 
     try:

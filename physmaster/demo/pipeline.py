@@ -79,6 +79,11 @@ class Settings:
     # order, and average their weights (1 = one run; 4 gave what one run gives, bench/FINDINGS.md, "Stage III's
     # variance: which pairs, not which draws")
     head_soup: int = 1
+    # the head's Flow-DPO stages: train this many heads from the same start, each on the pairs of all but one of as
+    # many groups of the start images, and average their weights (bagging; 1 = one run on all pairs). 4 gained
+    # -1.6% / -2.0% where one run gave +1.4% / -1.1% on two Stage IIs (bench/FINDINGS.md, "Stage III on four times
+    # the start images"); not yet measured in the demo, so off
+    head_bag: int = 1
     # the head's Flow-DPO stages: pairs only among the candidates that keep the object in every frame, so that a
     # pair differs in the motion (which the tokens decide) rather than in a lost frame (which they do not), and
     # up to this many pairs per start image. Off: it moved Stage III as much as any other choice of pairs, both ways
@@ -324,11 +329,16 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
                       warmup_steps=min(20, steps), motion_weight=st.dpo_motion_weight, t_min=t_min)
     t0 = time.perf_counter()
-    runs = 1 if stage == "dpo-lora" else int(st.head_soup)
+    soup = 1 if stage == "dpo-lora" else int(st.head_soup)
+    bag = 1 if stage == "dpo-lora" else int(st.head_bag)
+    if soup > 1 and bag > 1:
+        raise ValueError(f"head_soup={soup} and head_bag={bag} both average heads; set one of them to 1")
+    runs = max(soup, bag)
     heads = [encoder] if runs == 1 else [encoder.clone() for _ in range(runs)]
-    for r, head in enumerate(heads):  # a soup's runs: the same start, other draws (run 0: the single run's)
-        run_cfg = dataclasses.replace(cfg, seed=cfg.seed + 7919 * r)
-        result = StageTrainer(stage, vm.den, head, pairs, run_cfg).run(
+    data = bagged(pairs, bag) if bag > 1 else [pairs] * runs
+    for r, (head, part) in enumerate(zip(heads, data)):  # a soup's runs: other draws (run 0: the single run's)
+        run_cfg = dataclasses.replace(cfg, seed=cfg.seed + 7919 * r) if soup > 1 else cfg
+        result = StageTrainer(stage, vm.den, head, part, run_cfg).run(
             progress(name if runs == 1 else f"{name} {r + 1}/{runs}", log, t0))
     if runs > 1:
         import torch
@@ -337,8 +347,22 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
         with torch.no_grad():
             encoder.head.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
                                           for k, v in states[0].items()})
+    extra = {"soup": soup} if soup > 1 else {"bag": bag} if bag > 1 else None
     record_stage(encoder, result, cfg, base_model=BASE_MODEL, dataset="proxy drop candidates",
-                 dataset_size=len(pairs), extra={"soup": runs} if runs > 1 else None)
+                 dataset_size=len(pairs), extra=extra)
+
+
+def bagged(pairs, k: int) -> list:
+    """`k` PreferenceSets, each `pairs` without one of k groups of its start images (`PreferencePair.group`, in
+    the order they first appear, split into k runs of about equal size): `head_bag`'s training sets."""
+    from ..training import PreferenceSet
+
+    groups = list(dict.fromkeys(p.group for p in pairs.pairs))
+    if len(groups) < k:
+        raise ValueError(f"head_bag={k} needs pairs from at least {k} start images, got {len(groups)}; "
+                         "lower head_bag or sample more start images")
+    folds = [set(f) for f in np.array_split(np.array(groups, dtype=object), k)]
+    return [PreferenceSet(p for p in pairs.pairs if p.group not in fold) for fold in folds]
 
 
 def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage II") -> None:
