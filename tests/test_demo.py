@@ -793,19 +793,29 @@ def test_benches_read_other_weights_with_assets(tmp_path):
         demo_args.load_world(ap.parse_args(["--assets", str(path), "--base", "drop"]))
 
 
-def test_head_soup_averages_heads_trained_on_other_draws():
-    """`head_soup=K` (the head's Flow-DPO stages): K heads trained from the same start on other draws of t, noise
-    and batch order, their weights averaged; the DiT untouched, the run recorded once with its K."""
+def _fast_stage_two_pairs():
+    """A fast Stage I with its DiT frozen (as after Stage II) and ground-truth pairs of its candidates:
+    (quiet log, settings, video model, encoder, pairs)."""
     import dataclasses
 
-    from physmaster.demo.pipeline import Settings, dpo, freeze_dit, gt_pairs, sample_candidates, stage_one
+    from physmaster.demo.pipeline import Settings, freeze_dit, gt_pairs, sample_candidates, stage_one
 
     quiet = lambda m: None  # noqa: E731
     st = dataclasses.replace(Settings.fast(), dpo_steps=3)
     vm, bb, _ = load_assets()
     encoder = stage_one(vm, bb, st, 0, quiet)
     freeze_dit(vm, 0)
-    pairs = gt_pairs(sample_candidates(vm, encoder.head, bb, st, 0, "Stage II"), st, quiet, "")
+    return quiet, st, vm, encoder, gt_pairs(sample_candidates(vm, encoder.head, bb, st, 0, "Stage II"), st, quiet, "")
+
+
+def test_head_soup_averages_heads_trained_on_other_draws():
+    """`head_soup=K` (the head's Flow-DPO stages): K heads trained from the same start on other draws of t, noise
+    and batch order, their weights averaged; the DiT untouched, the run recorded once with its K."""
+    import dataclasses
+
+    from physmaster.demo.pipeline import dpo
+
+    quiet, st, vm, encoder, pairs = _fast_stage_two_pairs()
     assert len(pairs) > 0
     dit = {k: v.clone() for k, v in vm.den.model.state_dict().items()}
     runs = []
@@ -856,14 +866,9 @@ def test_head_bag_averages_heads_trained_without_one_group_of_start_images_each(
     images (same draws), their weights averaged; K larger than the start images with pairs, or with a soup, refused."""
     import dataclasses
 
-    from physmaster.demo.pipeline import Settings, bagged, dpo, freeze_dit, gt_pairs, sample_candidates, stage_one
+    from physmaster.demo.pipeline import bagged, dpo
 
-    quiet = lambda m: None  # noqa: E731
-    st = dataclasses.replace(Settings.fast(), dpo_steps=3)
-    vm, bb, _ = load_assets()
-    encoder = stage_one(vm, bb, st, 0, quiet)
-    freeze_dit(vm, 0)
-    pairs = gt_pairs(sample_candidates(vm, encoder.head, bb, st, 0, "Stage II"), st, quiet, "")
+    quiet, st, vm, encoder, pairs = _fast_stage_two_pairs()
     groups = list(dict.fromkeys(p.group for p in pairs.pairs))
     assert len(groups) == 3
     parts = bagged(pairs, 2)  # groups [g0, g1] and [g2] left out in turn
