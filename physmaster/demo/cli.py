@@ -337,9 +337,6 @@ def checked_settings(st, items):
     for field in LIMITS:
         if problem := _out_of_range(field, getattr(st, field)):
             raise SystemExit(f"--set: {field} {problem}")
-    if st.head_soup > 1 and st.head_bag > 1:
-        raise SystemExit(f"--set: head_soup={st.head_soup} and head_bag={st.head_bag} both average heads; set one "
-                         "of them to 1")
     from .backbone import check_head_reads
 
     try:

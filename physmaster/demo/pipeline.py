@@ -103,6 +103,11 @@ class Settings:
     judge_labels: bool = False  # `--judge-labels`: the row "Stage III (judge labels)"
     online_rounds: int = 0  # `--online K`: rounds of (sample -> judge -> Flow-DPO on the head) after Stage II
 
+    def __post_init__(self):
+        if self.head_soup > 1 and self.head_bag > 1:
+            raise ValueError(f"head_soup={self.head_soup} and head_bag={self.head_bag} both average heads; set one "
+                             "of them to 1")
+
     def with_overrides(self, items) -> "Settings":
         """These settings with "NAME=VALUE" items applied (the benches' `--set`); a clear error names a bad one."""
         st = self
@@ -330,9 +335,7 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
                       warmup_steps=min(20, steps), motion_weight=st.dpo_motion_weight, t_min=t_min)
     t0 = time.perf_counter()
     soup = 1 if stage == "dpo-lora" else int(st.head_soup)
-    bag = 1 if stage == "dpo-lora" else int(st.head_bag)
-    if soup > 1 and bag > 1:
-        raise ValueError(f"head_soup={soup} and head_bag={bag} both average heads; set one of them to 1")
+    bag = 1 if stage == "dpo-lora" else int(st.head_bag)  # not both > 1 (`Settings.__post_init__`)
     runs = max(soup, bag)
     heads = [encoder] if runs == 1 else [encoder.clone() for _ in range(runs)]
     data = bagged(pairs, bag) if bag > 1 else [pairs] * runs
