@@ -13,7 +13,15 @@ known:
    instead (a large distance); where it passes or lands, most frames still show the start image's background (a
    small one). Connected regions above the noise are scored by how much the start image stands out from their
    surroundings there (the object is visible in the start image; a landing spot is not) and the best one is
-   kept; a closing and hole filling restore a patterned object whose stripes match the background.
+   kept; a closing and hole filling restore a patterned object whose stripes match the background. Where the
+   start image leaves nothing (a generator that redraws the scene, e.g. a patterned object drawn plain, differs
+   from it everywhere), the candidates' own first frame takes its place. The region found so is where the
+   object started *and* the first part of its path (it has not left all of it by the middle frames; the
+   motion is measured against the start image and against the candidates' own first frame, and a pixel counts
+   only where both say the object left it, so a floor or support the generator redraws is not taken for the
+   object). The mask is then fitted to the object as the candidates' first frame draws it
+   (`_fit_to_first_frame`): step 2 takes the object's colours from under this mask, so a mask that also holds
+   background loses frames that the evaluation's segmentation (seeded with the true first mask) keeps.
 2. **The object in every frame**: `segment_object` seeded with that mask, as PISA's evaluation prompts SAM 2 with
    the first-frame mask (background from the video's first frame, object colours from the start image). A frame
    where it finds nothing is a lost frame.
@@ -73,8 +81,45 @@ def _load(video, what: str) -> tuple[np.ndarray, list[int]]:
 
 def reference_mask(reference: np.ndarray, videos: np.ndarray, floor: float = 0.06) -> np.ndarray:
     """The object's mask bool [H, W] in the start image `reference` [H, W, 3], from how the candidates' middle
-    frames (a quarter to a half of the way) differ from it (see the module docstring). Empty when nothing leaves
-    its place in the start image."""
+    frames (a quarter to a half of the way) differ from it, cut to the object as the candidates' first frame
+    draws it (see the module docstring). Empty when nothing leaves its place in the start image."""
+    own = np.median(videos[:, 0], 0).astype(np.float32)  # the start image as the candidates draw it
+    q_own = _left(own, videos, floor)
+    m = _motion_mask(reference, np.minimum(_left(reference, videos, floor), q_own), floor)
+    if not m.any():
+        m = _motion_mask(own, q_own, floor)
+    if not m.any():
+        return m
+    return _fit_to_first_frame(m, own, videos, floor)
+
+
+def _fit_to_first_frame(m: np.ndarray, first: np.ndarray, videos: np.ndarray, floor: float) -> np.ndarray:
+    """The motion mask `m` [H, W] fitted to the object as `first` [H, W, 3] (the candidates' first frame) draws it.
+    Contrast: each pixel's colour distance to the median colour of a ring around `m`; top: its 90th percentile
+    over `m`. Kept: the pixels of `m` with contrast above a fifth of top (not background in `first`: the path
+    the object has not yet left by the middle frames is), plus those within two pixels of `m` above half of top
+    (coverage 1/2, the rule of the segmenter and the ground-truth masks), where the later frames (half of them at
+    least) show something else (not a patch of a textured background); then a closing (stripes that match the
+    background), the largest component and its holes filled. `m` itself when that leaves under 3 pixels or no
+    ring fits in the image."""
+    region = dilate(dilate(m[None]))[0]
+    ring = dilate(dilate(region[None]))[0] & ~region
+    if not ring.any():
+        return m
+    contrast = _colour_distance(first, np.median(first[ring], 0)[None, None])  # [H, W]
+    top = float(np.percentile(contrast[m], 90))
+    obj = (m & (contrast > max(floor, 0.2 * top))) | (region & (contrast > max(floor, 0.5 * top)))
+    N, T, H, W, _ = videos.shape
+    late = _colour_distance(videos[:, max(1, T // 2):].reshape(-1, H, W, 3), first[None])
+    obj &= np.percentile(late, 50, axis=0) > floor
+    obj = erode(dilate(obj[None]))
+    obj = fill_holes(largest_component(obj))[0]
+    return obj if obj.sum() >= 3 else m
+
+
+def _left(reference: np.ndarray, videos: np.ndarray, floor: float) -> np.ndarray:
+    """[H, W] how far the candidates' middle frames are from `reference` at each pixel: the lower quartile of
+    their colour distance over candidates x frames (high where nearly every later frame shows something else)."""
     N, T, H, W, _ = videos.shape
     t0 = max(1, T // 4)
     t1 = max(t0 + 1, T // 2 + 1)
@@ -86,7 +131,14 @@ def reference_mask(reference: np.ndarray, videos: np.ndarray, floor: float = 0.0
     moving = per.reshape(N, -1).max(1) > floor
     if moving.any() and not moving.all():
         dist = per[moving].reshape(-1, H, W)
-    q = np.partition(dist, (len(dist) - 1) // 4, axis=0)[(len(dist) - 1) // 4]  # lower quartile per pixel
+    return np.partition(dist, (len(dist) - 1) // 4, axis=0)[(len(dist) - 1) // 4]
+
+
+def _motion_mask(reference: np.ndarray, q: np.ndarray, floor: float) -> np.ndarray:
+    """Where the object of `reference` [H, W, 3] starts, bool [H, W]: the region the candidates' middle frames
+    leave (`q`, from `_left`), chosen by how much `reference` stands out there (module docstring, step 1). Empty
+    when nothing leaves its place."""
+    H, W = q.shape
     thr = max(floor, 4.0 * float(np.median(q)))
     cand = q > thr
     opened = dilate(erode(cand[None]))[0]  # cut thin bridges between regions, keep their edges
