@@ -545,6 +545,29 @@ def test_base_scale_bench_runs_both_bases_side_by_side(tmp_path, capsys):
         mod.main(tiny)
 
 
+def test_candidate_files_for_the_judge_bench(tmp_path, capsys):
+    """bench/demo_candidates.py writes the Stage I and Stage II models' candidates in the format bench_judge.py
+    --candidates reads (uint8 videos and true drops, ground-truth L2, scene seeds), and bench_judge reads them."""
+    mod = bench_module("demo_candidates")
+    tiny = [f"--set={x}" for x in ("sft_scenes=4", "sft_steps=2", "dpo_scenes=3", "head_scenes=3", "candidates=2",
+                                    "pairs_per_image=1", "min_margin=0", "dpo_steps=2", "sample_steps=2", "batch=2",
+                                    "dpo_batch=2")]
+    assert mod.main(["--seed", "1", "--out", str(tmp_path)] + tiny) == 0
+    for stage in (1, 2):
+        with np.load(tmp_path / f"stage{stage}_candidates.npz") as d:
+            assert d["videos"].dtype == np.uint8 and d["videos"].shape == (3, 2, FRAMES, SIZE, SIZE, 3)
+            assert d["gt_frames"].dtype == np.uint8 and d["gt_frames"].shape == (3, FRAMES, SIZE, SIZE, 3)
+            assert d["l2"].shape == (3, 2) and np.isfinite(d["l2"]).all() and (d["l2"] >= 0).all()
+            assert len(set(d["seeds"].tolist())) == 3
+            truth = (np.clip(drop_scene(int(d["seeds"][0])).frames, 0, 1) * 255 + 0.5).astype(np.uint8)
+            np.testing.assert_array_equal(d["gt_frames"][0], truth)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1_candidates.npz", "stage2_candidates.npz"]
+    judge_bench = bench_module("bench_judge")
+    assert judge_bench.candidates(type("A", (), {"candidates": str(tmp_path / "stage2_candidates.npz"),
+                                                 "fps": 6.0, "min_gap": 0.0})()) == 0
+    assert "agreement" in capsys.readouterr().out
+
+
 def test_wrong_physics_drop_base_world():
     """bench/demo_drop_base.py's base world: drops of both splits from rest, at half the nominal gravity and one
     restitution for every material, deterministic by seed, and slower than the demo's true drop of the same seed."""
