@@ -11,6 +11,10 @@ keeps what fits there; the goal is a measured peak <= 22 GiB.
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_gpu_wan14b.py [--vram-gib 24] [--steps 3]
     COMFYUI_PATH=... python bench/bench_gpu_wan14b.py --plan-only   # the accounting table only (CPU is enough)
 
+On a GPU machine without network (no ComfyUI, no pip): `bash bench/gpu/prepare.sh /path/to/ComfyUI` here, carry
+`.comfy` and `.whl` there, and run `bash bench/gpu/check.sh` (installs what is missing, a CPU smoke run first, then
+this bench with `--vram-gib 24`, GPU memory sampled by nvidia-smi alongside; the log in `$OUT`).
+
 Budget: under 8 minutes on one H100/H200 (weights ~1 min, Stage III ~3-4 min, Stage II ~1-2 min: estimated from
 FLOPs, not measured here; no GPU was available when this was written).
 """
