@@ -17,23 +17,14 @@ import host_stubs  # noqa: E402
 
 stubbed = host_stubs.install()  # torchvision/torchaudio, only those not installed
 for name in ("torchvision", "torchaudio"):  # installed but failing to import (e.g. a mismatched build): stub it
-    if name in stubbed:
-        continue
-    try:
-        importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001
-        print(f"[gpu_check] import {name} failed ({exc!r}): stubbing it", file=sys.stderr, flush=True)
-        for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-            del sys.modules[m]
-        host_stubs._STUBBED.add(name)
-        sys.meta_path.insert(0, host_stubs._StubFinder([name]))
-        stubbed = sorted(set(stubbed) | {name})
+    if name not in stubbed:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001
+            print(f"[gpu_check] import {name} failed ({exc!r}): stubbing it", file=sys.stderr, flush=True)
+            stubbed = host_stubs.stub([name])
 if importlib.machinery.PathFinder.find_spec("av") is None:
-    host_stubs._STUBBED.add("av")
-    sys.meta_path.insert(0, host_stubs._StubFinder(["av"]))
-    stubbed = sorted(set(stubbed) | {"av"})
-if stubbed and not any(isinstance(f, host_stubs._TransformersPatchFinder) for f in sys.meta_path):
-    sys.meta_path.insert(0, host_stubs._TransformersPatchFinder())
+    stubbed = host_stubs.stub(["av"])
 if stubbed:
     print(f"[gpu_check] stubbed (import only): {', '.join(stubbed)}", file=sys.stderr, flush=True)
 

@@ -81,8 +81,8 @@ class Settings:
     head_soup: int = 1
     # the head's Flow-DPO stages: train this many heads from the same start, each on the pairs of all but one of as
     # many groups of the start images, and average their weights (bagging; 1 = one run on all pairs). 4 gained
-    # -1.6% / -2.0% where one run gave +1.4% / -1.1% on two Stage IIs, and -1.5% where the default gave -1.8% on the
-    # demo's seed 0 (bench/FINDINGS.md, "Stage III on four times the start images"); off until measured on more seeds
+    # -1.6% / -2.0% where one run gave +1.4% / -1.1% on two Stage IIs (dev), but -1.5% / -0.2% where the default gave
+    # -1.8% / -1.1% on the demo's seeds 0 and 1 (bench/FINDINGS.md, "Stage III on four times the start images"): off
     head_bag: int = 1
     # the head's Flow-DPO stages: pairs only among the candidates that keep the object in every frame, so that a
     # pair differs in the motion (which the tokens decide) rather than in a lost frame (which they do not), and

@@ -152,9 +152,18 @@ def install() -> list[str]:
     if any(isinstance(f, _StubFinder) for f in sys.meta_path):
         return sorted(_STUBBED)
     missing = [root for root in _ROOTS if importlib.machinery.PathFinder.find_spec(root) is None]
-    if not missing:
-        return []
-    _STUBBED.update(missing)
-    sys.meta_path.insert(0, _StubFinder(missing))
-    sys.meta_path.insert(0, _TransformersPatchFinder())
+    return stub(missing) if missing else []
+
+
+def stub(roots) -> list[str]:
+    """Serve these packages (and every submodule) as stubs from now on, whether installed or not (modules of them
+    already imported are dropped); returns every name stubbed so far."""
+    roots = [r for r in roots if r not in _STUBBED]
+    if roots:
+        for m in [m for m in sys.modules if m.split(".")[0] in roots]:
+            del sys.modules[m]
+        _STUBBED.update(roots)
+        sys.meta_path.insert(0, _StubFinder(roots))
+        if not any(isinstance(f, _TransformersPatchFinder) for f in sys.meta_path):
+            sys.meta_path.insert(0, _TransformersPatchFinder())
     return sorted(_STUBBED)
