@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..physmaster.conditioning import PhysTokens, apply_to_conditioning
@@ -22,7 +24,6 @@ log = logging.getLogger("physmaster")
 def free_cpu_memory() -> int:
     """Bytes of RAM free now, as ComfyUI's memory manager counts them (new heads and scenes are made on the CPU)."""
     import comfy.model_management
-    import torch
 
     return int(comfy.model_management.get_free_memory(torch.device("cpu")))
 
@@ -165,7 +166,10 @@ class PhysMasterEncode(io.ComfyNode):
                                         feature=feature))
 
 
-APPLY_TO = ["positive and negative", "positive only"]
+#: public API: append only. "positive, negative zeroed" gives the negative the same number of tokens, all zero, so
+#: the sampler's CFG scales what the tokens change (classifier-free guidance on the tokens; Stage I drops the
+#: tokens by zeroing them, so zeroed tokens are the unconditional model's input)
+APPLY_TO = ["positive and negative", "positive only", "positive, negative zeroed"]
 
 
 class PhysMasterApply(io.ComfyNode):
@@ -186,7 +190,9 @@ class PhysMasterApply(io.ComfyNode):
                 io.Combo.Input("apply_to", options=APPLY_TO, default=APPLY_TO[0],
                                tooltip="The tokens are an image condition, so by default both get them (equal "
                                        "lengths keep cond and uncond batched). 'positive only' lets CFG push "
-                                       "toward them."),
+                                       "toward them. 'positive, negative zeroed': the negative gets as many "
+                                       "tokens, all zero, so CFG scales what the tokens change and cond and "
+                                       "uncond stay batched."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )
@@ -199,4 +205,7 @@ class PhysMasterApply(io.ComfyNode):
         positive = apply_to_conditioning(positive, physical_tokens, strength, what="positive")
         if apply_to == APPLY_TO[0]:
             negative = apply_to_conditioning(negative, physical_tokens, strength, what="negative")
+        elif apply_to == APPLY_TO[2]:
+            zeroed = dataclasses.replace(physical_tokens, tokens=torch.zeros_like(physical_tokens.tokens))
+            negative = apply_to_conditioning(negative, zeroed, strength, what="negative")
         return io.NodeOutput(positive, negative)

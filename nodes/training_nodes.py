@@ -854,6 +854,11 @@ class PhysMasterTrainSFT(io.ComfyNode):
                 io.Combo.Input("train", options=SFT_TRAIN, default="head and lora", tooltip="What Stage I trains."),
                 *_common_inputs(200),
                 *_memory_inputs(),
+                io.Float.Input("token_dropout", default=0.0, min=0.0, max=0.9, step=0.01, optional=True,
+                               tooltip="Fraction of the training samples whose physical tokens are zeroed (condition "
+                                       "dropout, as the demo's Stage I does at 0.1): the DiT keeps a token-free "
+                                       "path, so PhysMasterApply's 'positive, negative zeroed' gives CFG an "
+                                       "unconditional it has seen. 0: off."),
             ],
             outputs=_outputs(),
         )
@@ -861,7 +866,7 @@ class PhysMasterTrainSFT(io.ComfyNode):
     @classmethod
     def execute(cls, model, encoder, latents, positive, train, steps, learning_rate, lora_rank, batch_size, training_seed,
                 gradient_checkpointing, training_dtype="auto", offloading=False, split_passes=False,
-                activations_on_cpu=False, quantized_backward=False) -> io.NodeOutput:
+                activations_on_cpu=False, quantized_backward=False, token_dropout=0.0) -> io.NodeOutput:
         if train not in SFT_TRAIN:
             raise PhysMasterError(f"train must be one of {SFT_TRAIN}")
         if train == "head only":
@@ -892,7 +897,7 @@ class PhysMasterTrainSFT(io.ComfyNode):
         summary = _with_memory(summary, mem_text)
         config = TrainConfig(steps=steps, lr=learning_rate, batch_size=batch_size, seed=training_seed,
                              gradient_checkpointing=gradient_checkpointing, split_passes=split_passes,
-                             activations_on_cpu=activations_on_cpu)
+                             activations_on_cpu=activations_on_cpu, token_dropout=float(token_dropout))
 
         def make_inputs():
             return [[_clone(b), dict(c)] for b, c, _ in entries], _clone(samples[:1])

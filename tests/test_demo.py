@@ -368,6 +368,50 @@ def test_sampling_is_guided_by_the_frozen_base_model(tmp_path):
     assert torch.allclose(vm.sample(None, cond, [5, 6], steps=1), noise - v_model, atol=1e-6)
 
 
+def test_token_guidance_is_classifier_free_guidance_against_zeroed_tokens(tmp_path):
+    """v = v(tokens zeroed) + w (v(tokens) - v(tokens zeroed)): w = 1 is the unguided sampler bit for bit, the
+    tokens' change is scaled w-fold, and "tokens zeroed" (token_scale 0, the token-influence figure) samples as
+    the zeroed model whatever w is."""
+    from physmaster.demo.generator import new_dit
+    from physmaster.demo.pipeline import Settings, new_head
+
+    path = save_assets(tmp_path / "a.safetensors", FrameAutoencoder(), GeometryBackbone(), new_dit(0),
+                       {"ae": {"steps": 1}, "backbone": {"steps": 1}, "dit": {"steps": 1}})
+    vm, bb, _ = load_assets(path)
+    head = new_head(dataclasses.replace(Settings(), head_gain=4.0), seed=3).head
+    cond = vm.conditioning(np.stack([drop_scene(s).frames[0] for s in (1, 2)]), bb)
+    plain = vm.sample(head, cond, [5, 6], steps=1)
+    zeroed = vm.sample(head, cond, [5, 6], steps=1, token_scale=0.0)
+    noise = torch.stack([torch.randn(plain.shape[1:], generator=torch.Generator().manual_seed(n)) for n in (5, 6)])
+    t = torch.ones(2)
+    with torch.no_grad():
+        tokens = head(cond.features)
+        v_tok = vm.den.predict_velocity(noise, t, cond.with_tokens(tokens)).float()
+        v_zero = vm.den.predict_velocity(noise, t, cond.with_tokens(torch.zeros_like(tokens))).float()
+    assert torch.allclose(plain, noise - v_tok, atol=1e-6) and torch.allclose(zeroed, noise - v_zero, atol=1e-6)
+    assert (v_tok - v_zero).abs().max() > 1e-3  # the tokens move this DiT
+    vm.token_guidance = 2.5
+    guided = vm.sample(head, cond, [5, 6], steps=1)
+    assert torch.allclose(guided, noise - (v_zero + 2.5 * (v_tok - v_zero)), atol=1e-5)
+    assert not torch.allclose(guided, plain, atol=1e-3)
+    assert torch.allclose(vm.sample(head, cond, [5, 6], steps=1, token_scale=0.0), zeroed, atol=1e-6)
+    assert torch.equal(vm.sample(None, cond, [5, 6], steps=1), vm.sample(None, cond, [5, 6], steps=1))  # no head
+    vm.token_guidance = 1.0
+    assert torch.equal(vm.sample(head, cond, [5, 6], steps=1), plain)
+
+
+def test_token_guidance_flag_is_recorded_and_checked(tmp_path, capsys):
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--token-guidance", "2.5"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["settings"]["token_guidance"] == 2.5
+    from physmaster.demo.pipeline import Settings
+    assert Settings().token_guidance == 1.0  # off by default: the default run is the one the README quotes
+    for bad in ("0.5", "nan", "11"):
+        with pytest.raises(SystemExit):
+            main(["demo", "--fast", "--out", str(tmp_path), "--token-guidance", bad])
+        assert f"--token-guidance: must be between 1 (off) and 10, got {float(bad)}" in capsys.readouterr().err
+
+
 def test_guidance_flag_is_recorded_and_checked(tmp_path, capsys):
     assert main(["demo", "--fast", "--out", str(tmp_path), "--guidance", "2"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
@@ -410,6 +454,7 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("dpo_steps=2.5", "--set 'dpo_steps=2.5': '2.5' is not an integer"),
                           ("eval_scenes=1001", "--set: eval_scenes must be between 1 and 1000, got 1001"),
                           ("guidance=0.5", r"--set: guidance must be between 1 \(off\) and 10, got 0.5"),
+                          ("token_guidance=0", r"--set: token_guidance must be between 1 \(off\) and 10, got 0.0"),
                           ("head_t_min=1", "--set: head_t_min must be between 0 and 0.99, got 1.0"),
                           ("head_soup=0", r"--set: head_soup must be between 1 \(one run\) and 16, got 0"),
                           ("head_pairs_per_image=0", "--set: head_pairs_per_image must be between 1 and 64, got 0"),
@@ -566,6 +611,27 @@ def test_candidate_files_for_the_judge_bench(tmp_path, capsys):
     assert judge_bench.candidates(type("A", (), {"candidates": str(tmp_path / "stage2_candidates.npz"),
                                                  "fps": 6.0, "min_gap": 0.0})()) == 0
     assert "agreement" in capsys.readouterr().out
+
+
+def test_token_guidance_bench(tmp_path, capsys):
+    """bench/demo_token_guidance.py: the truth's and the reconstructions' coherence, then a row per guidance weight,
+    each against the first with its interval, misses by split and coherence by background, in print and JSON."""
+    mod = bench_module("demo_token_guidance")
+    tiny = [f"--set={x}" for x in ("sft_scenes=4", "sft_steps=2", "eval_scenes=3", "batch=2", "sample_steps=2")]
+    out = tmp_path / "tg.json"
+    assert mod.main(["--seed", "1", "--weights", "1,2.5", "--json", str(out)] + tiny) == 0
+    printed = capsys.readouterr().out
+    assert "token guidance 1:" in printed and "token guidance 2.5:" in printed and "coherence by background" in printed
+    res = json.loads(out.read_text())
+    assert [r["weight"] for r in res["rows"]] == [1.0, 2.5]
+    assert res["rows"][0]["interval"] == [0.0, 0.0] and len(res["rows"][1]["per_scene_l2"]) == 6
+    assert res["truth"]["coherence"] > 0.6 and set(res["truth"]["splits"]) == {"seen", "unseen"}
+    for row in [res["truth"], res["reconstructed"]] + res["rows"]:
+        for part in row["splits"].values():  # coherence and its misses share out the frames
+            assert abs(part["coherence"] + sum(part[m] for m in ("lost", "fragments", "too_small", "too_large"))
+                       - 1) < 1e-9
+    with pytest.raises(SystemExit, match="--weights"):
+        mod.main(["--weights", "0.5"] + tiny)
 
 
 def test_wrong_physics_drop_base_world():

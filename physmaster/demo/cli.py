@@ -27,6 +27,7 @@ ONLINE_SEED = 600_000
 # the settings with a range, and how their errors say it (the flags and `--set` check them through `_out_of_range`)
 LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED}"),
           "eval_videos": (1, 64, "1 and 64"), "guidance": (1.0, 10.0, "1 (off) and 10"),
+          "token_guidance": (1.0, 10.0, "1 (off) and 10"),
           "head_t_min": (0.0, 0.99, "0 and 0.99"), "head_soup": (1, 16, "1 (one run) and 16"),
           "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7"),
           "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000"),
@@ -46,11 +47,16 @@ def _out_of_range(field: str, value) -> str | None:
     return None if lo <= value <= hi else f"must be between {text}, got {value}"
 
 
-def _guidance(text: str) -> float:
-    value = float(text)
-    if problem := _out_of_range("guidance", value):
-        raise argparse.ArgumentTypeError(problem)
-    return value
+def _ranged(field: str):
+    def parse(text: str) -> float:
+        value = float(text)
+        if problem := _out_of_range(field, value):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
+
+
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,10 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes", type=int, default=None, help="held-out scenes per split (default 100)")
     parser.add_argument("--eval-videos", type=int, default=None, metavar="K",
                         help="videos per held-out scene and row, the same noises for every row (default 4)")
-    parser.add_argument("--guidance", type=_guidance, default=1.0,
+    parser.add_argument("--guidance", type=_ranged("guidance"), default=1.0,
                         help="sample guided by the pretrained base model with this weight (autoguidance; 1 = off, "
                         "the default; 2 halves Stage I's avg L2 but leaves Stage II no significant gain: "
                         "bench/FINDINGS.md)")
+    parser.add_argument("--token-guidance", type=_ranged("token_guidance"), default=1.0, metavar="W",
+                        help="classifier-free guidance on the physical tokens at every sampling (against the tokens "
+                        "zeroed; 1 = off, the default; 2.5 took about a fifth off Stage I's and Stage II's avg L2, "
+                        "sampling costs twice as much: bench/FINDINGS.md)")
     parser.add_argument("--judge-labels", action="store_true",
                         help="add the row 'Stage III (judge labels)': Stage III with every pair labelled by the "
                         "physics judge alone, no ground truth (about 100 s more)")
@@ -131,6 +141,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     backbone = head_input(backbone, st.head_reads)
     vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))  # each seed trains a fresh copy of the shipped base
     vm.guidance = float(st.guidance)
+    vm.token_guidance = float(st.token_guidance)
     k = st.eval_videos
     scenes, rep, noises = held_out_set(vm, backbone, st.eval_scenes, eval_seed, k)
     results, videos, influence = {}, {}, {}
@@ -263,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
                              f"of --assets FILE (leave {flag} out)")
     st = Settings.fast() if args.fast else Settings()
     st.guidance = float(args.guidance)
+    st.token_guidance = float(args.token_guidance)
     st.online_rounds = int(args.online)
     st.judge_labels = bool(args.judge_labels)
     if not (args.motion_weight >= 0 and np.isfinite(args.motion_weight)):

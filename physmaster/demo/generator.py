@@ -59,6 +59,11 @@ class VideoModel:
     den: object  # WanDenoiser
     guide: object | None = None  # the pretrained base WanDenoiser, frozen
     guidance: float = 1.0  # 1 = unguided
+    # classifier-free guidance on the physical tokens: v = v(tokens zeroed) + w (v(tokens) - v(tokens zeroed)),
+    # w = `token_guidance` (1 = off). Stage I drops (zeroes) the tokens for 10% of its samples, so "tokens zeroed"
+    # is the unconditional model CFG needs; guidance then scales what the tokens change w-fold. The graph's
+    # analogue: PhysMasterApply's apply_to "positive, negative zeroed" under the sampler's cfg.
+    token_guidance: float = 1.0
     prompt: torch.Tensor | None = None  # [1, 4, 32] text context of every video; None: `prompt_context()`
 
     def encode(self, frames: np.ndarray | list) -> torch.Tensor:
@@ -89,7 +94,8 @@ class VideoModel:
     def sample(self, head, cond, noise_seeds, steps: int, batch: int = 64, token_scale: float = 1.0) -> torch.Tensor:
         """Euler sampling of the rectified flow from t = 1 to 0 -> latents [B, C, T, h, w]. Noise i is drawn
         from seed `noise_seeds[i]`, so every model sees the same noises. `token_scale` 0 zeroes the physical
-        tokens (same sequence length: what "tokens zeroed" means in the token-influence figure)."""
+        tokens (same sequence length: what "tokens zeroed" means in the token-influence figure; with
+        `token_guidance` both velocities are then the zeroed one, so the figure measures what guided tokens add)."""
         c_lat = self.ae.channels
         h = SIZE // 4
         ts = torch.linspace(1.0, 0.0, steps + 1)
@@ -97,14 +103,20 @@ class VideoModel:
         for s in range(0, len(noise_seeds), batch):
             idx = list(range(s, min(s + batch, len(noise_seeds))))
             c = cond.map(lambda x: x[idx[0]:idx[-1] + 1])
-            plain = c
+            plain, unguided = c, None
             if head is not None and c.features is not None:
-                c = c.with_tokens(head(c.features) * token_scale)
+                tokens = head(c.features) * token_scale
+                c = c.with_tokens(tokens)
+                if self.token_guidance != 1.0:
+                    unguided = plain.with_tokens(torch.zeros_like(tokens))
             x = torch.stack([torch.randn(c_lat, FRAMES, h, h, generator=torch.Generator().manual_seed(int(n)))
                              for n in (noise_seeds[i] for i in idx)])
             for i in range(steps):
                 t = torch.full((len(idx),), float(ts[i]))
                 v = self.den.predict_velocity(x, t, c).float()
+                if unguided is not None:
+                    v_zeroed = self.den.predict_velocity(x, t, unguided).float()
+                    v = v_zeroed + self.token_guidance * (v - v_zeroed)
                 if self.guide is not None and self.guidance != 1.0:
                     v_base = self.guide.predict_velocity(x, t, plain).float()  # the base never saw tokens
                     v = v_base + self.guidance * (v - v_base)

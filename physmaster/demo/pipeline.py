@@ -65,6 +65,10 @@ class Settings:
     eval_videos: int = 4  # per held-out scene and row (the same noises for every row)
     sample_steps: int = 12
     guidance: float = 1.0  # > 1: sampling guided by the base model (`--guidance`, see generator.VideoModel)
+    # != 1: classifier-free guidance on the physical tokens at every sampling, candidates included
+    # (`--token-guidance`, generator.VideoModel.token_guidance); off: bench/FINDINGS.md, "Classifier-free guidance
+    # on the physical tokens"
+    token_guidance: float = 1.0
     batch: int = 16
     dpo_batch: int = 8
     lr_sft: float = 1e-3

@@ -689,6 +689,8 @@ def stage_entry(stage: str, steps: int, config: TrainConfig, *, planned: int | N
              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if (config.t_min, config.t_max) != (TrainConfig.t_min, TrainConfig.t_max):  # only where a run narrowed it
         entry["t_range"] = [float(config.t_min), float(config.t_max)]
+    if stage == "sft" and config.token_dropout:  # only where a run dropped tokens
+        entry["token_dropout"] = float(config.token_dropout)
     if stage != "sft":
         entry["beta"] = config.beta
         if config.margin_use != "ignore":

@@ -119,6 +119,28 @@ def test_positive_only_leaves_negative_alone(host):
     assert tensors["neg"]["conditioning.0.cond"].shape[1] == 32
 
 
+def test_negative_zeroed_gives_the_negative_as_many_zero_tokens(host):
+    """apply_to "positive, negative zeroed": the negative is the input's with TOKENS zero rows appended (so the
+    sampler's CFG scales what the tokens change), the positive as with "positive and negative"."""
+    build, shape = FAMILIES["wan21_i2v"]
+    p = with_physmaster(build("pm/negzero"), 1.5, apply_to="positive, negative zeroed")
+    p["save_neg"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+        "filename_prefix": "pm/negzero_neg", "conditioning": ["apply", 1]}}
+    p["save_pos"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+        "filename_prefix": "pm/negzero_pos", "conditioning": ["apply", 0]}}
+    p["save_in"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+        "filename_prefix": "pm/negzero_in", "conditioning": p["apply"]["inputs"]["negative"]}}
+    entry = host.run(p, timeout=600)
+    files = host.output_files(entry)
+    tensors = {f.name.split("_")[1]: harness.load_tensors(f) for f in files if f.suffix == ".safetensors"}
+    latent = harness.load_latent(next(f for f in files if f.suffix == ".latent"))
+    pos, neg, given = (tensors[k]["conditioning.0.cond"] for k in ("pos", "neg", "in"))
+    assert tuple(pos.shape) == tuple(neg.shape) == (1, 32 + TOKENS, 4096)
+    assert torch.equal(neg[:, :32], given) and neg[:, 32:].eq(0).all()
+    assert pos[:, 32:].abs().max() > 0
+    assert tuple(latent.shape) == shape and latent.isfinite().all()
+
+
 def _encoder_file(tmp_path: Path, **kw) -> Path:
     cfg = HeadConfig(in_dim=1280, context_dim=4096, num_tokens=TOKENS, hidden_dim=64, depth=1, heads=4,
                      backbone="clip_vision_h", **kw)

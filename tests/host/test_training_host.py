@@ -134,7 +134,7 @@ def test_sft_on_graph_latents(host):
     p["train"] = {"class_type": "PhysMasterTrainSFT", "inputs": {
         "model": ["unet", 0], "encoder": ["enc", 0], "latents": ["sampler", 0], "positive": ["apply", 0],
         "train": "head and lora", "steps": 20, "learning_rate": 2e-3, "lora_rank": 4, "batch_size": 2, "training_seed": 1,
-        "gradient_checkpointing": False}}
+        "gradient_checkpointing": False, "token_dropout": 0.25}}
     p["save_enc"] = {"class_type": "PhysMasterEncoderSave", "inputs": {"encoder": ["train", 0],
                                                                        "filename_prefix": "hosttest/sft"}}
     entry = host.run(p, timeout=900)
@@ -142,7 +142,11 @@ def test_sft_on_graph_latents(host):
     h = run["history"]
     assert run["stage"] == "sft" and len(h) == 20 and all(r["loss"] == r["loss"] for r in h)
     assert _mean(h[-5:], "loss") < _mean(h[:5], "loss")
-    assert json.loads(entry["outputs"]["save_enc"]["text"][0])["stages"] == ["sft"]
+    saved = json.loads(entry["outputs"]["save_enc"]["text"][0])
+    assert saved["stages"] == ["sft"]
+    from physmaster.encoder import load_encoder
+    stage = load_encoder(host.base_dir / "models" / "physmaster" / saved["saved"]).provenance["stages"][0]
+    assert stage["token_dropout"] == 0.25  # the widget reached the trainer (condition dropout, for token CFG)
 
 
 def test_preflight_names_the_mismatch(host, marked_dataset):
