@@ -14,7 +14,8 @@ w (v(tokens) - v(tokens zeroed)); 1 = unguided, the demo's default; the same noi
     python bench/demo_token_guidance.py [--seed 0] [--eval-seed 0] [--eval-videos 1] [--weights 1,1.5,2,3,5]
                                         [--set NAME=VALUE ...] [--json FILE]
 
-About 8 minutes on 2 cores at the defaults (Stage I: 6.5 minutes; each w: 10-20 s for 200 videos).
+About 13 minutes on one thread beside another job at the defaults (Stage I: about 9; each w: about a minute
+for 200 videos and 200 more with the tokens zeroed); Stage I takes about 6.5 minutes alone on 2 cores.
 """
 
 from __future__ import annotations

@@ -105,40 +105,35 @@ def test_tokens_change_sampling_and_strength_zero_bypasses(host, family):
         assert mask[0, :20].eq(1).all() and mask[0, 20:base_len].eq(0).all() and mask[0, base_len:].eq(1).all()
 
 
-def test_positive_only_leaves_negative_alone(host):
+def _apply_conditionings(host, name: str, strength: float, apply_to: str):
+    """Run the tiny Wan I2V graph through PhysMasterApply(apply_to); -> ({"pos", "neg", "in": its cond tensor}
+    (what Apply gave the sampler, and the negative it was given), the sampled latent)."""
     build, _ = FAMILIES["wan21_i2v"]
-    p = with_physmaster(build("pm/posonly"), 1.0, apply_to="positive only")
-    p["save_neg"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
-        "filename_prefix": "pm/posonly_neg", "conditioning": ["apply", 1]}}
-    p["save_pos"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
-        "filename_prefix": "pm/posonly_pos", "conditioning": ["apply", 0]}}
-    entry = host.run(p, timeout=600)
-    tensors = {f.name.split("_")[1]: harness.load_tensors(f) for f in host.output_files(entry)
-               if f.suffix == ".safetensors"}
-    assert tensors["pos"]["conditioning.0.cond"].shape[1] == 32 + TOKENS
-    assert tensors["neg"]["conditioning.0.cond"].shape[1] == 32
+    p = with_physmaster(build(f"pm/{name}"), strength, apply_to=apply_to)
+    for what, link in (("pos", ["apply", 0]), ("neg", ["apply", 1]), ("in", p["apply"]["inputs"]["negative"])):
+        p[f"save_{what}"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
+            "filename_prefix": f"pm/{name}_{what}", "conditioning": link}}
+    files = host.output_files(host.run(p, timeout=600))
+    conds = {f.name.split("_")[1]: harness.load_tensors(f)["conditioning.0.cond"] for f in files
+             if f.suffix == ".safetensors"}
+    return conds, harness.load_latent(next(f for f in files if f.suffix == ".latent"))
+
+
+def test_positive_only_leaves_negative_alone(host):
+    conds, _ = _apply_conditionings(host, "posonly", 1.0, "positive only")
+    assert conds["pos"].shape[1] == 32 + TOKENS
+    assert conds["neg"].shape[1] == 32 and torch.equal(conds["neg"], conds["in"])
 
 
 def test_negative_zeroed_gives_the_negative_as_many_zero_tokens(host):
     """apply_to "positive, negative zeroed": the negative is the input's with TOKENS zero rows appended (so the
     sampler's CFG scales what the tokens change), the positive as with "positive and negative"."""
-    build, shape = FAMILIES["wan21_i2v"]
-    p = with_physmaster(build("pm/negzero"), 1.5, apply_to="positive, negative zeroed")
-    p["save_neg"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
-        "filename_prefix": "pm/negzero_neg", "conditioning": ["apply", 1]}}
-    p["save_pos"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
-        "filename_prefix": "pm/negzero_pos", "conditioning": ["apply", 0]}}
-    p["save_in"] = {"class_type": "PhysMasterTest_SaveTensors", "inputs": {
-        "filename_prefix": "pm/negzero_in", "conditioning": p["apply"]["inputs"]["negative"]}}
-    entry = host.run(p, timeout=600)
-    files = host.output_files(entry)
-    tensors = {f.name.split("_")[1]: harness.load_tensors(f) for f in files if f.suffix == ".safetensors"}
-    latent = harness.load_latent(next(f for f in files if f.suffix == ".latent"))
-    pos, neg, given = (tensors[k]["conditioning.0.cond"] for k in ("pos", "neg", "in"))
+    conds, latent = _apply_conditionings(host, "negzero", 1.5, "positive, negative zeroed")
+    pos, neg, given = conds["pos"], conds["neg"], conds["in"]
     assert tuple(pos.shape) == tuple(neg.shape) == (1, 32 + TOKENS, 4096)
     assert torch.equal(neg[:, :32], given) and neg[:, 32:].eq(0).all()
     assert pos[:, 32:].abs().max() > 0
-    assert tuple(latent.shape) == shape and latent.isfinite().all()
+    assert tuple(latent.shape) == FAMILIES["wan21_i2v"][1] and latent.isfinite().all()
 
 
 def _encoder_file(tmp_path: Path, **kw) -> Path:
