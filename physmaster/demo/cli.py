@@ -56,9 +56,6 @@ def _ranged(field: str):
     return parse
 
 
-
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="physmaster_demo", help="output folder (table, GIF, results.json)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (head, LoRA, data order, candidates)")

@@ -94,8 +94,8 @@ class VideoModel:
     def sample(self, head, cond, noise_seeds, steps: int, batch: int = 64, token_scale: float = 1.0) -> torch.Tensor:
         """Euler sampling of the rectified flow from t = 1 to 0 -> latents [B, C, T, h, w]. Noise i is drawn
         from seed `noise_seeds[i]`, so every model sees the same noises. `token_scale` 0 zeroes the physical
-        tokens (same sequence length: what "tokens zeroed" means in the token-influence figure; with
-        `token_guidance` both velocities are then the zeroed one, so the figure measures what guided tokens add)."""
+        tokens (same sequence length: what "tokens zeroed" means in the token-influence figure; `token_guidance`
+        then has nothing to scale, so the figure measures what the guided tokens add)."""
         c_lat = self.ae.channels
         h = SIZE // 4
         ts = torch.linspace(1.0, 0.0, steps + 1)
@@ -107,7 +107,7 @@ class VideoModel:
             if head is not None and c.features is not None:
                 tokens = head(c.features) * token_scale
                 c = c.with_tokens(tokens)
-                if self.token_guidance != 1.0:
+                if self.token_guidance != 1.0 and token_scale != 0.0:  # zeroed: nothing to guide on
                     unguided = plain.with_tokens(torch.zeros_like(tokens))
             x = torch.stack([torch.randn(c_lat, FRAMES, h, h, generator=torch.Generator().manual_seed(int(n)))
                              for n in (noise_seeds[i] for i in idx)])
