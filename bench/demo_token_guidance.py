@@ -15,7 +15,7 @@ w (v(tokens) - v(tokens zeroed)); 1 = unguided, the demo's default; the same noi
                                         [--set NAME=VALUE ...] [--json FILE]
 
 About 13 minutes on one thread beside another job at the defaults (Stage I: about 9; each w: about a minute
-for 200 videos and 200 more with the tokens zeroed); Stage I takes about 6.5 minutes alone on 2 cores.
+for 200 videos; the tokens zeroed once for all); Stage I takes about 6.5 minutes alone on 2 cores.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from physmaster.demo.backbone import head_input
     from physmaster.demo.cli import held_out_set
-    from physmaster.demo.evaluation import MISSES, bootstrap_ci, score_video
+    from physmaster.demo.evaluation import MISSES, bootstrap_ci, score_scenes
     from physmaster.demo.pipeline import stage_one
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -59,56 +59,50 @@ def main(argv=None) -> int:
     scenes, rep, noises = held_out_set(vm, backbone, st.eval_scenes, args.eval_seed, k)
     report = {"settings": dataclasses.asdict(st), "args": {a: str(v) for a, v in vars(args).items()}, "rows": []}
 
-    def scored(videos):
-        """Per video: [coherence, misses..., l2], split, background colour."""
-        out = []
-        for j, s in enumerate(scenes):
-            gt = s.object_masks()
-            for i in range(k):
-                m = score_video(videos[j * k + i], gt)
-                out.append(([m["coherence"]] + [m[f"miss_{x}"] for x in MISSES] + [m["l2"]], s.meta["split"],
-                            s.meta["background_colour"]))
-        return out
+    splits = np.array([s.meta["split"] for s in scenes])
+    backgrounds = np.array([s.meta["background_colour"] for s in scenes])
 
-    def describe(name, rows):
-        vals = np.array([r for r, _, _ in rows])
-        line = {"name": name, "coherence": float(vals[:, 0].mean()), "l2": float(vals[:, -1].mean()),
-                "splits": {}, "backgrounds": {}}
+    def describe(name, videos):
+        """Per-scene figures of `videos` (`evaluation.score_scenes`), printed and returned by split and background."""
+        r = score_scenes(videos, scenes, k)
+        line = {"name": name, "coherence": float(r["coherence"].mean()), "l2": float(r["l2"].mean()),
+                "splits": {}, "backgrounds": {}, "per_scene_l2": r["l2"].tolist()}
         for split in ("seen", "unseen"):
-            part = vals[[sp == split for _, sp, _ in rows]].mean(0)
-            line["splits"][split] = dict(zip(("coherence",) + MISSES + ("l2",), map(float, part)))
-            print(f"    {split:6s}: coherence {part[0]:.3f} (misses: " + ", ".join(
-                f"{m} {v:.3f}" for m, v in zip(MISSES, part[1:-1])) + f"), avg L2 {part[-1]:.4f}")
-        for bg in sorted({b for _, _, b in rows}):
-            line["backgrounds"][bg] = float(np.mean([r[0] for r, _, b in rows if b == bg]))
+            part = {m: float(r[m][splits == split].mean()) for m in ("coherence", "l2")}
+            part.update({m: float(r[f"miss_{m}"][splits == split].mean()) for m in MISSES})
+            line["splits"][split] = part
+            print(f"    {split:6s}: coherence {part['coherence']:.3f} (misses: " + ", ".join(
+                f"{m} {part[m]:.3f}" for m in MISSES) + f"), avg L2 {part['l2']:.4f}")
+        for bg in sorted(set(backgrounds)):
+            line["backgrounds"][bg] = float(r["coherence"][backgrounds == bg].mean())
         print("    coherence by background: " + ", ".join(f"{b} {v:.2f}" for b, v in line["backgrounds"].items()))
         return line
 
     truth = [s.frames for s in scenes for _ in range(k)]
     print("the held-out drops themselves:")
-    report["truth"] = describe("truth", scored(truth))
+    report["truth"] = describe("truth", truth)
     print("their autoencoder reconstructions:")
-    report["reconstructed"] = describe("reconstructed", scored(vm.decode(vm.encode(truth))))
+    report["reconstructed"] = describe("reconstructed", vm.decode(vm.encode(truth)))
 
     print(f"Stage I (seed {args.seed}), {st.sft_steps} steps ...", flush=True)
     encoder = stage_one(vm, backbone, st, args.seed, lambda m: None)
-    ref = None
+    # tokens zeroed, guidance has nothing to scale (`VideoModel.sample`): one sampling serves every w
+    l2_zero = score_scenes(vm.decode(vm.sample(encoder.head, rep, noises, st.sample_steps, token_scale=0.0)),
+                           scenes, k)["l2"]
+    ref, n_seen = None, st.eval_scenes
     for w in args.weights:
         vm.token_guidance = float(w)
-        rows = scored(vm.decode(vm.sample(encoder.head, rep, noises, st.sample_steps)))
-        zeroed = scored(vm.decode(vm.sample(encoder.head, rep, noises, st.sample_steps, token_scale=0.0)))
-        l2 = np.array([r[-1] for r, _, _ in rows]).reshape(len(scenes), k).mean(1)
-        l2_zero = np.array([r[-1] for r, _, _ in zeroed]).reshape(len(scenes), k).mean(1)
+        videos = vm.decode(vm.sample(encoder.head, rep, noises, st.sample_steps))
+        print(f"token guidance {w:g}:")
+        line = describe(f"w {w:g}", videos)
+        l2 = np.array(line["per_scene_l2"])
         ref = l2 if ref is None else ref
         lo, hi = bootstrap_ci(l2 - ref)
-        n_seen = st.eval_scenes
-        print(f"token guidance {w:g}: avg L2 {l2.mean():.4f} (seen {l2[:n_seen].mean():.4f}, unseen "
-              f"{l2[n_seen:].mean():.4f}), against w = {args.weights[0]:g} {(l2 - ref).mean() / ref.mean():+.1%} "
-              f"[{lo:+.4f}, {hi:+.4f}]; token influence {l2_zero.mean() - l2.mean():+.4f}; "
-              f"coherence {np.mean([r[0] for r, _, _ in rows]):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-        line = describe(f"w {w:g}", rows)
-        line.update(weight=float(w), token_influence=float(l2_zero.mean() - l2.mean()), per_scene_l2=l2.tolist(),
-                    interval=[lo, hi])
+        print(f"  avg L2 {l2.mean():.4f} (seen {l2[:n_seen].mean():.4f}, unseen {l2[n_seen:].mean():.4f}), against "
+              f"w = {args.weights[0]:g} {(l2 - ref).mean() / ref.mean():+.1%} [{lo:+.4f}, {hi:+.4f}]; token influence "
+              f"{l2_zero.mean() - l2.mean():+.4f}; coherence {line['coherence']:.3f} ({time.perf_counter() - t0:.0f}s)",
+              flush=True)
+        line.update(weight=float(w), token_influence=float(l2_zero.mean() - l2.mean()), interval=[lo, hi])
         report["rows"].append(line)
     report["seconds"] = time.perf_counter() - t0
     if args.json:
