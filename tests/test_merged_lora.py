@@ -86,10 +86,13 @@ def test_adapters_off_dropout_and_other_dtypes_take_pefts_own_path(monkeypatch):
     dropped = inject_adapter_in_model(LoraConfig(r=8, target_modules=["0"], lora_dropout=0.5),
                                       nn.Sequential(nn.Linear(16, 16)))
     plain = inject_adapter_in_model(LoraConfig(r=8, target_modules=["0"]), nn.Sequential(nn.Linear(16, 32)))
-    assert merged_when_cheaper(dropped) == merged_when_cheaper(plain) == 1
+    dora = inject_adapter_in_model(LoraConfig(r=8, target_modules=["0"], use_dora=True),
+                                   nn.Sequential(nn.Linear(16, 16)))
+    assert merged_when_cheaper(dropped) == merged_when_cheaper(plain) == merged_when_cheaper(dora) == 1
     x = torch.randn(64, 16)
     dropped(x)
-    assert calls == []  # the dropout is peft's to draw
+    dora(x)
+    assert calls == []  # the dropout is peft's to draw; DoRA's magnitude is peft's to apply
     with torch.no_grad():
         plain(x)
     plain(x)

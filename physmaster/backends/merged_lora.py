@@ -83,9 +83,11 @@ def _plain_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
     if args or kwargs or self.disable_adapters or self.merged:
         return None
     active = [a for a in self.active_adapters if a in self.lora_A]
-    if len(active) != 1 or active[0] in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(active[0]):
+    if len(active) != 1:
         return None
     adapter = active[0]
+    if adapter in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(adapter):  # DoRA & co.
+        return None
     base = self.get_base_layer()
     if (type(base) is not nn.Linear or not isinstance(self.lora_dropout[adapter], nn.Identity)
             or self.lora_B[adapter].bias is not None):
