@@ -183,6 +183,22 @@ def test_stage_one_set_gains_its_recoloured_copies():
     assert not torch.allclose(both[st.sft_scenes].latent, plain[0].latent)
 
 
+def test_dpo_start_images_recoloured_by_share():
+    """The DPO stages' start scenes: seen drops, every 1/share-th recoloured (its look only: the masks, the
+    material and the motion are the drop's own, so the truth still labels the candidates)."""
+    from physmaster.demo.pipeline import DPO_SEED, dpo_scene
+    from physmaster.demo.world import recoloured
+
+    for share, expect in ((0.0, [0] * 8), (0.5, [0, 1] * 4), (0.25, [0, 0, 0, 1] * 2), (1.0, [1] * 8)):
+        scenes = [dpo_scene(DPO_SEED + i, i, share) for i in range(8)]
+        assert [s.meta.get("recoloured", 0) for s in scenes] == expect, share
+        for i, s in enumerate(scenes):
+            plain = drop_scene(DPO_SEED + i, "seen")
+            assert np.array_equal(s.object_masks(), plain.object_masks()) and s.meta["texture"] == plain.meta["texture"]
+            want = recoloured(plain.frames, (DPO_SEED + i) * 1000 + 1) if expect[i] else plain.frames
+            assert np.array_equal(s.frames, want)
+
+
 def test_geometry_targets_and_backbone_shapes():
     s = drop_scene(5)
     t = geometry_targets(s)
@@ -461,6 +477,8 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("head_scenes=0", "--set: head_scenes must be between 1 and 4096, got 0"),
                           ("head_bag=17", r"--set: head_bag must be between 1 \(one run\) and 16, got 17"),
                           ("sft_recoloured=8", r"--set: sft_recoloured must be between 0 \(none\) and 7, got 8"),
+                          ("dpo_recoloured=1.5",
+                           r"--set: dpo_recoloured must be between 0 \(none\) and 1 \(all\), got 1.5"),
                           ("head_reads=pixels",
                            "--set: head_reads must be one of hidden, summary, geometry, got 'pixels'"),
                           ("lr_head=-1", "--set: settings must be finite numbers >= 0, got lr_head=-1.0"),

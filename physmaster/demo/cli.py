@@ -31,7 +31,7 @@ LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED
           "head_t_min": (0.0, 0.99, "0 and 0.99"), "head_soup": (1, 16, "1 (one run) and 16"),
           "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7"),
           "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000"),
-          "head_bag": (1, 16, "1 (one run) and 16")}
+          "head_bag": (1, 16, "1 (one run) and 16"), "dpo_recoloured": (0.0, 1.0, "0 (none) and 1 (all)")}
 
 
 def _non_negative(text: str) -> int:

@@ -46,6 +46,9 @@ class Settings:
     token_dropout: float = 0.1
     motion_weight: float = 0.0  # Stage I: flow-matching loss up-weighted where the latent moves (0 = uniform)
     dpo_scenes: int = 96
+    # the share of the DPO stages' start images shown recoloured (`world.recoloured`, as Stage I's copies): their
+    # candidates then lose the object where the unseen drops do, on dark and saturated looks, and the pairs say so
+    dpo_recoloured: float = 0.0
     candidates: int = 8  # per start image
     pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
     min_margin: float = 0.05
@@ -224,13 +227,23 @@ class Candidates:
                                    similarity=self.similarity[:n], lost=self.lost[:n])
 
 
+def dpo_scene(seed: int, i: int, recoloured_share: float):
+    """The DPO stages' i-th start scene: a seen drop, every 1/share-th of them recoloured (`world.recoloured`:
+    the masks and the material's pattern are the drop's own, so the truth still labels its candidates)."""
+    s = drop_scene(seed, "seen")
+    if int((i + 1) * recoloured_share) > int(i * recoloured_share):
+        s = dataclasses.replace(s, frames=recoloured(s.frames, seed * 1000 + 1), meta={**s.meta, "recoloured": 1})
+    return s
+
+
 def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED,
                       scenes: int | None = None) -> Candidates:
     """`st.candidates` videos per start image from the current model (vm + head), scored against the truth, for
     `scenes` start images (default `st.dpo_scenes`). Candidate i's noise depends on i alone, so the first n start
     images' candidates are the same whatever `scenes` is (`Candidates.first`)."""
     t0 = time.perf_counter()
-    scenes = [drop_scene(scene_base + i, "seen") for i in range(st.dpo_scenes if scenes is None else scenes)]
+    scenes = [dpo_scene(scene_base + i, i, st.dpo_recoloured)
+              for i in range(st.dpo_scenes if scenes is None else scenes)]
     k = st.candidates
     cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
     rep = cond.map(lambda x: x.repeat_interleave(k, 0))
