@@ -199,6 +199,19 @@ def test_dpo_start_images_recoloured_by_share():
             assert np.array_equal(s.frames, want)
 
 
+def test_head_recoloured_reaches_the_heads_stages_only(tmp_path, capsys):
+    """`head_recoloured`: the head's Flow-DPO stages (Stage I + DPO encoder, Stage III, the online rounds) sample
+    candidates on recoloured start images; Stage II's LoRA keeps its pairs from the plain ones."""
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "head_recoloured=1", "--online", "1"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
+    assert len(lines) == 4, lines
+    assert "recoloured" not in lines[0] and " of the Stage I model" in lines[0]  # Stage II's
+    assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[1]  # Stage I + DPO encoder's
+    assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[2]  # Stage III's
+    assert "(3 recoloured)" in lines[3] and "online round 1" in lines[3]
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["head_recoloured"] == 1.0
+
+
 def test_geometry_targets_and_backbone_shapes():
     s = drop_scene(5)
     t = geometry_targets(s)
@@ -477,8 +490,8 @@ def test_set_changes_a_setting_and_refuses_bad_items(tmp_path):
                           ("head_scenes=0", "--set: head_scenes must be between 1 and 4096, got 0"),
                           ("head_bag=17", r"--set: head_bag must be between 1 \(one run\) and 16, got 17"),
                           ("sft_recoloured=8", r"--set: sft_recoloured must be between 0 \(none\) and 7, got 8"),
-                          ("dpo_recoloured=1.5",
-                           r"--set: dpo_recoloured must be between 0 \(none\) and 1 \(all\), got 1.5"),
+                          ("head_recoloured=1.5",
+                           r"--set: head_recoloured must be between 0 \(none\) and 1 \(all\), got 1.5"),
                           ("head_reads=pixels",
                            "--set: head_reads must be one of hidden, summary, geometry, got 'pixels'"),
                           ("lr_head=-1", "--set: settings must be finite numbers >= 0, got lr_head=-1.0"),

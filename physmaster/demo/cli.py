@@ -31,7 +31,7 @@ LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED
           "head_t_min": (0.0, 0.99, "0 and 0.99"), "head_soup": (1, 16, "1 (one run) and 16"),
           "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7"),
           "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000"),
-          "head_bag": (1, 16, "1 (one run) and 16"), "dpo_recoloured": (0.0, 1.0, "0 (none) and 1 (all)")}
+          "head_bag": (1, 16, "1 (one run) and 16"), "head_recoloured": (0.0, 1.0, "0 (none) and 1 (all)")}
 
 
 def _non_negative(text: str) -> int:
@@ -177,16 +177,21 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     encoder = stage_one(vm, backbone, st, seed, log)
     with_influence("Stage I", encoder.head)
     log(f"[3/{total}] candidates from the Stage I model")
-    # one draw for both: Stage II's pairs from the first dpo_scenes start images, the head's from head_scenes
+    # one draw for both: Stage II's pairs from the first dpo_scenes start images, the head's from head_scenes (its
+    # own draw when some of the head's start images are recoloured: Stage II's LoRA keeps the plain ones)
+    shared = st.head_recoloured == 0
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I",
-                                scenes=max(st.dpo_scenes, st.head_scenes))
+                                scenes=max(st.dpo_scenes, st.head_scenes) if shared else st.dpo_scenes)
     pairs_1 = gt_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
+    agreement = {"Stage I candidates": judge_agreement(cands_1.first(st.dpo_scenes))}
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
-    same = (not st.head_pairs_whole and st.head_pairs_per_image == st.pairs_per_image
+    same = (shared and not st.head_pairs_whole and st.head_pairs_per_image == st.pairs_per_image
             and st.head_scenes == st.dpo_scenes)
+    if not shared:
+        cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I", scenes=st.head_scenes,
+                                    recoloured=st.head_recoloured)
     head_pairs_1 = pairs_1 if same else head_pairs(cands_1.first(st.head_scenes), st, log, "Stage I")
-    agreement = {"Stage I candidates": judge_agreement(cands_1.first(st.dpo_scenes))}
     del cands_1  # its videos: a few hundred MB at the default head_scenes
     dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
     evaluate("Stage I + DPO encoder", enc_only.head)
@@ -195,7 +200,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     evaluate("Stage II", encoder.head)
     log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
     freeze_dit(vm, seed)
-    cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes)
+    cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
+                                recoloured=st.head_recoloured)
     pairs_2 = head_pairs(cands_2, st, log, "Stage II")
     stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
     stage_three(vm, encoder, pairs_2, st, seed, log)
@@ -230,7 +236,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         log(f"[{step}/{total}] {name}: fresh candidates from the current model, judged, Flow-DPO on the head "
             "(reference: the current head)")
         cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r,
-                                    scenes=st.head_scenes)
+                                    scenes=st.head_scenes, recoloured=st.head_recoloured)
         agreement[name + " candidates"] = judge_agreement(cands_r.first(st.dpo_scenes))
         judged_dpo(name, online, cands_r, seed + 3 + r)
     ordered = {name: results[name] for name in names}

@@ -46,9 +46,6 @@ class Settings:
     token_dropout: float = 0.1
     motion_weight: float = 0.0  # Stage I: flow-matching loss up-weighted where the latent moves (0 = uniform)
     dpo_scenes: int = 96
-    # the share of the DPO stages' start images shown recoloured (`world.recoloured`, as Stage I's copies): their
-    # candidates then lose the object where the unseen drops do, on dark and saturated looks, and the pairs say so
-    dpo_recoloured: float = 0.0
     candidates: int = 8  # per start image
     pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
     min_margin: float = 0.05
@@ -61,6 +58,11 @@ class Settings:
     # times the start images")
     head_scenes: int = 96
     head_dpo_steps: int = 200
+    # the share of the head's stages' start images shown recoloured (`world.recoloured`, as Stage I's copies; Stage
+    # II's LoRA keeps the plain ones): their candidates then lose the object where the held-out unseen drops do, on
+    # dark and saturated looks, and the pairs say which tokens keep it (bench/FINDINGS.md, "The head's start images
+    # recoloured")
+    head_recoloured: float = 0.0
     dpo_motion_weight: float = 0.0  # Flow-DPO stages: errors up-weighted where the pair moves (0 = uniform)
     # 100 drops per split x 4 videos: a paired interval about 2.5x narrower than 30 x 2 gave, for about 3 more
     # minutes of the default run's 8 (bench/FINDINGS.md, "A held-out set large enough to see Stage III")
@@ -211,6 +213,11 @@ class Candidates:
     seconds: float
     lost: np.ndarray  # [n, k] the part of each candidate's L2 that lost frames make (`l2_lost`)
 
+    def images(self) -> str:
+        """'N start images' (and how many of them are recoloured), for the logs."""
+        n = sum(int(s.meta.get("recoloured", 0)) for s in self.scenes)
+        return f"{len(self.scenes)} start images" + (f" ({n} recoloured)" if n else "")
+
     def start_images(self) -> np.ndarray:
         return np.stack([s.frames[0] for s in self.scenes])
 
@@ -237,13 +244,13 @@ def dpo_scene(seed: int, i: int, recoloured_share: float):
 
 
 def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED,
-                      scenes: int | None = None) -> Candidates:
+                      scenes: int | None = None, recoloured: float = 0.0) -> Candidates:
     """`st.candidates` videos per start image from the current model (vm + head), scored against the truth, for
-    `scenes` start images (default `st.dpo_scenes`). Candidate i's noise depends on i alone, so the first n start
-    images' candidates are the same whatever `scenes` is (`Candidates.first`)."""
+    `scenes` start images (default `st.dpo_scenes`), that share of them `recoloured` (`dpo_scene`). Candidate i's
+    noise depends on i alone, so the first n start images' candidates are the same whatever `scenes` is
+    (`Candidates.first`)."""
     t0 = time.perf_counter()
-    scenes = [dpo_scene(scene_base + i, i, st.dpo_recoloured)
-              for i in range(st.dpo_scenes if scenes is None else scenes)]
+    scenes = [dpo_scene(scene_base + i, i, recoloured) for i in range(st.dpo_scenes if scenes is None else scenes)]
     k = st.candidates
     cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
     rep = cond.map(lambda x: x.repeat_interleave(k, 0))
@@ -290,7 +297,7 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = Fals
         log(f"  no pair of {tag} candidates that keep the object in every frame: pairs among all of them")
         return gt_pairs(c, st, log, tag, per_image=per_image)
     whole = " (those that keep the object in every frame)" if whole_only else ""
-    log(f"  {len(pairs)} pairs from {len(c.scenes)} start images x {c.k} candidates{whole} of the {tag} model "
+    log(f"  {len(pairs)} pairs from {c.images()} x {c.k} candidates{whole} of the {tag} model "
         f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {np.mean(c.lost > 0):.1%} of the candidates "
         f"lose the object in some frame, {np.mean(c.lost) / c.l2.mean():.0%} of their avg L2; {c.seconds:.0f}s)")
     return PreferenceSet(pairs)
@@ -336,7 +343,7 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
             "all of them")
         return judge_pairs(c, st, log, tag, whole_only=False)
     whole = " (those whose object the judge tracks in every frame)" if whole_only else ""
-    log(f"  {len(pairs)} judge-labelled pairs from {len(c.scenes)} start images x {c.k} candidates{whole} of the {tag} "
+    log(f"  {len(pairs)} judge-labelled pairs from {c.images()} x {c.k} candidates{whole} of the {tag} "
         f"model (mean confidence {np.mean(confs) if confs else 0:.3f}; the ground truth, not shown to the judge, "
         f"prefers the same video in {np.mean(right) if right else 0:.0%} of them)")
     return PreferenceSet(pairs) if pairs else None
