@@ -60,8 +60,9 @@ class Settings:
     head_dpo_steps: int = 200
     # the share of the head's stages' start images shown recoloured (`world.recoloured`, as Stage I's copies; Stage
     # II's LoRA keeps the plain ones): their candidates then lose the object where the held-out unseen drops do, on
-    # dark and saturated looks, and the pairs say which tokens keep it (bench/FINDINGS.md, "The head's start images
-    # recoloured")
+    # dark and saturated looks, and the pairs say which tokens keep it. Half recoloured: Stage III - Stage II -0.8 /
+    # -1.1 / -0.1% on seeds 0-2 where the default gave -0.3 / -0.4 / -0.1%, no interval below 0, ~20 s more a run:
+    # off (bench/FINDINGS.md, "The head's start images recoloured")
     head_recoloured: float = 0.0
     dpo_motion_weight: float = 0.0  # Flow-DPO stages: errors up-weighted where the pair moves (0 = uniform)
     # 100 drops per split x 4 videos: a paired interval about 2.5x narrower than 30 x 2 gave, for about 3 more
