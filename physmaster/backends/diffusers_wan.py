@@ -318,7 +318,7 @@ class WanDenoiser(Denoiser):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             self.model.add_adapter(config, adapter_name=ADAPTER)
-        merged_when_cheaper(self.model)  # the demo's rank-64 LoRA on 96-wide layers: ~40% faster steps
+        merged_when_cheaper(self.model)  # the demo's rank-64 LoRA: 0.69x a Stage I step's time, 0.62x sampling's
         self.lora_config = {"rank": int(rank), "alpha": alpha, "targets": targets}
 
     def lora_parameters(self) -> list[nn.Parameter]:

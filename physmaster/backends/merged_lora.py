@@ -5,7 +5,8 @@ backward. That is the right choice for a real video DiT (width d = 5120, rank r 
 detour), but a small transformer at a large rank, the proxy demo's (d = 96, r = 64), pays more for the detour
 than for its own weight, on every sampling step and every training step. Multiplying once through the merged
 weight `W + s B A` (built per call: r d_in d_out multiply-adds, autograd carries the gradient to A and B) then
-costs one matmul forward and two backward. ComfyUI's own LoRA training patches the weight the same way.
+costs one matmul forward and two backward. Core ComfyUI's Train LoRA patches the weight the same way outside its
+bypass mode (`comfy/weight_adapter/lora.py`, `LoraDiff`: `w + scale * up @ down`).
 
 `use_merged_weight` decides per call from the multiply-adds of the two ways, for `rows` tokens:
 
@@ -15,7 +16,8 @@ costs one matmul forward and two backward. ComfyUI's own LoRA training patches t
   `3 r d_in d_out` (building W + s B A, and its gradient to A and B) + `rows d_in d_out` (the merged weight's own
   gradient): merged for the demo, factored for Wan-sized layers at a usual rank.
 
-The result is the same function up to float rounding (the tests hold the outputs and gradients to 1e-5). Only
+The result is the same function up to float rounding (`tests/test_merged_lora.py` holds the velocities to 1e-5 and
+every LoRA gradient to 1e-4 of its largest entry). Only
 peft's plain `lora.Linear` with one active vanilla adapter, no dropout and the base weight's dtype takes the merged
 path; everything else (DoRA, several adapters, quantized bases, adapters off) runs peft's own forward.
 """
