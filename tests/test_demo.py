@@ -1025,8 +1025,8 @@ def _candidates(similarity, lost):
 
 
 def test_head_pairs_among_candidates_that_keep_the_object():
-    """The head's pairs (`head_pairs`): with `head_pairs_whole` only candidates that keep the object in every frame
-    are paired (best vs worst among them, then the next), up to `head_pairs_per_image`; Stage II's pairs
+    """The head's nested pairs (`head_pairs` without `head_pairs_all`): with `head_pairs_whole` only candidates that
+    keep the object in every frame are paired (best vs worst among them, then the next), up to `head_pairs_per_image`; Stage II's pairs
     (`gt_pairs`) keep every candidate; with no whole pair at all, the head's pairs fall back to every candidate."""
     import dataclasses
 
@@ -1035,7 +1035,7 @@ def test_head_pairs_among_candidates_that_keep_the_object():
     quiet, logs = (lambda m: None), []
     c = _candidates([0.9, 0.8, 0.7, 0.5, 0.4, 0.1], [0, 0, 0.2, 0, 0, 0.5])
     ids = lambda ps: [(int(p.winner.flatten()[0]), int(p.loser.flatten()[0])) for p in ps.pairs]  # noqa: E731
-    st = dataclasses.replace(Settings(), head_pairs_whole=True, head_pairs_per_image=4)
+    st = dataclasses.replace(Settings(), head_pairs_whole=True, head_pairs_per_image=4, head_pairs_all=False)
     assert ids(gt_pairs(c, st, quiet, "")) == [(0, 5), (1, 4)]  # pairs_per_image 2, every candidate
     assert ids(head_pairs(c, st, logs.append, "Stage II")) == [(0, 4), (1, 3)]  # 4 whole ones: 2 pairs at most
     assert "keep the object in every frame" in logs[-1]
@@ -1045,6 +1045,51 @@ def test_head_pairs_among_candidates_that_keep_the_object():
     logs.clear()
     assert ids(head_pairs(lost_all, st, logs.append, "Stage II")) == [(0, 3), (1, 2)]
     assert "no pair of Stage II candidates that keep the object in every frame" in logs[0]
+
+
+def test_head_pairs_all_pairs_every_ordered_pair_above_the_margin():
+    """`head_pairs_all`: every pair of a start image's candidates, the more similar one the winner, whose similarity
+    gap is at least `min_margin` (not only 1st vs last, 2nd vs second-to-last); with `head_pairs_whole` among the
+    whole candidates only. Stage II's pairs (`gt_pairs` without it) stay nested."""
+    import dataclasses
+
+    from physmaster.demo.pipeline import Settings, gt_pairs, head_pairs
+
+    quiet = lambda m: None  # noqa: E731
+    c = _candidates([0.9, 0.8, 0.7, 0.5, 0.4, 0.1], [0, 0, 0.2, 0, 0, 0.5])
+    ids = lambda ps: sorted((int(p.winner.flatten()[0]), int(p.loser.flatten()[0])) for p in ps.pairs)  # noqa: E731
+    st = dataclasses.replace(Settings(), head_pairs_all=True, min_margin=0.15)
+    sims = [0.9, 0.8, 0.7, 0.5, 0.4, 0.1]
+    want = sorted((a, b) for a in range(6) for b in range(6) if sims[a] - sims[b] >= 0.15 - 1e-12)
+    got = head_pairs(c, st, quiet, "")
+    assert ids(got) == want and len(want) == 12  # (0, 1), (1, 2), (3, 4) are closer than the margin
+    assert all(p.margin == pytest.approx(sims[int(p.winner.flatten()[0])] - sims[int(p.loser.flatten()[0])])
+               for p in got.pairs)
+    whole = head_pairs(c, dataclasses.replace(st, head_pairs_whole=True), quiet, "")
+    assert ids(whole) == [(0, 3), (0, 4), (1, 3), (1, 4)]  # candidates 2 and 5 lose the object
+    assert ids(gt_pairs(c, st, quiet, "")) == [(0, 5), (1, 4)]  # Stage II: pairs_per_image 2, nested
+    with pytest.raises(ValueError, match="head_margin_use='gap': use one of"):
+        Settings(head_margin_use="gap")
+
+
+def test_judge_label_pairs_all_pairs_are_the_judges_own_ranking():
+    """`judge_label_pairs(..., all_pairs=True)`: every pair the judge ranks with confidence >= min_confidence, each
+    with the confidence `rank_candidates` gives it, its better-scored candidate the winner."""
+    from physmaster.demo.judging import judge_label_pairs
+    from physmaster.demo.world import FPS
+    from physmaster.physics import rank_candidates
+
+    scene = drop_scene(11)
+    true = scene.frames.astype(np.float32)
+    videos = [true, drop_scene(11, restitution=0.0).frames.astype(np.float32),
+              drop_scene(11, restitution=0.95).frames.astype(np.float32), np.roll(true, 3, axis=2)]
+    results, ranked = rank_candidates(videos, fps=FPS, min_margin=0.0, reference=true[0])
+    every = judge_label_pairs(videos, true[0], FPS, min_confidence=0.0, all_pairs=True)
+    assert sorted(every) == sorted((w, lo, c) for w, lo, c in ranked if c > 0)
+    assert len(every) > len(judge_label_pairs(videos, true[0], FPS, min_confidence=0.0)) >= 1
+    assert all(results[w].score > results[lo].score for w, lo, _ in every)
+    sure = judge_label_pairs(videos, true[0], FPS, min_confidence=0.3, all_pairs=True)
+    assert sure == [p for p in every if p[2] >= 0.3] and 0 < len(sure) < len(every)
 
 
 def test_judge_pairs_whole_only_leave_out_a_video_that_loses_the_object():

@@ -31,7 +31,8 @@ LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED
           "head_t_min": (0.0, 0.99, "0 and 0.99"), "head_soup": (1, 16, "1 (one run) and 16"),
           "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7"),
           "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000"),
-          "head_bag": (1, 16, "1 (one run) and 16"), "head_recoloured": (0.0, 1.0, "0 (none) and 1 (all)")}
+          "head_bag": (1, 16, "1 (one run) and 16"), "head_recoloured": (0.0, 1.0, "0 (none) and 1 (all)"),
+          "head_beta": (1.0, 100_000.0, "1 and 100000")}
 
 
 def _non_negative(text: str) -> int:
@@ -186,8 +187,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     agreement = {"Stage I candidates": judge_agreement(cands_1.first(st.dpo_scenes))}
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
-    same = (shared and not st.head_pairs_whole and st.head_pairs_per_image == st.pairs_per_image
-            and st.head_scenes == st.dpo_scenes)
+    same = (shared and not st.head_pairs_whole and not st.head_pairs_all
+            and st.head_pairs_per_image == st.pairs_per_image and st.head_scenes == st.dpo_scenes)
     if not shared:
         cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I", scenes=st.head_scenes,
                                     recoloured=st.head_recoloured)

@@ -16,11 +16,14 @@ from ..physics import rank_candidates
 
 
 def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = None,
-                      min_confidence: float = 0.05, whole_only: bool = False) -> list[tuple[int, int, float]]:
+                      min_confidence: float = 0.05, whole_only: bool = False,
+                      all_pairs: bool = False) -> list[tuple[int, int, float]]:
     """Preference pairs for one start image, labelled by the judge alone: its best candidate against its worst,
     the second best against the second worst, ... (each candidate in at most one pair), while the judge's
     confidence (`rank_candidates`' third value) is at least `min_confidence`; at most `max_pairs` (default: N // 2).
     `whole_only`: among the candidates in which the judge's track finds the object in every frame only.
+    `all_pairs`: every pair of those candidates, the judge's better first, whose confidence is at least
+    `min_confidence` (`max_pairs` is then ignored).
 
     videos: N candidates [T, H, W, 3] of `reference` (the start image [H, W, 3] in [0, 1]). Returns a list of
     (winner index, loser index, confidence in [0, 1]).
@@ -31,6 +34,10 @@ def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = Non
     if whole_only:
         order = np.array([i for i in order if results[i].found and len(results[i].track)
                           and np.isfinite(results[i].track).all()], dtype=int)
+    if all_pairs:
+        keep = {int(i) for i in order}
+        return [(int(w), int(lo), float(c)) for w, lo, c in ranked
+                if w in keep and lo in keep and c >= min_confidence and c > 0]
     n = len(order) // 2 if max_pairs is None else min(int(max_pairs), len(order) // 2)
     out = []
     for r in range(n):

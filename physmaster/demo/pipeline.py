@@ -100,6 +100,16 @@ class Settings:
     # (bench/FINDINGS.md, "Stage III's variance: which pairs, not which draws")
     head_pairs_whole: bool = False
     head_pairs_per_image: int = 2
+    # the head's Flow-DPO stages learn from all of each start image's ranking, not from 2 of its 8 candidates'
+    # pairs: every pair whose similarity gap (the judge's confidence, for its labels) is at least `min_margin` (up to
+    # 28 of 8 candidates; `head_pairs_per_image` is then unused), each weighted in the loss by its gap over the mean
+    # gap (`head_margin_use`, `training.plan_margins`), at the head's own beta. The same 200 steps then see ~1100
+    # pairs once each rather than ~165 pairs ten times. Stage III from one saved Stage II per seed on three sets of
+    # start images (dev, bench/FINDINGS.md "Stage III from every pair of candidates"): -1.8% on average, from +1.4 to
+    # -5.5%, before; -2.6%, from -1.1 to -4.7%, with all three
+    head_pairs_all: bool = True
+    head_margin_use: str = "weight"  # "ignore": every pair weighs 1 (`training.MARGIN_USES`)
+    head_beta: float = 1000.0  # Stage II's LoRA keeps `beta`
     beta: float = 2000.0
     # what the head reads of the backbone (backbone.HEAD_READS): its hidden states (the default), its summary token
     # or its geometry read-out; the narrow ones did not make Stage III beat Stage II (bench/FINDINGS.md, "What the
@@ -117,6 +127,10 @@ class Settings:
         if self.head_soup > 1 and self.head_bag > 1:
             raise ValueError(f"head_soup={self.head_soup} and head_bag={self.head_bag} both average heads; set one "
                              "of them to 1")
+        from ..training.data import MARGIN_USES
+
+        if self.head_margin_use not in MARGIN_USES:
+            raise ValueError(f"head_margin_use={self.head_margin_use!r}: use one of {list(MARGIN_USES)}")
 
     def with_overrides(self, items) -> "Settings":
         """These settings with "NAME=VALUE" items applied (the benches' `--set`); a clear error names a bad one."""
@@ -268,16 +282,21 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
 
 
 def head_pairs(c: Candidates, st: Settings, log, tag: str):
-    """The head's Flow-DPO pairs (Stage I + DPO encoder, Stage III): `gt_pairs` among the candidates that keep the
-    object in every frame (`Settings.head_pairs_whole`), up to `head_pairs_per_image` per start image."""
-    return gt_pairs(c, st, log, tag, whole_only=st.head_pairs_whole, per_image=st.head_pairs_per_image)
+    """The head's Flow-DPO pairs (Stage I + DPO encoder, Stage III): `gt_pairs`, every pair above the margin
+    (`Settings.head_pairs_all`) or up to `head_pairs_per_image` per start image, among the candidates that keep the
+    object in every frame with `Settings.head_pairs_whole`."""
+    return gt_pairs(c, st, log, tag, whole_only=st.head_pairs_whole, per_image=st.head_pairs_per_image,
+                    all_pairs=st.head_pairs_all)
 
 
-def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = False, per_image: int | None = None):
+def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = False, per_image: int | None = None,
+             all_pairs: bool = False):
     """Pairs labelled by the ground truth (the paper's synthetic-data recipe): per start image, 1st vs last,
     2nd vs second-to-last, ... by similarity to the true masks, while the gap is at least `min_margin`; up to
-    `per_image` (default `pairs_per_image`) per start image. `whole_only`: among the candidates that keep the
-    object in every frame only; when no start image has such a pair, among all of them."""
+    `per_image` (default `pairs_per_image`) per start image. `all_pairs`: every pair whose gap is at least
+    `min_margin` instead, the more similar candidate the winner. `whole_only`: among the candidates that keep the
+    object in every frame only; when no start image has such a pair, among all of them. A pair's margin is its
+    similarity gap."""
     from ..training import PreferencePair, PreferenceSet
 
     pairs, gaps = [], []
@@ -286,17 +305,24 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = Fals
         order = np.argsort(-sims)
         if whole_only:
             order = order[c.lost[j][order] == 0]
-        for r in range(min(st.pairs_per_image if per_image is None else per_image, len(order) // 2)):
-            w, lo = int(order[r]), int(order[-1 - r])
-            if sims[w] - sims[lo] < st.min_margin:
-                break
+        if all_pairs:
+            ranked = [(int(order[a]), int(order[b])) for a in range(len(order)) for b in range(a + 1, len(order))]
+            ranked = [wl for wl in ranked if sims[wl[0]] - sims[wl[1]] >= st.min_margin]
+        else:
+            ranked = []
+            for r in range(min(st.pairs_per_image if per_image is None else per_image, len(order) // 2)):
+                w, lo = int(order[r]), int(order[-1 - r])
+                if sims[w] - sims[lo] < st.min_margin:
+                    break
+                ranked.append((w, lo))
+        for w, lo in ranked:
             gaps.append(sims[w] - sims[lo])
             pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
                                         c.latents[j * c.k + lo], "similarity", float(sims[w] - sims[lo]),
                                         f"scene{s.meta['seed']}"))
     if whole_only and not pairs:
         log(f"  no pair of {tag} candidates that keep the object in every frame: pairs among all of them")
-        return gt_pairs(c, st, log, tag, per_image=per_image)
+        return gt_pairs(c, st, log, tag, per_image=per_image, all_pairs=all_pairs)
     whole = " (those that keep the object in every frame)" if whole_only else ""
     log(f"  {len(pairs)} pairs from {c.images()} x {c.k} candidates{whole} of the {tag} model "
         f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {np.mean(c.lost > 0):.1%} of the candidates "
@@ -323,7 +349,8 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
     """Pairs labelled by the physics judge alone (`judging.judge_label_pairs`: it sees the candidates and the
     start image, never the ground truth): per start image, the judge's best vs its worst, 2nd vs second-to-last,
     ... while its confidence is at least `judge_min_confidence`; the margin is that confidence. The head's recipe
-    (`head_pairs`) with the judge's eyes: up to `head_pairs_per_image` per start image, and with
+    (`head_pairs`) with the judge's eyes: every pair it ranks that confidently with `head_pairs_all`, else up to
+    `head_pairs_per_image` per start image, and with
     `head_pairs_whole` among the candidates whose object the judge tracks in every frame (when that gives no
     pair, among all of them). None: no pair at all."""
     from ..training import PreferencePair, PreferenceSet
@@ -334,7 +361,8 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
     pairs, confs, right = [], [], []
     for j, s in enumerate(c.scenes):
         for w, lo, m in judge_label_pairs(c.videos_of(j), s.frames[0], FPS, max_pairs=st.head_pairs_per_image,
-                                          min_confidence=st.judge_min_confidence, whole_only=whole_only):
+                                          min_confidence=st.judge_min_confidence, whole_only=whole_only,
+                                          all_pairs=st.head_pairs_all):
             confs.append(m)
             right.append(c.l2[j, w] < c.l2[j, lo])
             pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
@@ -356,8 +384,10 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
     lr = st.lr_lora if stage == "dpo-lora" else st.lr_head
     t_min = TrainConfig.t_min if stage == "dpo-lora" else st.head_t_min
     steps = st.dpo_steps if stage == "dpo-lora" else st.head_dpo_steps
-    cfg = TrainConfig(steps=steps, lr=lr, batch_size=st.dpo_batch, seed=seed, beta=st.beta,
-                      warmup_steps=min(20, steps), motion_weight=st.dpo_motion_weight, t_min=t_min)
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=st.dpo_batch, seed=seed,
+                      beta=st.beta if stage == "dpo-lora" else st.head_beta,
+                      warmup_steps=min(20, steps), motion_weight=st.dpo_motion_weight, t_min=t_min,
+                      margin_use="ignore" if stage == "dpo-lora" else st.head_margin_use)
     t0 = time.perf_counter()
     soup = 1 if stage == "dpo-lora" else int(st.head_soup)
     bag = 1 if stage == "dpo-lora" else int(st.head_bag)  # not both > 1 (`Settings.__post_init__`)
