@@ -1026,8 +1026,9 @@ def _candidates(similarity, lost):
 
 def test_head_pairs_among_candidates_that_keep_the_object():
     """The head's nested pairs (`head_pairs` without `head_pairs_all`): with `head_pairs_whole` only candidates that
-    keep the object in every frame are paired (best vs worst among them, then the next), up to `head_pairs_per_image`; Stage II's pairs
-    (`gt_pairs`) keep every candidate; with no whole pair at all, the head's pairs fall back to every candidate."""
+    keep the object in every frame are paired (best vs worst among them, then the next), up to
+    `head_pairs_per_image`; Stage II's pairs (`gt_pairs`) keep every candidate; with no whole pair at all, the head's
+    pairs fall back to every candidate."""
     import dataclasses
 
     from physmaster.demo.pipeline import Settings, gt_pairs, head_pairs
