@@ -928,6 +928,37 @@ def _fast_stage_two_pairs():
     return quiet, st, vm, encoder, gt_pairs(sample_candidates(vm, encoder.head, bb, st, 0, "Stage II"), st, quiet, "")
 
 
+def test_candidates_reuse_the_plain_draws_videos():
+    """`sample_candidates(..., reuse=plain)`: the start images both draws show plain take the plain draw's
+    candidates (latents, videos, scores), the others are sampled with the noises a fresh draw gives them, so the
+    result is the fresh draw's; a reuse of other scenes is refused."""
+    import dataclasses
+
+    from physmaster.demo.pipeline import Settings, sample_candidates
+
+    st = dataclasses.replace(Settings.fast(), candidates=3)
+    vm, bb, _ = load_assets()
+    plain = sample_candidates(vm, None, bb, st, 0, "Stage I", scenes=3)
+    fresh = sample_candidates(vm, None, bb, st, 0, "Stage I", scenes=4, recoloured=0.5)
+    calls = []
+    sample = vm.sample
+    vm.sample = lambda head, cond, noises, steps: calls.append(len(noises)) or sample(head, cond, noises, steps)
+    try:
+        both = sample_candidates(vm, None, bb, st, 0, "Stage I", scenes=4, recoloured=0.5, reuse=plain)
+    finally:
+        vm.sample = sample
+    assert calls == [6]  # start images 1 and 3 (recoloured) x 3 candidates; 0 and 2 from the plain draw
+    assert [s.meta.get("recoloured", 0) for s in both.scenes] == [0, 1, 0, 1]
+    assert both.latents.shape == (12, *plain.latents.shape[1:])
+    assert torch.allclose(both.latents, fresh.latents, atol=1e-5)
+    assert torch.equal(both.latents[:3], plain.latents[:3]) and torch.equal(both.latents[6:9], plain.latents[6:9])
+    assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(both.videos, fresh.videos))
+    np.testing.assert_allclose(both.l2, fresh.l2, atol=1e-4)
+    np.testing.assert_array_equal(both.similarity[[0, 2]], plain.similarity[[0, 2]])
+    with pytest.raises(ValueError, match="reuse must be a plain draw of the same scenes"):
+        sample_candidates(vm, None, bb, st, 0, "Stage I", scenes=4, recoloured=0.5, reuse=fresh)
+
+
 def test_head_soup_averages_heads_trained_on_other_draws():
     """`head_soup=K` (the head's Flow-DPO stages): K heads trained from the same start on other draws of t, noise
     and batch order, their weights averaged; the DiT untouched, the run recorded once with its K."""

@@ -179,7 +179,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     with_influence("Stage I", encoder.head)
     log(f"[3/{total}] candidates from the Stage I model")
     # one draw for both: Stage II's pairs from the first dpo_scenes start images, the head's from head_scenes (its
-    # own draw when some of the head's start images are recoloured: Stage II's LoRA keeps the plain ones)
+    # own draw when some of the head's start images are recoloured: Stage II's LoRA keeps the plain ones, and the
+    # start images both draws show plain are sampled once)
     shared = st.head_recoloured == 0
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I",
                                 scenes=max(st.dpo_scenes, st.head_scenes) if shared else st.dpo_scenes)
@@ -191,7 +192,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
             and st.head_pairs_per_image == st.pairs_per_image and st.head_scenes == st.dpo_scenes)
     if not shared:
         cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I", scenes=st.head_scenes,
-                                    recoloured=st.head_recoloured)
+                                    recoloured=st.head_recoloured, reuse=cands_1)
     head_pairs_1 = pairs_1 if same else head_pairs(cands_1.first(st.head_scenes), st, log, "Stage I")
     del cands_1  # its videos: a few hundred MB at the default head_scenes
     dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder")

@@ -59,11 +59,13 @@ class Settings:
     head_scenes: int = 96
     head_dpo_steps: int = 200
     # the share of the head's stages' start images shown recoloured (`world.recoloured`, as Stage I's copies; Stage
-    # II's LoRA keeps the plain ones): their candidates then lose the object where the held-out unseen drops do, on
-    # dark and saturated looks, and the pairs say which tokens keep it. Half recoloured: Stage III - Stage II -0.8 /
-    # -1.1 / -0.1% on seeds 0-2 where the default gave -0.3 / -0.4 / -0.1%, no interval below 0, ~20 s more a run:
-    # off (bench/FINDINGS.md, "The head's start images recoloured")
-    head_recoloured: float = 0.0
+    # II's LoRA keeps the plain ones, and the plain half is sampled once for both): their candidates then lose the
+    # object where the held-out unseen drops do, on dark and saturated looks, and the pairs (every pair, weighted by
+    # its gap: a lost frame makes a wide one) say which tokens keep it. With every pair, Stage III - Stage II on seeds
+    # 0-2: -6.8% / -0.3% / -1.0% with half recoloured, -4.6% / +3.7% / -0.5% without (Stage III's lost frames rose
+    # on seed 1); with the nested pairs of before, -0.8 / -1.1 / -0.1% and -0.3 / -0.4 / -0.1% (bench/FINDINGS.md,
+    # "Stage III from every pair of candidates", "The head's start images recoloured")
+    head_recoloured: float = 0.5
     dpo_motion_weight: float = 0.0  # Flow-DPO stages: errors up-weighted where the pair moves (0 = uniform)
     # 100 drops per split x 4 videos: a paired interval about 2.5x narrower than 30 x 2 gave, for about 3 more
     # minutes of the default run's 8 (bench/FINDINGS.md, "A held-out set large enough to see Stage III")
@@ -259,21 +261,46 @@ def dpo_scene(seed: int, i: int, recoloured_share: float):
 
 
 def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED,
-                      scenes: int | None = None, recoloured: float = 0.0) -> Candidates:
+                      scenes: int | None = None, recoloured: float = 0.0,
+                      reuse: Candidates | None = None) -> Candidates:
     """`st.candidates` videos per start image from the current model (vm + head), scored against the truth, for
     `scenes` start images (default `st.dpo_scenes`), that share of them `recoloured` (`dpo_scene`). Candidate i's
     noise depends on i alone, so the first n start images' candidates are the same whatever `scenes` is
-    (`Candidates.first`)."""
+    (`Candidates.first`). `reuse`: a draw of the same model, seed, tag and scene_base without recolouring; the
+    start images both draws show plain take their candidates from it rather than being sampled again (the same
+    scenes and noises)."""
+    import torch
+
     t0 = time.perf_counter()
     scenes = [dpo_scene(scene_base + i, i, recoloured) for i in range(st.dpo_scenes if scenes is None else scenes)]
     k = st.candidates
     cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
-    rep = cond.map(lambda x: x.repeat_interleave(k, 0))
-    noise = [hash_seed(seed, tag, i) for i in range(len(scenes) * k)]
-    lat = vm.sample(head, rep, noise, st.sample_steps)
-    videos = vm.decode(lat)
+    old = 0 if reuse is None else min(len(reuse.scenes), len(scenes))
+    if reuse is not None and (reuse.k != k or any(reuse.scenes[j].meta.get("recoloured")
+                                                  or reuse.scenes[j].meta["seed"] != scenes[j].meta["seed"]
+                                                  for j in range(old))):
+        raise ValueError("reuse must be a plain draw of the same scenes with as many candidates each")
+    todo = [j for j, s in enumerate(scenes) if j >= old or s.meta.get("recoloured")]
+    ids = [j * k + i for j in todo for i in range(k)]
+    new = vm.sample(head, cond.map(lambda x: x[todo].repeat_interleave(k, 0)), [hash_seed(seed, tag, i) for i in ids],
+                    st.sample_steps) if todo else None
+    new_videos = vm.decode(new) if todo else []
+    if len(todo) == len(scenes):
+        lat, videos = new, new_videos
+    else:
+        lat = reuse.latents[:len(scenes) * k].clone() if len(scenes) <= old else torch.cat(
+            [reuse.latents[:old * k], new.new_empty((len(scenes) - old) * k, *new.shape[1:])])
+        videos = list(reuse.videos[:old * k]) + [None] * ((len(scenes) - old) * k)
+        if todo:
+            lat[ids] = new
+        for i, v in zip(ids, new_videos):
+            videos[i] = v
     l2, sims, lost = (np.zeros((len(scenes), k)) for _ in range(3))
+    sampled = set(todo)
     for j, s in enumerate(scenes):
+        if j not in sampled:
+            l2[j], sims[j], lost[j] = reuse.l2[j], reuse.similarity[j], reuse.lost[j]
+            continue
         gt = s.object_masks()
         for i in range(k):
             m = score_video(videos[j * k + i], gt)
