@@ -47,7 +47,10 @@ def test_demo_fast(tmp_path, capsys):
     assert "Stage III (judge labels) - Stage II" in table and "online round 1 (judge) - Stage II" in table
     assert "judge vs ground-truth L2 on the Stage I candidates" in out
     agreement = res["judge_agreement"]
-    assert set(agreement) == {"Stage I candidates", "Stage II candidates", "online round 1 (judge) candidates"}
+    # the head's stages' start images are half recoloured (`head_recoloured`): their candidates are judged apart
+    assert set(agreement) == {"Stage I candidates", "Stage II candidates", "online round 1 (judge) candidates",
+                              "Stage II candidates (recoloured start images)",
+                              "online round 1 (judge) candidates (recoloured start images)"}
     for a in agreement.values():
         assert 0.0 <= a["overall"] <= 1.0 and a["n_pairs"] == len(a["per_pair"]["agree"])
         assert sum(t["n_pairs"] for t in a["terciles"]) == a["n_pairs"]

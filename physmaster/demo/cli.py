@@ -130,7 +130,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
-    from .pipeline import (dpo, freeze_dit, gt_pairs, head_pairs, judge_agreement, judge_pairs, sample_candidates,
+    from .pipeline import (dpo, freeze_dit, gt_pairs, head_pairs, judge_agreements, judge_pairs, sample_candidates,
                            stage_one, stage_three, stage_two)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
@@ -185,7 +185,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I",
                                 scenes=max(st.dpo_scenes, st.head_scenes) if shared else st.dpo_scenes)
     pairs_1 = gt_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
-    agreement = {"Stage I candidates": judge_agreement(cands_1.first(st.dpo_scenes))}
+    agreement = judge_agreements(cands_1.first(st.dpo_scenes), "Stage I candidates")
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
     same = (shared and not st.head_pairs_whole and not st.head_pairs_all
@@ -208,7 +208,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
     stage_three(vm, encoder, pairs_2, st, seed, log)
     with_influence("Stage III", encoder.head)
-    agreement["Stage II candidates"] = judge_agreement(cands_2.first(st.dpo_scenes))
+    agreement.update(judge_agreements(cands_2.first(st.dpo_scenes), "Stage II candidates"))
     names = ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
     # pairs from each model's candidates: Stage I's for Stage II (the LoRA), and the head's own from Stage I's
     # (Stage I + DPO encoder) and from Stage II's (Stage III)
@@ -239,7 +239,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
             "(reference: the current head)")
         cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r,
                                     scenes=st.head_scenes, recoloured=st.head_recoloured)
-        agreement[name + " candidates"] = judge_agreement(cands_r.first(st.dpo_scenes))
+        agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
         judged_dpo(name, online, cands_r, seed + 3 + r)
     ordered = {name: results[name] for name in names}
     return {"results": ordered, "influence": influence, "videos": videos, "scenes": scenes, "encoder": encoder,

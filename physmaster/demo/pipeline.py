@@ -241,6 +241,14 @@ class Candidates:
     def videos_of(self, j: int) -> list:
         return self.videos[j * self.k:(j + 1) * self.k]
 
+    def subset(self, indices) -> "Candidates":
+        """These candidates of the start images at `indices` only."""
+        idx = [int(j) for j in indices]
+        m = [j * self.k + i for j in idx for i in range(self.k)]
+        return dataclasses.replace(self, scenes=[self.scenes[j] for j in idx], cond=self.cond.map(lambda x: x[idx]),
+                                   latents=self.latents[m], videos=[self.videos[i] for i in m], l2=self.l2[idx],
+                                   similarity=self.similarity[idx], lost=self.lost[idx])
+
     def first(self, n: int) -> "Candidates":
         """These candidates of the first `n` start images only (all of them when there are fewer)."""
         if n >= len(self.scenes):
@@ -476,6 +484,18 @@ def judge_agreement(c: Candidates, min_gap: float = 0.02) -> dict:
     from .world import FPS
 
     return agreement([c.videos_of(j) for j in range(len(c.scenes))], c.l2, c.start_images(), FPS, min_gap)
+
+
+def judge_agreements(c: Candidates, name: str) -> dict:
+    """`judge_agreement` on the candidates of the plain start images, as {name: ...}, and on those of the
+    recoloured ones (`head_recoloured`: a training device, darker and more saturated than the seen drops' looks),
+    as {name + " (recoloured start images)": ...} when there are any."""
+    plain = [j for j, s in enumerate(c.scenes) if not s.meta.get("recoloured")]
+    other = [j for j, s in enumerate(c.scenes) if s.meta.get("recoloured")]
+    out = {name: judge_agreement(c if not other else c.subset(plain))} if plain else {}
+    if other:
+        out[name + " (recoloured start images)"] = judge_agreement(c.subset(other))
+    return out
 
 
 def hash_seed(seed: int, tag: str, i: int) -> int:
