@@ -1127,6 +1127,29 @@ def test_judge_label_pairs_all_pairs_are_the_judges_own_ranking():
     assert sure == [p for p in every if p[2] >= 0.3] and 0 < len(sure) < len(every)
 
 
+def test_judge_pairs_nested_unless_judge_pairs_all():
+    """The judge-labelled row's pairs (`judge_pairs`) stay the judge's nested ones (best vs worst, ...) while the
+    ground-truth head stages take every pair; `judge_pairs_all` gives every pair the judge ranks."""
+    import dataclasses
+
+    from physmaster.demo.pipeline import Candidates, Settings, judge_pairs
+    from physmaster.training import Conditioning
+
+    scene = drop_scene(11)
+    true = scene.frames.astype(np.float32)
+    videos = [true, drop_scene(11, restitution=0.0).frames.astype(np.float32),
+              drop_scene(11, restitution=0.95).frames.astype(np.float32), np.roll(true, 3, axis=2)]
+    lat = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1, 1).expand(4, 2, 2, 2, 2).contiguous()
+    c = Candidates([scene], Conditioning(context=torch.zeros(1, 4, 32)), lat, videos, np.zeros((1, 4)),
+                   np.zeros((1, 4)), 4, 0.0, np.zeros((1, 4)))
+    st = dataclasses.replace(Settings(), judge_min_confidence=0.0)
+    assert st.head_pairs_all and not st.judge_pairs_all
+    ids = lambda ps: [(int(p.winner.flatten()[0]), int(p.loser.flatten()[0])) for p in ps.pairs]  # noqa: E731
+    assert ids(judge_pairs(c, st, lambda m: None, "")) == [(0, 2), (1, 3)]
+    every = judge_pairs(c, dataclasses.replace(st, judge_pairs_all=True), lambda m: None, "")
+    assert len(every.pairs) == 6 and {(0, 2), (1, 3)} <= set(ids(every))
+
+
 def test_judge_pairs_whole_only_leave_out_a_video_that_loses_the_object():
     """`judge_label_pairs(..., whole_only=True)`: a candidate in which the judge's track loses the object is in no
     pair (without it, the judge pairs it as the worst)."""

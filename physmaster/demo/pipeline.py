@@ -103,21 +103,22 @@ class Settings:
     head_pairs_whole: bool = False
     head_pairs_per_image: int = 2
     # the head's Flow-DPO stages learn from all of each start image's ranking, not from 2 of its 8 candidates'
-    # pairs: every pair whose similarity gap (the judge's confidence, for its labels) is at least `min_margin` (up to
-    # 28 of 8 candidates; `head_pairs_per_image` is then unused), each weighted in the loss by its gap over the mean
-    # gap (`head_margin_use`, `training.plan_margins`), at the head's own beta. The same 200 steps then see ~1100
+    # pairs: every pair whose similarity gap is at least `min_margin` (up to 28 of 8 candidates;
+    # `head_pairs_per_image` is then unused), each weighted in the loss by its gap (the judge's confidence, for its
+    # labels) over the mean gap (`head_margin_use`, `training.plan_margins`), at the head's own beta (the
+    # judge-labelled row's and the online rounds' too). The same 200 steps then see ~1100
     # pairs once each rather than ~165 pairs ten times. Stage III from one saved Stage II per seed on three sets of
     # start images (dev, bench/FINDINGS.md "Stage III from every pair of candidates"): -1.8% on average, from +1.4 to
     # -5.5%, before; -2.6%, from -1.1 to -4.7%, with all three
     head_pairs_all: bool = True
+    head_margin_use: str = "weight"  # "ignore": every pair weighs 1 (`training.MARGIN_USES`)
+    head_beta: float = 1000.0  # Stage II's LoRA keeps `beta`
     # the judge-labelled row's and the online rounds' pairs: every pair the judge ranks with confidence >=
     # `judge_min_confidence` (True), or its best vs its worst, 2nd vs 7th, ... (False, up to `head_pairs_per_image`).
     # Every pair (1180-1320, mean confidence 0.20-0.22, the truth agreeing with 67-76% of them) made the judge-labelled
     # Stage III +3.2% [+0.0000, +0.0024] against Stage II where its nested pairs gave -1.9% (seed 0; bench/FINDINGS.md,
-    # "Stage III from every pair of candidates")
+    # "Stage III from every pair of candidates"; with the nested pairs this version has not been measured)
     judge_pairs_all: bool = False
-    head_margin_use: str = "weight"  # "ignore": every pair weighs 1 (`training.MARGIN_USES`)
-    head_beta: float = 1000.0  # Stage II's LoRA keeps `beta`
     beta: float = 2000.0
     # what the head reads of the backbone (backbone.HEAD_READS): its hidden states (the default), its summary token
     # or its geometry read-out; the narrow ones did not make Stage III beat Stage II (bench/FINDINGS.md, "What the
