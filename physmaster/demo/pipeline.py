@@ -115,9 +115,11 @@ class Settings:
     head_beta: float = 1000.0  # Stage II's LoRA keeps `beta`
     # the judge-labelled row's and the online rounds' pairs: every pair the judge ranks with confidence >=
     # `judge_min_confidence` (True), or its best vs its worst, 2nd vs 7th, ... (False, up to `head_pairs_per_image`).
-    # Every pair (1180-1320, mean confidence 0.20-0.22, the truth agreeing with 67-76% of them) made the judge-labelled
-    # Stage III +3.2% [+0.0000, +0.0024] against Stage II where its nested pairs gave -1.9% (seed 0; bench/FINDINGS.md,
-    # "Stage III from every pair of candidates"; with the nested pairs this version has not been measured)
+    # Seed 0 with the head's recipe above (bench/FINDINGS.md, "Stage III from every pair of candidates"): every pair
+    # (1180-1320, mean confidence 0.20-0.22) gave the judge-labelled Stage III +3.2% [+0.0000, +0.0024] against Stage
+    # II and online round 2 +0.5% against round 1; the nested pairs (166-177) +5.2% [+0.0009, +0.0031] and -3.9%
+    # [-0.0028, -0.0004]. The last version's recipe (nested, unweighted, beta 2000, plain start images) gave -1.9%
+    # [-0.0015, +0.0001] and -0.2%
     judge_pairs_all: bool = False
     beta: float = 2000.0
     # what the head reads of the backbone (backbone.HEAD_READS): its hidden states (the default), its summary token
