@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..physics import gt_similarity
+from ..training.data import MARGIN_USES
 from ..training.stages import record_stage
 from .evaluation import score_video
 from .world import drop_scene, recoloured
@@ -138,8 +139,6 @@ class Settings:
         if self.head_soup > 1 and self.head_bag > 1:
             raise ValueError(f"head_soup={self.head_soup} and head_bag={self.head_bag} both average heads; set one "
                              "of them to 1")
-        from ..training.data import MARGIN_USES
-
         if self.head_margin_use not in MARGIN_USES:
             raise ValueError(f"head_margin_use={self.head_margin_use!r}: use one of {list(MARGIN_USES)}")
 
@@ -260,12 +259,7 @@ class Candidates:
 
     def first(self, n: int) -> "Candidates":
         """These candidates of the first `n` start images only (all of them when there are fewer)."""
-        if n >= len(self.scenes):
-            return self
-        m = n * self.k
-        return dataclasses.replace(self, scenes=self.scenes[:n], cond=self.cond.map(lambda x: x[:n]),
-                                   latents=self.latents[:m], videos=self.videos[:m], l2=self.l2[:n],
-                                   similarity=self.similarity[:n], lost=self.lost[:n])
+        return self if n >= len(self.scenes) else self.subset(range(n))
 
 
 def dpo_scene(seed: int, i: int, recoloured_share: float):
