@@ -81,9 +81,10 @@ def test_demo_fast(tmp_path, capsys):
         for key in ("material_read", "material_read_zeroed"):
             assert v[key] is None if v["material_videos"] == 0 else 0.0 <= v[key] <= 1.0
         # the influence per split: the first 2 held-out drops are the seen ones, the last 2 the unseen
-        gain = np.array(v["per_scene_l2_zeroed"]) - np.array(rows["Stage III" if v is influence["Stage III"]
-                                                                 else "Stage I"]["per_scene"]["l2"])
-        assert len(gain) == 4
+        gain = np.array(v["per_scene_l2_zeroed"]) - np.array(v["per_scene_l2"])
+        assert len(gain) == 4 and v["videos_per_scene"] == 1
+        # one video a drop (--fast): the videos with tokens are the row's own
+        assert v["per_scene_l2"] == rows["Stage III" if v is influence["Stage III"] else "Stage I"]["per_scene"]["l2"]
         assert v["by_split"]["seen"] == pytest.approx(gain[:2].mean(), abs=1e-9)
         assert v["by_split"]["unseen"] == pytest.approx(gain[2:].mean(), abs=1e-9)
         assert v["influence"] == pytest.approx(gain.mean(), abs=1e-9)
@@ -455,12 +456,34 @@ def test_guidance_flag_is_recorded_and_checked(tmp_path, capsys):
     assert "must be between 1 (off) and 10, got 0.5" in capsys.readouterr().err
 
 
+def test_token_influence_on_the_first_videos_of_each_drop(tmp_path, capsys):
+    from physmaster.demo.cli import videos_per_scene
+
+    assert videos_per_scene(3, 4, 2) == [0, 1, 4, 5, 8, 9]
+    assert videos_per_scene(2, 2, 9) == [0, 1, 2, 3] and videos_per_scene(2, 3, 0) == [0, 3]
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--scenes", "2", "--eval-videos", "3",
+                 "--set", "influence_videos=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(tokens zeroed, 1 of 3 videos a drop)") == 2
+    assert ("token influence (held-out avg L2 with the physical tokens zeroed minus with them, on the first video "
+            "of each drop)") in out
+    res = json.loads((tmp_path / "results.json").read_text())
+    for name, v in res["runs"][0]["token_influence"].items():
+        assert v["videos_per_scene"] == 1 and len(v["per_scene_l2"]) == len(v["per_scene_l2_zeroed"]) == 4
+        assert v["influence"] == pytest.approx(np.mean(v["per_scene_l2_zeroed"]) - np.mean(v["per_scene_l2"]))
+        assert v["material_videos"] <= 4  # one video a drop read, with and without the tokens
+    with pytest.raises(SystemExit, match="influence_videos must be between 1 and 64"):
+        main(["demo", "--fast", "--out", str(tmp_path), "--set", "influence_videos=0"])
+
+
 def test_eval_videos_and_scenes_set_the_held_out_set(tmp_path, capsys):
     assert main(["demo", "--fast", "--out", str(tmp_path), "--scenes", "3", "--eval-videos", "2"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["settings"]["eval_videos"] == 2 and res["settings"]["eval_scenes"] == 3
     assert all(len(r["per_scene"]["l2"]) == 6 for r in res["runs"][0]["rows"].values())  # 3 seen + 3 unseen
     assert "3 seen + 3 unseen held-out drops (eval seed 0), 2 videos each" in capsys.readouterr().out
+    for name, v in res["runs"][0]["token_influence"].items():  # both videos (influence_videos 2): the row's own
+        assert v["videos_per_scene"] == 2 and v["per_scene_l2"] == res["runs"][0]["rows"][name]["per_scene"]["l2"]
     from physmaster.demo.pipeline import Settings
     assert (Settings().eval_scenes, Settings().eval_videos) == (100, 4)  # the README's runs
     with pytest.raises(SystemExit, match="--eval-videos must be between 1 and 64, got 0"):

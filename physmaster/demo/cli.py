@@ -32,7 +32,8 @@ LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED
           "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7"),
           "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000"),
           "head_bag": (1, 16, "1 (one run) and 16"), "head_recoloured": (0.0, 1.0, "0 (none) and 1 (all)"),
-          "head_beta": (1.0, 100_000.0, "1 and 100000")}
+          "head_beta": (1.0, 100_000.0, "1 and 100000"),
+          "influence_videos": (1, 64, "1 and 64 (at most --eval-videos are used)")}
 
 
 def _non_negative(text: str) -> int:
@@ -126,6 +127,12 @@ def held_out_set(vm, backbone, n: int, eval_seed: int, k: int):
     return scenes, cond.map(lambda x: x.repeat_interleave(k, 0)), noises
 
 
+def videos_per_scene(n_scenes: int, k: int, per: int) -> list[int]:
+    """Indices of the first `per` (at most `k`) of each scene's `k` consecutive videos."""
+    per = max(1, min(int(per), k))
+    return [j * k + i for j in range(n_scenes) for i in range(per)]
+
+
 def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import material_read, score_scenes
@@ -142,31 +149,42 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     vm.token_guidance = float(st.token_guidance)
     k = st.eval_videos
     scenes, rep, noises = held_out_set(vm, backbone, st.eval_scenes, eval_seed, k)
-    results, videos, influence = {}, {}, {}
+    results, shown, influence = {}, {}, {}
     renderings = []  # each held-out drop with the three materials' bounces (material read), made at first use
 
-    def evaluate(name, head, token_scale=1.0):
+    def evaluate(name, head, token_scale=1.0, videos=None):
+        """A row's held-out videos and scores (`videos`: only those of these indices, `videos_per_scene`)."""
         t0 = time.perf_counter()
-        vids = vm.decode(vm.sample(head, rep, noises, st.sample_steps, token_scale=token_scale))
-        r = score_scenes(vids, scenes, k)
-        log(f"  eval {name}{'' if token_scale else ' (tokens zeroed)'}: L2 {r['l2'].mean():.4f} CD "
+        cond, seeds, per = rep, noises, k
+        if videos is not None:
+            cond, seeds, per = rep.map(lambda x: x[videos]), [noises[i] for i in videos], len(videos) // len(scenes)
+        vids = vm.decode(vm.sample(head, cond, seeds, st.sample_steps, token_scale=token_scale))
+        r = score_scenes(vids, scenes, per)
+        what = "" if token_scale else f" (tokens zeroed{'' if per == k else f', {per} of {k} videos a drop'})"
+        log(f"  eval {name}{what}: L2 {r['l2'].mean():.4f} CD "
             f"{r['chamfer'].mean():.4f} IoU {r['iou'].mean():.4f} coherence {r['coherence'].mean():.3f} "
             f"({time.perf_counter() - t0:.0f}s)")
         if token_scale:
-            results[name], videos[name] = r, vids[::k]
+            results[name], shown[name] = r, vids[::k]  # the first video of each drop: the gif
         return r, vids
 
     def with_influence(name, head):
-        """The row, then again with the tokens zeroed: token influence and material read."""
+        """The row, then again with the tokens zeroed on the first `influence_videos` of each drop's videos (the
+        same noises): token influence and material read, each on those videos with and without the tokens."""
         r, vids = evaluate(name, head)
-        r0, vids0 = evaluate(name, head, token_scale=0.0)
+        sub = videos_per_scene(len(scenes), k, st.influence_videos)
+        per = len(sub) // len(scenes)
+        r0, vids0 = evaluate(name, head, token_scale=0.0, videos=sub)
+        vids = [vids[i] for i in sub]
+        r = r if per == k else score_scenes(vids, scenes, per)
         if not renderings:
             renderings.extend(material_renderings(s) for s in scenes)
-        (right, n), (right0, _) = (material_read(v, scenes, k, renderings) for v in (vids, vids0))
+        (right, n), (right0, _) = (material_read(v, scenes, per, renderings) for v in (vids, vids0))
         n_seen = st.eval_scenes  # held_out: the seen drops, then as many unseen ones
         gain = r0["l2"] - r["l2"]
         influence[name] = {"l2": float(r["l2"].mean()), "l2_zeroed": float(r0["l2"].mean()),
-                           "per_scene_l2_zeroed": r0["l2"].tolist(), "material_videos": n,
+                           "per_scene_l2": r["l2"].tolist(), "per_scene_l2_zeroed": r0["l2"].tolist(),
+                           "videos_per_scene": per, "material_videos": n,
                            "by_split": {"seen": float(gain[:n_seen].mean()), "unseen": float(gain[n_seen:].mean())},
                            "material_read": right / n if n else None,
                            "material_read_zeroed": right0 / n if n else None}
@@ -242,7 +260,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
         judged_dpo(name, online, cands_r, seed + 3 + r)
     ordered = {name: results[name] for name in names}
-    return {"results": ordered, "influence": influence, "videos": videos, "scenes": scenes, "encoder": encoder,
+    return {"results": ordered, "influence": influence, "videos": shown, "scenes": scenes, "encoder": encoder,
             "pairs": n_pairs, "judge_agreement": agreement}
 
 
@@ -332,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
                                                     "influence": v["l2_zeroed"] - v["l2"],
                                                     **{m: v[m] for m in ("material_read", "material_read_zeroed",
                                                                          "material_videos", "by_split",
+                                                                         "videos_per_scene", "per_scene_l2",
                                                                          "per_scene_l2_zeroed")}}
                                              for name, v in r["influence"].items()}}
                         for i, r in enumerate(runs)]}

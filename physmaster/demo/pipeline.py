@@ -72,6 +72,10 @@ class Settings:
     # minutes of the default run's 8 (bench/FINDINGS.md, "A held-out set large enough to see Stage III")
     eval_scenes: int = 100  # per split
     eval_videos: int = 4  # per held-out scene and row (the same noises for every row)
+    # token influence and material read: the first this many of each held-out drop's videos sampled again with the
+    # tokens zeroed, against the same videos with them (2 of 4: the figure is 5-10x its interval's half-width, and
+    # the default run saves about 25 s of its 10 minutes)
+    influence_videos: int = 2
     sample_steps: int = 12
     guidance: float = 1.0  # > 1: sampling guided by the base model (`--guidance`, see generator.VideoModel)
     # != 1: classifier-free guidance on the physical tokens at every sampling, candidates included

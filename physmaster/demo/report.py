@@ -120,7 +120,12 @@ def format_influence(influence: dict) -> str:
 
     parts = [f"{name} {v['l2_zeroed'] - v['l2']:+.4f} (L2 {v['l2']:.4f} with tokens, {v['l2_zeroed']:.4f} zeroed"
              f"{split(v)})" for name, v in influence.items()]
-    text = "token influence (held-out avg L2 with the physical tokens zeroed minus with them): " + "; ".join(parts)
+    per = {v.get("videos_per_scene") for v in influence.values()} - {None}
+    n = per.pop() if len(per) == 1 else None
+    on = ("" if n is None else ", on the first video of each drop" if n == 1
+          else f", on the first {n} videos of each drop")
+    text = (f"token influence (held-out avg L2 with the physical tokens zeroed minus with them{on}): "
+            + "; ".join(parts))
     reads = [f"{name} {v['material_read']:.0%} with tokens, {v['material_read_zeroed']:.0%} zeroed"
              for name, v in influence.items() if v.get("material_videos")]
     if reads:
