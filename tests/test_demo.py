@@ -72,8 +72,12 @@ def test_demo_fast(tmp_path, capsys):
     sources = out.split("where avg L2 comes from", 1)[1]
     assert "Stage III - Stage II: lost " in sources and "; where both find it " in sources
     assert sources.count("% of frames: seen ") == len(names)
-    pairs_lines = [x for x in out.splitlines() if "candidates of the Stage II model" in x and "pairs from" in x]
+    pairs_lines = [x for x in out.splitlines() if "candidates of the Stage II model" in x and "pairs from" in x
+                   and "judge-labelled" not in x]
     assert len(pairs_lines) == 1 and "of the candidates lose the object in some frame" in pairs_lines[0]
+    # the judge-labelled row and online round 1 both label candidates of the Stage II model, and say so
+    judged = [x for x in out.splitlines() if "judge-labelled pairs from" in x]
+    assert len(judged) == 2 and all("candidates of the Stage II model" in x for x in judged)
     influence = res["runs"][0]["token_influence"]
     assert set(influence) == {"Stage I", "Stage III"}
     for v in influence.values():  # the 2 + 2 fast held-out drops: read only where their materials' drops differ
@@ -212,7 +216,7 @@ def test_head_recoloured_reaches_the_heads_stages_only(tmp_path, capsys):
     assert "recoloured" not in lines[0] and " of the Stage I model" in lines[0]  # Stage II's
     assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[1]  # Stage I + DPO encoder's
     assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[2]  # Stage III's
-    assert "(3 recoloured)" in lines[3] and "online round 1" in lines[3]
+    assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[3] and "judge-labelled" in lines[3]  # round 1
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["head_recoloured"] == 1.0
 
 
@@ -1150,9 +1154,10 @@ def test_judge_label_pairs_all_pairs_are_the_judges_own_ranking():
     assert sure == [p for p in every if p[2] >= 0.3] and 0 < len(sure) < len(every)
 
 
-def test_judge_pairs_nested_unless_judge_pairs_all():
-    """The judge-labelled row's pairs (`judge_pairs`) stay the judge's nested ones (best vs worst, ...) while the
-    ground-truth head stages take every pair; `judge_pairs_all` gives every pair the judge ranks."""
+def test_judge_pairs_every_ranked_pair_or_nested():
+    """The judge-labelled row's pairs (`judge_pairs`) are every pair the judge ranks at `judge_min_confidence` (0.5
+    by default), as the ground-truth head stages take every pair; `judge_pairs_all` off gives its nested ones (best
+    vs worst, ...)."""
     import dataclasses
 
     from physmaster.demo.pipeline import Candidates, Settings, judge_pairs
@@ -1165,12 +1170,16 @@ def test_judge_pairs_nested_unless_judge_pairs_all():
     lat = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1, 1).expand(4, 2, 2, 2, 2).contiguous()
     c = Candidates([scene], Conditioning(context=torch.zeros(1, 4, 32)), lat, videos, np.zeros((1, 4)),
                    np.zeros((1, 4)), 4, 0.0, np.zeros((1, 4)))
+    assert Settings().head_pairs_all and Settings().judge_pairs_all and Settings().judge_min_confidence == 0.5
     st = dataclasses.replace(Settings(), judge_min_confidence=0.0)
-    assert st.head_pairs_all and not st.judge_pairs_all
     ids = lambda ps: [(int(p.winner.flatten()[0]), int(p.loser.flatten()[0])) for p in ps.pairs]  # noqa: E731
-    assert ids(judge_pairs(c, st, lambda m: None, "")) == [(0, 2), (1, 3)]
-    every = judge_pairs(c, dataclasses.replace(st, judge_pairs_all=True), lambda m: None, "")
+    assert ids(judge_pairs(c, dataclasses.replace(st, judge_pairs_all=False), lambda m: None, "")) == [(0, 2), (1, 3)]
+    every = judge_pairs(c, st, lambda m: None, "")
     assert len(every.pairs) == 6 and {(0, 2), (1, 3)} <= set(ids(every))
+    margins = [p.margin for p in every.pairs]  # the judge is less than half sure of each of these pairs
+    assert max(margins) < 0.5 and judge_pairs(c, Settings(), lambda m: None, "") is None  # none kept by default
+    sure = judge_pairs(c, dataclasses.replace(st, judge_min_confidence=0.3), lambda m: None, "")
+    assert [p.margin for p in sure.pairs] == [m for m in margins if m >= 0.3] and len(sure.pairs) == 3
 
 
 def test_judge_pairs_whole_only_leave_out_a_video_that_loses_the_object():

@@ -233,9 +233,10 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     n_pairs = {"Stage I": len(pairs_1), "Stage II": len(pairs_2), "Stage I, the head's": len(head_pairs_1)}
     step = 6
 
-    def judged_dpo(name, encoder_, cands, dpo_seed):
-        """Flow-DPO on the head with the judge's labels of `cands`; no pair confident enough: the model is kept."""
-        pairs = judge_pairs(cands, st, log, name)
+    def judged_dpo(name, encoder_, cands, dpo_seed, source):
+        """Flow-DPO on the head with the judge's labels of `cands` (candidates of the model `source` names); no
+        pair confident enough: the model is kept."""
+        pairs = judge_pairs(cands, st, log, source)
         if pairs is None:
             log(f"  no pair reached the judge's min confidence {st.judge_min_confidence}: {name} is its starting "
                 "model unchanged")
@@ -248,7 +249,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     if st.judge_labels:
         step += 1
         log(f"[{step}/{total}] {JUDGE_ROW}: the Stage II candidates labelled by the physics judge alone")
-        judged_dpo(JUDGE_ROW, stage_two_encoder.clone(), cands_2, seed + 3)
+        judged_dpo(JUDGE_ROW, stage_two_encoder.clone(), cands_2, seed + 3, "Stage II")
     online = stage_two_encoder.clone()
     for r in range(1, st.online_rounds + 1):
         name = online_row(r)
@@ -258,7 +259,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r,
                                     scenes=st.head_scenes, recoloured=st.head_recoloured)
         agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
-        judged_dpo(name, online, cands_r, seed + 3 + r)
+        judged_dpo(name, online, cands_r, seed + 3 + r, "Stage II" if r == 1 else online_row(r - 1))
     ordered = {name: results[name] for name in names}
     return {"results": ordered, "influence": influence, "videos": shown, "scenes": scenes, "encoder": encoder,
             "pairs": n_pairs, "judge_agreement": agreement}
