@@ -302,20 +302,12 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
     new = vm.sample(head, cond.map(lambda x: x[todo].repeat_interleave(k, 0)), [hash_seed(seed, tag, i) for i in ids],
                     st.sample_steps) if todo else None
     new_videos = vm.decode(new) if todo else []
-    if len(todo) == len(scenes):
-        lat, videos = new, new_videos
-    else:
-        lat = reuse.latents[:len(scenes) * k].clone() if len(scenes) <= old else torch.cat(
-            [reuse.latents[:old * k], new.new_empty((len(scenes) - old) * k, *new.shape[1:])])
-        videos = list(reuse.videos[:old * k]) + [None] * ((len(scenes) - old) * k)
-        if todo:
-            lat[ids] = new
-        for i, v in zip(ids, new_videos):
-            videos[i] = v
+    at = {j: n * k for n, j in enumerate(todo)}  # a sampled start image -> its first candidate in the new draw
+    lat = torch.cat([new[at[j]:at[j] + k] if j in at else reuse.latents[j * k:(j + 1) * k] for j in range(len(scenes))])
+    videos = [v for j in range(len(scenes)) for v in (new_videos[at[j]:at[j] + k] if j in at else reuse.videos_of(j))]
     l2, sims, lost = (np.zeros((len(scenes), k)) for _ in range(3))
-    sampled = set(todo)
     for j, s in enumerate(scenes):
-        if j not in sampled:
+        if j not in at:
             l2[j], sims[j], lost[j] = reuse.l2[j], reuse.similarity[j], reuse.lost[j]
             continue
         gt = s.object_masks()
@@ -501,7 +493,7 @@ def judge_agreements(c: Candidates, name: str) -> dict:
     as {name + " (recoloured start images)": ...} when there are any."""
     plain = [j for j, s in enumerate(c.scenes) if not s.meta.get("recoloured")]
     other = [j for j, s in enumerate(c.scenes) if s.meta.get("recoloured")]
-    out = {name: judge_agreement(c if not other else c.subset(plain))} if plain else {}
+    out = {name: judge_agreement(c.subset(plain))} if plain else {}
     if other:
         out[name + " (recoloured start images)"] = judge_agreement(c.subset(other))
     return out

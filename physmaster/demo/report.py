@@ -120,8 +120,7 @@ def format_influence(influence: dict) -> str:
 
     parts = [f"{name} {v['l2_zeroed'] - v['l2']:+.4f} (L2 {v['l2']:.4f} with tokens, {v['l2_zeroed']:.4f} zeroed"
              f"{split(v)})" for name, v in influence.items()]
-    per = {v.get("videos_per_scene") for v in influence.values()} - {None}
-    n = per.pop() if len(per) == 1 else None
+    n = next(iter(influence.values())).get("videos_per_scene")  # one run's rows share it
     on = ("" if n is None else ", on the first video of each drop" if n == 1
           else f", on the first {n} videos of each drop")
     text = (f"token influence (held-out avg L2 with the physical tokens zeroed minus with them{on}): "
