@@ -86,7 +86,7 @@ def test_reference_mask_finds_the_object_of_the_start_image(groups):
 def test_reference_mask_when_the_generator_redraws_the_start_image():
     """A generator that draws the patterned object plain and the whole scene in other colours (as the demo's
     autoencoder does): the start image then differs from every frame everywhere, and the object is found from
-    the candidates' own first frame, fitted to the object, not to its path."""
+    the candidates' own first frame, fitted to the object as the start image shows it, not to its path."""
     ious = []
     for seed in range(720, 728):
         sc = drop_scene(seed, "seen")
@@ -203,3 +203,23 @@ def test_wrong_sizes_are_clear_errors(groups):
         judge_agreement([vids], np.zeros(8), [sc.frames[0]], FPS)
     with pytest.raises(PhysMasterError, match="one L2 per video"):
         judge_agreement([vids], np.zeros((1, 7)), [sc.frames[0]], FPS)
+
+
+def test_motion_mask_keeps_the_start_place_not_the_larger_path():
+    """The candidates leave the object's start place, and in the middle frames most of them are still falling
+    through a longer stretch below it, joined to it: of the two parts the threshold leaves, the mask is the one
+    the start image shows the object in, not the larger path."""
+    from physmaster.physics.tracking import _motion_mask
+
+    rng = np.random.default_rng(0)
+    ref = (0.8 + rng.uniform(-0.03, 0.03, (32, 32, 3))).astype(np.float32)  # a background with some texture
+    ref[6:10, 12:16] = (0.9, 0.1, 0.1)  # the object, 4 x 4
+    q = np.zeros((32, 32), np.float32)
+    q[6:10, 12:16] = 0.6  # every middle frame has left the start place
+    q[10:13, 12:16] = 0.2  # a faint bridge: the object passes early
+    q[13:22, 11:17] = 0.5  # where most middle frames show it falling: larger than the object
+    m = _motion_mask(ref, q, 0.06)
+    obj = np.zeros((32, 32), bool)
+    obj[6:10, 12:16] = True
+    assert (m & obj).sum() / (m | obj).sum() > 0.7, np.argwhere(m)[:, 0].min()
+    assert not m[14:].any()
