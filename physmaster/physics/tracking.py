@@ -98,9 +98,10 @@ def reference_mask(reference: np.ndarray, videos: np.ndarray, floor: float = 0.0
 
 def _fit_to_first_frame(m: np.ndarray, first: np.ndarray, videos: np.ndarray, floor: float) -> np.ndarray:
     """The motion mask `m` [H, W] fitted to the object as the first frame `first` [H, W, 3] shows it (`reference_mask`
-    passes the start image: on the Stage II model's candidates of recoloured start images, where it redraws dark
-    scenes in other colours, the judge then agreed with the truth on 85.8% of the pairs of seed 0's draw instead of
-    77.0% with the candidates' own first frame, on 90.5% instead of 87.7% of seed 1's; bench/FINDINGS.md).
+    passes the start image. On the demo's Stage II candidates of recoloured start images, some of which the model
+    redraws in other colours, the judge then agreed with the truth on 85.8% of seed 0's pairs and 90.5% of seed
+    1's, against 78.7% and 87.7% with the candidates' own first frame; on the Stage I candidates 97.5% and 95.7%
+    against 97.3% and 97.1%; bench/FINDINGS.md, "The candidate judge's mask from the start image").
     Contrast: each pixel's colour distance to the median colour of a ring around `m`; top: its 90th percentile
     over `m`. Kept: the pixels of `m` with contrast above a fifth of top (not background in `first`: the path
     the object has not yet left by the middle frames is), plus those within two pixels of `m` above half of top
