@@ -117,7 +117,10 @@ class Settings:
     # -5.5%, before; -2.6%, from -1.1 to -4.7%, with all three
     head_pairs_all: bool = True
     head_margin_use: str = "weight"  # "ignore": every pair weighs 1 (`training.MARGIN_USES`)
-    head_beta: float = 1000.0  # Stage II's LoRA keeps `beta`
+    # the head's beta (Stage II's LoRA keeps `beta`). From the demo's own Stage II models of seeds 0 and 1 (the same
+    # candidates and pairs; bench/FINDINGS.md, "Stage III's beta"), Stage III - Stage II: beta 1000 (before) -6.8%* /
+    # -0.3%, 500 -7.1%* / -2.9%*, 2000 -4.5%* (seed 0), 250 -3.0% (seed 1); `*`: interval below 0
+    head_beta: float = 500.0
     # the judge-labelled row's and the online rounds' pairs: every pair the judge ranks with confidence >=
     # `judge_min_confidence` (True), or its best vs its worst, 2nd vs 7th, ... (False, up to `head_pairs_per_image`),
     # each weighted by its confidence. Every pair at confidence >= 0.5 (the default; bench/FINDINGS.md, "The judge's
