@@ -221,5 +221,5 @@ def test_motion_mask_keeps_the_start_place_not_the_larger_path():
     m = _motion_mask(ref, q, 0.06)
     obj = np.zeros((32, 32), bool)
     obj[6:10, 12:16] = True
-    assert (m & obj).sum() / (m | obj).sum() > 0.7, np.argwhere(m)[:, 0].min()
+    assert (m & obj).sum() / (m | obj).sum() > 0.7, np.argwhere(m)[:, 0].tolist()
     assert not m[14:].any()
