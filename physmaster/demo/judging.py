@@ -5,6 +5,10 @@
 - `judge_agreement`: over many start images, how often the judge prefers the candidate with the lower ground-truth
   PISA L2, on every pair whose L2 differs by at least `min_gap`, overall and per tercile of the judge's confidence
   (agreement should rise with it). A pair the judge scores equal counts half (confidence 0).
+- `drop_priors`: what the demo's judge knows of each start image beyond its pixels (`physics.tracking.DropPrior`):
+  how far the object falls to its support, as the frozen backbone reads it from the start image (the geometry
+  network PhysMaster's judge-free pipeline already has), and the proxy world's material law (`world.MATERIALS`:
+  the surface pattern, which the judge reads itself, says the restitution). Never the ground truth.
 """
 
 from __future__ import annotations
@@ -13,11 +17,28 @@ import numpy as np
 
 from ..errors import PhysMasterError
 from ..physics import rank_candidates
+from ..physics.tracking import DropPrior
+
+
+def drop_priors(backbone, start_images) -> list[DropPrior]:
+    """One `DropPrior` per start image [S, H, W, 3] in [0, 1]: the fall (pixels) the backbone's `height`
+    read-out gives (its support minus the object's bottom, which is how far the object's centre falls), and the
+    world's material law. `backbone`: the demo's `GeometryBackbone` (or a `HeadInput` over it)."""
+    import torch
+
+    from .backbone import TARGETS
+    from .world import MATERIALS, SIZE
+
+    net = getattr(backbone, "backbone", backbone)
+    images = torch.as_tensor(np.asarray(start_images, np.float32))
+    height = net.predict(images)[:, TARGETS.index("height")].numpy()
+    materials = {pattern: restitution for pattern, (_, restitution) in MATERIALS.items()}
+    return [DropPrior(fall=max(0.0, float(h) * SIZE), materials=materials) for h in height]
 
 
 def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = None,
                       min_confidence: float = 0.05, whole_only: bool = False,
-                      all_pairs: bool = False) -> list[tuple[int, int, float]]:
+                      all_pairs: bool = False, prior: DropPrior | None = None) -> list[tuple[int, int, float]]:
     """Preference pairs for one start image, labelled by the judge alone: its best candidate against its worst,
     the second best against the second worst, ... (each candidate in at most one pair), while the judge's
     confidence (`rank_candidates`' third value) is at least `min_confidence`; at most `max_pairs` (default: N // 2).
@@ -25,10 +46,11 @@ def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = Non
     `all_pairs`: every pair of those candidates, the judge's better first, whose confidence is at least
     `min_confidence` (`max_pairs` is then ignored).
 
-    videos: N candidates [T, H, W, 3] of `reference` (the start image [H, W, 3] in [0, 1]). Returns a list of
-    (winner index, loser index, confidence in [0, 1]).
+    videos: N candidates [T, H, W, 3] of `reference` (the start image [H, W, 3] in [0, 1]); prior: what the judge
+    knows of it beyond its pixels (`drop_priors`). Returns a list of (winner index, loser index, confidence in
+    [0, 1]).
     """
-    results, ranked = rank_candidates(videos, fps=fps, min_margin=0.0, reference=reference)
+    results, ranked = rank_candidates(videos, fps=fps, min_margin=0.0, reference=reference, prior=prior)
     conf = {(w, lo): c for w, lo, c in ranked}
     order = np.argsort([-r.score for r in results], kind="stable")
     if whole_only:
@@ -49,20 +71,24 @@ def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = Non
     return out
 
 
-def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float = 0.02) -> dict:
+def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float = 0.02, priors=None) -> dict:
     """How often the judge, without ground truth, prefers the candidate of lower ground-truth L2.
 
     videos: [S, K, T, H, W, 3] (or S lists of K videos): K candidates for each of S start images; gt_l2: [S, K]
-    their ground-truth PISA L2; reference_images: [S, H, W, 3] the start images. Returns {"overall", "n_pairs",
+    their ground-truth PISA L2; reference_images: [S, H, W, 3] the start images; priors: S `DropPrior`s (or
+    None: the judge knows the pixels alone). Returns {"overall", "n_pairs",
     "min_gap", "terciles": [{"confidence_range": [lo, hi], "agreement", "n_pairs"}, ...] (by rising confidence),
     "per_pair": {"agree", "confidence"}}.
     """
     gt_l2 = np.asarray(gt_l2, np.float64)
     if gt_l2.ndim != 2:
         raise PhysMasterError(f"gt_l2 is shaped {list(gt_l2.shape)}; expected [start images, candidates]")
-    if len(videos) != len(gt_l2) or len(reference_images) != len(gt_l2):
-        raise PhysMasterError(f"got {len(videos)} groups of videos, {len(gt_l2)} rows of gt_l2 and "
-                              f"{len(reference_images)} start images; pass one of each per start image")
+    if len(videos) != len(gt_l2) or len(reference_images) != len(gt_l2) or (priors is not None
+                                                                            and len(priors) != len(gt_l2)):
+        raise PhysMasterError(f"got {len(videos)} groups of videos, {len(gt_l2)} rows of gt_l2, "
+                              f"{len(reference_images)} start images"
+                              + ("" if priors is None else f" and {len(priors)} priors")
+                              + "; pass one of each per start image")
     agree, conf = [], []
     for j in range(len(gt_l2)):
         if len(videos[j]) != gt_l2.shape[1]:
@@ -71,7 +97,8 @@ def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float 
         ref = np.asarray(reference_images[j])
         if ref.dtype == np.uint8:
             ref = ref.astype(np.float32) / 255.0
-        _, ranked = rank_candidates(list(videos[j]), fps=fps, min_margin=0.0, reference=ref)
+        _, ranked = rank_candidates(list(videos[j]), fps=fps, min_margin=0.0, reference=ref,
+                                    prior=None if priors is None else priors[j])
         said = {(w, lo): c for w, lo, c in ranked}
         K = gt_l2.shape[1]
         for a in range(K):

@@ -142,6 +142,10 @@ class Settings:
     head_gain: float = 1.0
     gif_scenes: int = 6
     judge_min_confidence: float = 0.5  # judge-labelled pairs: the least confidence kept (see `judge_pairs_all`)
+    # the judge's prior (`judging.drop_priors`): the fall the backbone reads and the world's material law, which
+    # the judge applies to the surface pattern it reads in the start image, so that it expects the whole drop,
+    # bounce included; off (0): after the impact, the candidates' median (bench/FINDINGS.md, "The judge's bounce")
+    judge_prior: bool = True
     judge_labels: bool = False  # `--judge-labels`: the row "Stage III (judge labels)"
     online_rounds: int = 0  # `--online K`: rounds of (sample -> judge -> Flow-DPO on the head) after Stage II
 
@@ -247,6 +251,7 @@ class Candidates:
     k: int
     seconds: float
     lost: np.ndarray  # [n, k] the part of each candidate's L2 that lost frames make (`l2_lost`)
+    priors: list | None = None  # [n] what the judge knows of each start image (`judging.drop_priors`), or None
 
     def images(self) -> str:
         """'N start images' (and how many of them are recoloured), for the logs."""
@@ -265,7 +270,8 @@ class Candidates:
         m = [j * self.k + i for j in idx for i in range(self.k)]
         return dataclasses.replace(self, scenes=[self.scenes[j] for j in idx], cond=self.cond.map(lambda x: x[idx]),
                                    latents=self.latents[m], videos=[self.videos[i] for i in m], l2=self.l2[idx],
-                                   similarity=self.similarity[idx], lost=self.lost[idx])
+                                   similarity=self.similarity[idx], lost=self.lost[idx],
+                                   priors=None if self.priors is None else [self.priors[j] for j in idx])
 
     def first(self, n: int) -> "Candidates":
         """These candidates of the first `n` start images only (all of them when there are fewer)."""
@@ -318,7 +324,11 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
         for i in range(k):
             m = score_video(videos[j * k + i], gt)
             l2[j, i], sims[j, i], lost[j, i] = m["l2"], gt_similarity(m), m["l2_lost"]
-    return Candidates(scenes, cond, lat, videos, l2, sims, k, time.perf_counter() - t0, lost)
+    priors = None
+    if st.judge_prior:
+        from .judging import drop_priors
+        priors = drop_priors(backbone, np.stack([s.frames[0] for s in scenes]))
+    return Candidates(scenes, cond, lat, videos, l2, sims, k, time.perf_counter() - t0, lost, priors)
 
 
 def head_pairs(c: Candidates, st: Settings, log, tag: str):
@@ -402,7 +412,8 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
     for j, s in enumerate(c.scenes):
         for w, lo, m in judge_label_pairs(c.videos_of(j), s.frames[0], FPS, max_pairs=st.head_pairs_per_image,
                                           min_confidence=st.judge_min_confidence, whole_only=whole_only,
-                                          all_pairs=st.judge_pairs_all):
+                                          all_pairs=st.judge_pairs_all,
+                                          prior=c.priors[j] if st.judge_prior and c.priors else None):
             confs.append(m)
             right.append(c.l2[j, w] < c.l2[j, lo])
             pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
@@ -488,7 +499,8 @@ def judge_agreement(c: Candidates, min_gap: float = 0.02) -> dict:
     from .judging import judge_agreement as agreement
     from .world import FPS
 
-    return agreement([c.videos_of(j) for j in range(len(c.scenes))], c.l2, c.start_images(), FPS, min_gap)
+    return agreement([c.videos_of(j) for j in range(len(c.scenes))], c.l2, c.start_images(), FPS, min_gap,
+                     c.priors)
 
 
 def judge_agreements(c: Candidates, name: str) -> dict:

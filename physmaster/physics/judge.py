@@ -337,7 +337,8 @@ def rank_candidates(videos, gt_masks=None, fps: float = 16.0, min_margin: float 
     reference: the start image [H, W, 3] in [0, 1] (default: the first frame of the first video); the judge finds
     the object in it and tracks it through every candidate (`tracking.judge_candidates`). gt_masks: optional
     ground-truth masks ([T, H, W]); then the real PISA L2 ranks the candidates. judge_kwargs: gravity_prior
-    (image heights / s^2, default the proxy world's 3.0; None for footage of unknown scale) and gt_fps.
+    (image heights / s^2, default the proxy world's 3.0; None for footage of unknown scale), gt_fps, and prior
+    (a `tracking.DropPrior`: how far the object falls, the world's material law).
     A candidate with NaN frames, no object or a static object gets a low score and a reason; candidates of
     different sizes, or a reference or ground truth of another size, are a PhysMasterError naming the fix.
     """
@@ -347,14 +348,15 @@ def rank_candidates(videos, gt_masks=None, fps: float = 16.0, min_margin: float 
         raise PhysMasterError("rank_candidates needs at least one video; pass a list of [T, H, W, 3] videos")
     if not (isinstance(min_margin, (int, float)) and min_margin >= 0):
         raise PhysMasterError(f"min_margin must be a number >= 0 (got {min_margin!r})")
-    unknown = set(judge_kwargs) - {"gravity_prior", "gt_fps"}
+    unknown = set(judge_kwargs) - {"gravity_prior", "gt_fps", "prior"}
     if unknown:
         raise PhysMasterError(f"rank_candidates got unknown option(s) {sorted(unknown)}; "
-                              "it takes reference, gravity_prior and gt_fps")
+                              "it takes reference, gravity_prior, gt_fps and prior")
     fps = check_fps(fps, "videos'")
     results, group = judge_candidates(list(videos), reference=reference, fps=fps,
                                       gravity_prior=judge_kwargs.get("gravity_prior", NOMINAL_GRAVITY),
-                                      gt_masks=gt_masks, gt_fps=judge_kwargs.get("gt_fps"))
+                                      gt_masks=gt_masks, gt_fps=judge_kwargs.get("gt_fps"),
+                                      prior=judge_kwargs.get("prior"))
     sigma = 1e-6 if gt_masks is not None else group.sigma
     pairs = []
     for i in range(len(results)):
