@@ -144,9 +144,9 @@ class Settings:
     judge_min_confidence: float = 0.5  # judge-labelled pairs: the least confidence kept (see `judge_pairs_all`)
     # the judge's prior (`judging.drop_priors`): the fall the backbone reads and the world's material law, which
     # the judge applies to the surface pattern it reads in the start image, so that it expects the whole drop,
-    # bounce included; off (0): after the impact, the candidates' median. From the demo's own Stage IIs the
-    # judge-labelled row went from +3.5% (seed 0) / -4.0% (seed 1) to -3.6%* (seed 1) / -3.1%* (seed 2) against
-    # Stage II (bench/FINDINGS.md, "The judge's bounce")
+    # bounce included; off (0): after the impact, the candidates' median. The judge-labelled row against Stage II,
+    # seeds 0 / 1 (`*`: interval below 0): +3.5% / -4.0% without it, +1.6% / -3.6%* with it; seed 2 -3.1%* with it
+    # (ground truth -7.1%* / -2.9%* / -1.0%; bench/FINDINGS.md, "The judge's bounce")
     judge_prior: bool = True
     judge_labels: bool = False  # `--judge-labels`: the row "Stage III (judge labels)"
     online_rounds: int = 0  # `--online K`: rounds of (sample -> judge -> Flow-DPO on the head) after Stage II
