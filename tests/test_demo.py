@@ -809,6 +809,11 @@ def test_settings_overrides_parse_and_name_the_bad_item():
         Settings().with_overrides(["beta="])
     with pytest.raises(ValueError, match=r"'lora_rank=1.5': '1.5' is not an integer"):
         Settings().with_overrides(["lora_rank=1.5"])
+    assert not Settings().with_overrides(["judge_prior=off"]).judge_prior
+    assert not Settings().with_overrides(["judge_prior=0"]).judge_prior
+    assert Settings().with_overrides(["judge_prior=0", "judge_prior=On"]).judge_prior
+    with pytest.raises(ValueError, match=r"'judge_prior=maybe': 'maybe' is not a yes or no"):
+        Settings().with_overrides(["judge_prior=maybe"])
 
 
 def test_head_sft_probe_trains_the_head_alone():

@@ -167,9 +167,11 @@ class Settings:
                 raise ValueError(f"{item!r}: use NAME=VALUE with NAME one of {sorted(vars(self))}")
             kind = type(getattr(self, name))
             try:
-                parsed = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+                parsed = _parse_bool(value) if kind is bool else kind(value)
             except ValueError:
-                word = {"int": "an integer", "float": "a number"}.get(kind.__name__, f"a {kind.__name__}")
+                word = {"int": "an integer", "float": "a number",
+                        "bool": "a yes or no (1 / 0, true / false, yes / no, on / off)"}.get(kind.__name__,
+                                                                                      f"a {kind.__name__}")
                 raise ValueError(f"{item!r}: {value!r} is not {word}") from None
             st = dataclasses.replace(st, **{name: parsed})
         return st
@@ -179,6 +181,16 @@ class Settings:
         return cls(sft_scenes=4, sft_steps=2, dpo_scenes=3, candidates=2, pairs_per_image=1, min_margin=0.0,
                    dpo_steps=2, head_scenes=3, head_dpo_steps=2, eval_scenes=2, eval_videos=1, sample_steps=2, batch=2,
                    dpo_batch=2, gif_scenes=2)
+
+
+def _parse_bool(value: str) -> bool:
+    """A `--set` yes or no; anything else is a ValueError (a typo must not silently mean no)."""
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def new_head(settings: Settings, seed: int = 0):
