@@ -288,10 +288,30 @@ def segment_object(frames, return_details: bool = False, first_mask=None):
     return fg
 
 
+def background_under(video: np.ndarray, under: np.ndarray) -> np.ndarray:
+    """The background [N, 3] at the N set pixels of `under` (bool [H, W]: where the first frame shows the object),
+    from the later frames: at each pixel, the colour a later frame shows there that is nearest to the background
+    around it (the inverse-squared-distance mean of the first frame's one-pixel ring outside `under`), so always a
+    colour the pixel showed. A per-pixel temporal median would take the object's colour wherever the object covers
+    the pixel in most later frames: a bouncy object back near its start, an object that falls late or slowly.
+    Without a ring (`under` covers the image), the temporal median."""
+    ys, xs = np.nonzero(under)
+    ring = dilate(under[None])[0] & ~under
+    if not ring.any():
+        return temporal_median(video[1:])[ys, xs]
+    ry, rx = np.nonzero(ring)
+    d2 = (ys[:, None] - ry[None]).astype(np.float32) ** 2 + (xs[:, None] - rx[None]).astype(np.float32) ** 2
+    w = 1.0 / d2  # under and ring are disjoint: d2 >= 1
+    guess = (w @ video[0][ry, rx]) / w.sum(1, keepdims=True)  # [N, 3]
+    seen = video[1:, ys, xs]  # [T - 1, N, 3]
+    pick = _colour_distance(seen, guess[None]).argmin(0)
+    return seen[pick, np.arange(len(ys))]
+
+
 def reference_from_first_frame(video: np.ndarray, first_mask) -> tuple[np.ndarray, np.ndarray, float]:
     """Background [H, W, 3], object colours [k, 3] and the noise floor of a video whose first-frame object mask
     is known: the background is the first frame, except under the object (dilated by one pixel for its
-    anti-aliased edge), where it is the per-pixel temporal median of the later frames (the object has left);
+    anti-aliased edge), where it is what the later frames show there once the object has left (`background_under`);
     the object's colours are the 2-means of its first-frame pixels (eroded by one pixel when that leaves any),
     plus their mean when there are two (a blurred pattern shows its mean colour)."""
     fm = np.asarray(first_mask, dtype=bool)
@@ -301,8 +321,7 @@ def reference_from_first_frame(video: np.ndarray, first_mask) -> tuple[np.ndarra
     under = dilate(fm[None])[0]
     bg = video[0].copy()
     if len(video) > 1 and under.any():
-        later = temporal_median(video[1:])
-        bg[under] = later[under]
+        bg[under] = background_under(video, under)
     core = erode(fm[None])[0]
     own = (core if core.sum() >= 4 else fm)[None]
     colours = _object_colours(video[:1], own)
