@@ -73,6 +73,31 @@ def test_first_frame_reference_when_the_object_comes_back_to_its_start():
     assert hits >= 5  # the case a median gets wrong is among them
 
 
+def test_background_under_a_large_object_in_large_frames():
+    """Footage-sized frames with a large object that comes back over its start: the background under it is found
+    with the ring subsampled and the pixels in chunks (bounded memory), and the segmenter finds the object whole."""
+    from physmaster.physics.segment import RING_SAMPLES, UNDER_CHUNK, background_under, dilate
+
+    H, W, T, r = 360, 480, 8, 70
+    yy, xx = np.mgrid[0:H, 0:W]
+    bg = np.stack([0.2 + 0.5 * yy / H, 0.5 + 0.2 * xx / W, np.full((H, W), 0.6)], -1).astype(np.float32)
+    ys = [110, 130, 200, 270, 200, 130, 112, 110]  # down and back over the start: covered in most later frames
+    frames, gt = [], []
+    for t in range(T):
+        m = (yy - ys[t]) ** 2 + (xx - 240) ** 2 <= r * r
+        f = bg.copy()
+        f[m] = (0.9, 0.1, 0.1)
+        frames.append(f), gt.append(m)
+    frames, gt = np.stack(frames), np.stack(gt)
+    under = dilate(gt[:1])[0]
+    ring = dilate(under[None])[0] & ~under
+    assert under.sum() > UNDER_CHUNK and ring.sum() > RING_SAMPLES  # both bounds are exercised
+    got = background_under(frames, under)
+    assert np.abs(got - bg[under]).max() < 1e-6
+    m = segment_object(frames, first_mask=gt[0])
+    assert iou(m, gt).min() > 0.95, iou(m, gt)
+
+
 def test_segmentation_on_noisy_footage_like_video():
     rng = np.random.default_rng(0)
     T, H, W = 24, 72, 96

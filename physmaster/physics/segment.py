@@ -288,21 +288,32 @@ def segment_object(frames, return_details: bool = False, first_mask=None):
     return fg
 
 
+RING_SAMPLES, UNDER_CHUNK = 256, 4096  # `background_under`: at most 256 x 4096 weights at once (4 MB)
+
+
 def background_under(video: np.ndarray, under: np.ndarray) -> np.ndarray:
     """The background [N, 3] at the N set pixels of `under` (bool [H, W]: where the first frame shows the object),
     from the later frames: at each pixel, the colour a later frame shows there that is nearest to the background
     around it (the inverse-squared-distance mean of the first frame's one-pixel ring outside `under`), so always a
     colour the pixel showed. A per-pixel temporal median would take the object's colour wherever the object covers
     the pixel in most later frames: a bouncy object back near its start, an object that falls late or slowly.
-    Without a ring (`under` covers the image), the temporal median."""
+    Without a ring (`under` covers the image), the temporal median. Memory stays bounded on large frames: at most
+    `RING_SAMPLES` ring pixels (evenly spaced), pixels `UNDER_CHUNK` at a time."""
     ys, xs = np.nonzero(under)
     ring = dilate(under[None])[0] & ~under
     if not ring.any():
         return temporal_median(video[1:])[ys, xs]
     ry, rx = np.nonzero(ring)
-    d2 = (ys[:, None] - ry[None]).astype(np.float32) ** 2 + (xs[:, None] - rx[None]).astype(np.float32) ** 2
-    w = 1.0 / d2  # under and ring are disjoint: d2 >= 1
-    guess = (w @ video[0][ry, rx]) / w.sum(1, keepdims=True)  # [N, 3]
+    if len(ry) > RING_SAMPLES:
+        keep = np.linspace(0, len(ry) - 1, RING_SAMPLES).round().astype(int)
+        ry, rx = ry[keep], rx[keep]
+    ring_colours = video[0][ry, rx]
+    guess = np.empty((len(ys), 3), np.float32)
+    for a in range(0, len(ys), UNDER_CHUNK):
+        y, x = ys[a:a + UNDER_CHUNK], xs[a:a + UNDER_CHUNK]
+        d2 = (y[:, None] - ry[None]).astype(np.float32) ** 2 + (x[:, None] - rx[None]).astype(np.float32) ** 2
+        w = 1.0 / d2  # under and ring are disjoint: d2 >= 1
+        guess[a:a + UNDER_CHUNK] = (w @ ring_colours) / w.sum(1, keepdims=True)
     seen = video[1:, ys, xs]  # [T - 1, N, 3]
     pick = _colour_distance(seen, guess[None]).argmin(0)
     return seen[pick, np.arange(len(ys))]
