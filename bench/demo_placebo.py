@@ -58,7 +58,7 @@ def main() -> int:
     from physmaster.demo.backbone import head_input
     from physmaster.demo.cli import checked_settings, held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import (Settings, flipped_pairs, freeze_dit, gt_pairs, head_pairs, new_head,
+    from physmaster.demo.pipeline import (Settings, flipped_pairs, freeze_dit, head_pairs, lora_pairs, new_head,
                                           sample_candidates, stage_one, stage_three, stage_two)
     from physmaster.training.validation import margin_summary, preference_margins
 
@@ -128,7 +128,7 @@ def main() -> int:
         vm = dataclasses.replace(vm0, den=copy.deepcopy(vm0.den))
         encoder = stage_one(vm, backbone, st, seed, quiet)
         r1 = evaluate(vm, encoder.head)
-        pairs_1 = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I"), st, quiet, "")
+        pairs_1 = lora_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I"), st, quiet, "")
         stage_two(vm, encoder, pairs_1, st, seed, quiet)
         r2 = evaluate(vm, encoder.head)
         compare("Stage II - Stage I", r2, r1, seed=seed)

@@ -149,8 +149,8 @@ def main() -> int:
     from physmaster.demo.assets import load_assets
     from physmaster.demo.cli import EVAL_SEED, held_out
     from physmaster.demo.evaluation import bootstrap_ci, score_scenes
-    from physmaster.demo.pipeline import (Settings, freeze_dit, gt_pairs, sample_candidates, sft_videos, stage_three,
-                                          stage_two)
+    from physmaster.demo.pipeline import (Settings, freeze_dit, gt_pairs, lora_pairs, sample_candidates, sft_videos,
+                                          stage_three, stage_two)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=None, help="folder for the Stage I weights (saved once, then read)")
@@ -204,7 +204,7 @@ def main() -> int:
         return 0
     l2_one = l2_of(encoder.head)
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, 0, "Stage I")
-    pairs_1 = gt_pairs(cands_1, st, print, "Stage I")
+    pairs_1 = lora_pairs(cands_1, st, print, "Stage I")
     stage_two(vm, encoder, pairs_1, st, 0, lambda m: None)
     l2_two = l2_of(encoder.head)
     lo, hi = bootstrap_ci(l2_two - l2_one)

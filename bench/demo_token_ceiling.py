@@ -44,7 +44,7 @@ def main() -> int:
 
     from physmaster.demo.cli import held_out_set
     from physmaster.demo.evaluation import bootstrap_ci, material_blind_l2, material_confusion, score_scenes
-    from physmaster.demo.pipeline import Settings, gt_pairs, sample_candidates, stage_one, stage_two
+    from physmaster.demo.pipeline import Settings, lora_pairs, sample_candidates, stage_one, stage_two
     from physmaster.demo.world import MATERIALS, material_renderings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,7 +115,7 @@ def main() -> int:
     vm = dataclasses.replace(vm0, den=copy.deepcopy(vm0.den))
     encoder = stage_one(vm, backbone, st, args.seed, quiet)
     evaluate("Stage I", vm, encoder.head)
-    pairs = gt_pairs(sample_candidates(vm, encoder.head, backbone, st, args.seed, "Stage I"), st, quiet, "")
+    pairs = lora_pairs(sample_candidates(vm, encoder.head, backbone, st, args.seed, "Stage I"), st, quiet, "")
     stage_two(vm, encoder, pairs, st, args.seed, quiet)
     evaluate("Stage II", vm, encoder.head)
     report["seconds"] = time.perf_counter() - t_start

@@ -1206,3 +1206,55 @@ def test_judge_pairs_whole_only_leave_out_a_video_that_loses_the_object():
     assert 1 in {i for p in every for i in p[:2]}
     whole = judge_label_pairs(videos, true[0], FPS, min_confidence=0.0, whole_only=True)
     assert whole and all(1 not in p[:2] for p in whole) and len(whole) <= 1
+
+
+def test_ground_truth_labels_count_a_hedge_by_its_incoherent_frames():
+    """A hedge (the object drawn twice along its fall from frame 3 on: its centroid between the two) is more similar
+    to the truth than a crisp video of the drop with another material's bounce on most drops, by
+    `physics.gt_similarity` alone. With `label_coherence` each candidate's similarity is multiplied by its coherence
+    in the labels of the stages it names (lora: Stage II's; all: the head's stages' too), and the crisp video wins
+    there, as a rater who sees two objects would have it; the other stages keep the similarity alone."""
+    from physmaster.demo.pipeline import Candidates, Settings, head_pairs, label_scores, lora_pairs
+    from physmaster.physics import gt_similarity
+    from physmaster.training.denoiser import Conditioning
+
+    quiet = lambda m: None  # noqa: E731
+    scenes, sims, cohs = [], [], []
+    for seed in range(900000, 900040):
+        s = drop_scene(seed, "seen")
+        frames, gt = s.frames.astype(np.float32), s.object_masks()
+        hedge = frames.copy()
+        for t in range(3, FRAMES):
+            above = np.roll(gt[t], -9, axis=0)
+            hedge[t][above] = np.roll(frames[t], -9, axis=0)[above]
+        own = material_restitution(s.meta["texture"])
+        other = next(r for _, r in MATERIALS.values() if r != own)
+        crisp = drop_scene(seed, "seen", restitution=other).frames.astype(np.float32)
+        m = [score_video(hedge, gt), score_video(crisp, gt)]
+        scenes.append(s)
+        sims.append([gt_similarity(x) for x in m])
+        cohs.append([x["coherence"] for x in m])
+    n = len(scenes)
+    sims, cohs = np.array(sims), np.array(cohs)
+    assert cohs[:, 0].mean() < 0.7 and cohs[:, 1].min() > 0.9
+    latents = torch.arange(2 * n, dtype=torch.float32).reshape(2 * n, 1, 1, 1, 1).expand(2 * n, 1, 2, 2, 2)
+    c = Candidates(scenes, Conditioning(context=torch.zeros(n, 1, 4)), latents.contiguous(), [None] * 2 * n,
+                   l2=np.zeros((n, 2)), similarity=sims, k=2, seconds=0.0, lost=np.zeros((n, 2)), coherence=cohs)
+    for j in range(n):
+        np.testing.assert_array_equal(label_scores(c, j, False), sims[j])
+        np.testing.assert_allclose(label_scores(c, j, True), sims[j] * cohs[j])
+
+    def hedge_wins(pairs):
+        """How many start images' pair prefers the hedge (candidate 0; each latent is filled with its index)."""
+        return sum(int(p.winner.flatten()[0]) % 2 == 0 for p in pairs.pairs)
+
+    def st(which):
+        return Settings(label_coherence=which, min_margin=0.0, pairs_per_image=1, head_pairs_per_image=1)
+
+    by_similarity = hedge_wins(lora_pairs(c, st("off"), quiet, ""))
+    assert by_similarity > n // 2 and by_similarity == int((sims[:, 0] > sims[:, 1]).sum())
+    assert hedge_wins(lora_pairs(c, st("lora"), quiet, "")) < n // 5
+    assert hedge_wins(head_pairs(c, st("lora"), quiet, "")) == by_similarity
+    assert hedge_wins(head_pairs(c, st("all"), quiet, "")) < n // 5
+    with pytest.raises(ValueError, match="label_coherence='yes': use one of"):
+        Settings(label_coherence="yes")

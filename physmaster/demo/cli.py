@@ -137,7 +137,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
-    from .pipeline import (dpo, freeze_dit, gt_pairs, head_pairs, judge_agreements, judge_pairs, sample_candidates,
+    from .pipeline import (dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs, sample_candidates,
                            stage_one, stage_three, stage_two)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
@@ -202,7 +202,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     shared = st.head_recoloured == 0
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I",
                                 scenes=max(st.dpo_scenes, st.head_scenes) if shared else st.dpo_scenes)
-    pairs_1 = gt_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
+    pairs_1 = lora_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
     agreement = judge_agreements(cands_1.first(st.dpo_scenes), "Stage I candidates")
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()

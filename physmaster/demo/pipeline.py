@@ -32,6 +32,12 @@ SFT_SEED, DPO_SEED = 0, 500_000
 BASE_MODEL = "physmaster demo tiny Wan (proxy world)"
 
 
+# `Settings.label_coherence`: which DPO stages' ground-truth labels count a candidate's coherence (off: none; lora:
+# Stage II's, whose LoRA draws the object; all: the head's stages' too, though the tokens decide the motion, not the
+# drawing)
+LABEL_COHERENCE = ("off", "lora", "all")
+
+
 @dataclass
 class Settings:
     """What a run does; `fast` shrinks everything to a smoke test."""
@@ -50,6 +56,11 @@ class Settings:
     candidates: int = 8  # per start image
     pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
     min_margin: float = 0.05
+    # which of the ground truth's labels rank a candidate by its similarity to the true masks times its coherence
+    # (the share of its frames that show the object whole) rather than by the similarity alone (`LABEL_COHERENCE`):
+    # a frame drawn as fragments, too small or too large (a hedge: the object twice along its fall, its centroid
+    # between the two guesses) then costs as a rater who sees two objects would count it
+    label_coherence: str = "off"
     dpo_steps: int = 200  # Stage II's (the LoRA's)
     # the head's Flow-DPO stages (Stage I + DPO encoder, Stage III, the judge-labelled row, online rounds): pairs
     # from this many start images (x `candidates`; Stage II's pairs come from the first `dpo_scenes` of the same
@@ -155,6 +166,8 @@ class Settings:
         if self.head_soup > 1 and self.head_bag > 1:
             raise ValueError(f"head_soup={self.head_soup} and head_bag={self.head_bag} both average heads; set one "
                              "of them to 1")
+        if self.label_coherence not in LABEL_COHERENCE:
+            raise ValueError(f"label_coherence={self.label_coherence!r}: use one of {list(LABEL_COHERENCE)}")
         if self.head_margin_use not in MARGIN_USES:
             raise ValueError(f"head_margin_use={self.head_margin_use!r}: use one of {list(MARGIN_USES)}")
 
@@ -266,6 +279,7 @@ class Candidates:
     seconds: float
     lost: np.ndarray  # [n, k] the part of each candidate's L2 that lost frames make (`l2_lost`)
     priors: list | None = None  # [n] what the judge knows of each start image (`judging.drop_priors`), or None
+    coherence: np.ndarray | None = None  # [n, k] each candidate's coherence (`evaluation.coherence`); None: all 1
 
     def images(self) -> str:
         """'N start images' (and how many of them are recoloured), for the logs."""
@@ -285,6 +299,7 @@ class Candidates:
         return dataclasses.replace(self, scenes=[self.scenes[j] for j in idx], cond=self.cond.map(lambda x: x[idx]),
                                    latents=self.latents[m], videos=[self.videos[i] for i in m], l2=self.l2[idx],
                                    similarity=self.similarity[idx], lost=self.lost[idx],
+                                   coherence=None if self.coherence is None else self.coherence[idx],
                                    priors=None if self.priors is None else [self.priors[j] for j in idx])
 
     def first(self, n: int) -> "Candidates":
@@ -329,20 +344,35 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
     at = {j: n * k for n, j in enumerate(todo)}  # a sampled start image -> its first candidate in the new draw
     lat = torch.cat([new[at[j]:at[j] + k] if j in at else reuse.latents[j * k:(j + 1) * k] for j in range(len(scenes))])
     videos = [v for j in range(len(scenes)) for v in (new_videos[at[j]:at[j] + k] if j in at else reuse.videos_of(j))]
-    l2, sims, lost = (np.zeros((len(scenes), k)) for _ in range(3))
+    l2, sims, lost, coh = (np.zeros((len(scenes), k)) for _ in range(4))
     for j, s in enumerate(scenes):
         if j not in at:
             l2[j], sims[j], lost[j] = reuse.l2[j], reuse.similarity[j], reuse.lost[j]
+            coh[j] = 1.0 if reuse.coherence is None else reuse.coherence[j]
             continue
         gt = s.object_masks()
         for i in range(k):
             m = score_video(videos[j * k + i], gt)
-            l2[j, i], sims[j, i], lost[j, i] = m["l2"], gt_similarity(m), m["l2_lost"]
+            l2[j, i], sims[j, i], lost[j, i], coh[j, i] = m["l2"], gt_similarity(m), m["l2_lost"], m["coherence"]
     priors = None
     if st.judge_prior:
         from .judging import drop_priors
         priors = drop_priors(backbone, np.stack([s.frames[0] for s in scenes]))
-    return Candidates(scenes, cond, lat, videos, l2, sims, k, time.perf_counter() - t0, lost, priors)
+    return Candidates(scenes, cond, lat, videos, l2, sims, k, time.perf_counter() - t0, lost, priors, coh)
+
+
+def label_scores(c: Candidates, j: int, coherent: bool) -> np.ndarray:
+    """What the ground truth's labels rank start image j's candidates by: their similarity to the true masks
+    (`physics.gt_similarity`), times their coherence when `coherent` (`Settings.label_coherence`)."""
+    if not coherent or c.coherence is None:
+        return c.similarity[j]
+    return c.similarity[j] * c.coherence[j]
+
+
+def lora_pairs(c: Candidates, st: Settings, log, tag: str):
+    """Stage II's (the DiT LoRA's) Flow-DPO pairs: `gt_pairs`, up to `pairs_per_image` per start image, the labels
+    counting each candidate's coherence unless `Settings.label_coherence` is off."""
+    return gt_pairs(c, st, log, tag, coherent=st.label_coherence in ("lora", "all"))
 
 
 def head_pairs(c: Candidates, st: Settings, log, tag: str):
@@ -350,22 +380,22 @@ def head_pairs(c: Candidates, st: Settings, log, tag: str):
     (`Settings.head_pairs_all`) or up to `head_pairs_per_image` per start image, among the candidates that keep the
     object in every frame with `Settings.head_pairs_whole`."""
     return gt_pairs(c, st, log, tag, whole_only=st.head_pairs_whole, per_image=st.head_pairs_per_image,
-                    all_pairs=st.head_pairs_all)
+                    all_pairs=st.head_pairs_all, coherent=st.label_coherence == "all")
 
 
 def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = False, per_image: int | None = None,
-             all_pairs: bool = False):
+             all_pairs: bool = False, coherent: bool = False):
     """Pairs labelled by the ground truth (the paper's synthetic-data recipe): per start image, 1st vs last,
     2nd vs second-to-last, ... by similarity to the true masks, while the gap is at least `min_margin`; up to
     `per_image` (default `pairs_per_image`) per start image. `all_pairs`: every pair whose gap is at least
     `min_margin` instead, the more similar candidate the winner. `whole_only`: among the candidates that keep the
     object in every frame only; when no start image has such a pair, among all of them. A pair's margin is its
-    similarity gap."""
+    similarity gap. `coherent`: the similarity times the candidate's coherence (`label_scores`)."""
     from ..training import PreferencePair, PreferenceSet
 
     pairs, gaps = [], []
     for j, s in enumerate(c.scenes):
-        sims = c.similarity[j]
+        sims = label_scores(c, j, coherent)
         order = np.argsort(-sims)
         if whole_only:
             order = order[c.lost[j][order] == 0]
@@ -386,7 +416,7 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = Fals
                                         f"scene{s.meta['seed']}"))
     if whole_only and not pairs:
         log(f"  no pair of {tag} candidates that keep the object in every frame: pairs among all of them")
-        return gt_pairs(c, st, log, tag, per_image=per_image, all_pairs=all_pairs)
+        return gt_pairs(c, st, log, tag, per_image=per_image, all_pairs=all_pairs, coherent=coherent)
     whole = " (those that keep the object in every frame)" if whole_only else ""
     log(f"  {len(pairs)} pairs from {c.images()} x {c.k} candidates{whole} of the {tag} model "
         f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {np.mean(c.lost > 0):.1%} of the candidates "
