@@ -191,6 +191,19 @@ def test_stage_one_set_gains_its_recoloured_copies():
     assert not torch.allclose(both[st.sft_scenes].latent, plain[0].latent)
 
 
+def test_lora_recoloured_gives_stage_two_the_heads_draw(tmp_path, capsys):
+    """`lora_recoloured`: Stage II's pairs come from the head's draw of the Stage I model (its recoloured start
+    images too); off (the default), from the plain draw alone."""
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "head_recoloured=1",
+                 "--set", "lora_recoloured=1"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
+    assert len(lines) == 3, lines
+    assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[0]  # Stage II's
+    assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[1]  # Stage I + DPO encoder's
+    assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[2]  # Stage III's
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["lora_recoloured"] is True
+
+
 def test_dpo_start_images_recoloured_by_share():
     """The DPO stages' start scenes: seen drops, every 1/share-th recoloured (its look only: the masks, the
     material and the motion are the drop's own, so the truth still labels the candidates)."""

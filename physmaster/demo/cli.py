@@ -81,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "physics judge alone, no ground truth (about 100 s more)")
     parser.add_argument("--motion-weight", type=float, default=0.0, metavar="W",
                         help="Stage I's flow-matching loss up-weighted W-fold where the latent moves (0 = uniform, "
-                        "the default; bench/FINDINGS.md: W 10 gives a much better Stage I, and the DPO stages "
-                        "then gain little)")
+                        "the default; bench/FINDINGS.md: W 10 gives a much better Stage I, seed 2's avg L2 "
+                        "0.0807 -> 0.0252, and Stage II's Flow-DPO then makes it worse)")
     parser.add_argument("--online", type=_non_negative, default=0, metavar="K",
                         help="after Stage II, K online rounds: fresh candidates from the current model, labelled by "
                         "the physics judge alone, Flow-DPO on the head with the current head as reference (a row "
@@ -202,7 +202,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     shared = st.head_recoloured == 0
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I",
                                 scenes=max(st.dpo_scenes, st.head_scenes) if shared else st.dpo_scenes)
-    pairs_1 = lora_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
+    later = st.lora_recoloured and not shared  # Stage II's pairs from the head's draw, its recoloured start images too
+    pairs_1 = None if later else lora_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
     agreement = judge_agreements(cands_1.first(st.dpo_scenes), "Stage I candidates")
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
@@ -211,6 +212,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     if not shared:
         cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I", scenes=st.head_scenes,
                                     recoloured=st.head_recoloured, reuse=cands_1)
+    if later:
+        pairs_1 = lora_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
     head_pairs_1 = pairs_1 if same else head_pairs(cands_1.first(st.head_scenes), st, log, "Stage I")
     del cands_1  # its videos: a few hundred MB at the default head_scenes
     dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder")

@@ -65,6 +65,9 @@ class Settings:
     # 0.0354 / 0.0366, Stage III 0.0315 / 0.0344 / 0.0432 -> 0.0310 / 0.0333 / 0.0370; with "all", the head's
     # labels too, Stage III - Stage II -0.9% / +4.2%* on seeds 0 / 2
     label_coherence: str = "lora"
+    # Stage II's pairs from the head's draw of the Stage I model (`head_recoloured` of its start images recoloured,
+    # the rest the plain draw's) rather than from the plain draw: the LoRA then learns on other looks too (off)
+    lora_recoloured: bool = False
     dpo_steps: int = 200  # Stage II's (the LoRA's)
     # the head's Flow-DPO stages (Stage I + DPO encoder, Stage III, the judge-labelled row, online rounds): pairs
     # from this many start images (x `candidates`; Stage II's pairs come from the first `dpo_scenes` of the same
