@@ -425,9 +425,10 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = Fals
         log(f"  no pair of {tag} candidates that keep the object in every frame: pairs among all of them")
         return gt_pairs(c, st, log, tag, per_image=per_image, all_pairs=all_pairs, coherent=coherent)
     whole = " (those that keep the object in every frame)" if whole_only else ""
+    lost_share = np.mean(c.lost) / c.l2.mean() if c.l2.mean() > 0 else 0.0  # candidates all exact: no L2 to share
     log(f"  {len(pairs)} pairs from {c.images()} x {c.k} candidates{whole} of the {tag} model "
         f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {np.mean(c.lost > 0):.1%} of the candidates "
-        f"lose the object in some frame, {np.mean(c.lost) / c.l2.mean():.0%} of their avg L2; {c.seconds:.0f}s)")
+        f"lose the object in some frame, {lost_share:.0%} of their avg L2; {c.seconds:.0f}s)")
     return PreferenceSet(pairs)
 
 
