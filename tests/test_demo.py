@@ -202,6 +202,9 @@ def test_lora_recoloured_gives_stage_two_the_heads_draw(tmp_path, capsys):
     assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[1]  # Stage I + DPO encoder's
     assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[2]  # Stage III's
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["lora_recoloured"] is True
+    from physmaster.demo.pipeline import Settings
+    with pytest.raises(ValueError, match="head_recoloured=0 makes none; set head_recoloured above 0"):
+        Settings(lora_recoloured=True, head_recoloured=0.0)
 
 
 def test_dpo_start_images_recoloured_by_share():

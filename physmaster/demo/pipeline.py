@@ -173,6 +173,10 @@ class Settings:
         if self.head_soup > 1 and self.head_bag > 1:
             raise ValueError(f"head_soup={self.head_soup} and head_bag={self.head_bag} both average heads; set one "
                              "of them to 1")
+        if self.lora_recoloured and self.head_recoloured == 0:
+            raise ValueError("lora_recoloured=True takes Stage II's pairs from the head's draw of recoloured start "
+                             "images, and head_recoloured=0 makes none; set head_recoloured above 0 or leave "
+                             "lora_recoloured off")
         if self.label_coherence not in LABEL_COHERENCE:
             raise ValueError(f"label_coherence={self.label_coherence!r}: use one of {list(LABEL_COHERENCE)}")
         if self.head_margin_use not in MARGIN_USES:
@@ -397,7 +401,8 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = Fals
     `per_image` (default `pairs_per_image`) per start image. `all_pairs`: every pair whose gap is at least
     `min_margin` instead, the more similar candidate the winner. `whole_only`: among the candidates that keep the
     object in every frame only; when no start image has such a pair, among all of them. A pair's margin is its
-    similarity gap. `coherent`: the similarity times the candidate's coherence (`label_scores`)."""
+    similarity gap. `coherent`: the similarity times the candidate's coherence (`label_scores`), which the gaps
+    and margins are then of."""
     from ..training import PreferencePair, PreferenceSet
 
     pairs, gaps = [], []
