@@ -199,6 +199,7 @@ def test_lora_recoloured_gives_stage_two_the_heads_draw(tmp_path, capsys):
     lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
     assert len(lines) == 3, lines
     assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[0]  # Stage II's
+    assert "mean similarity x coherence gap" in lines[0] and "mean similarity gap" in lines[1]
     assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[1]  # Stage I + DPO encoder's
     assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[2]  # Stage III's
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["lora_recoloured"] is True

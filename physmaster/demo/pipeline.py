@@ -432,7 +432,8 @@ def gt_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool = Fals
     whole = " (those that keep the object in every frame)" if whole_only else ""
     lost_share = np.mean(c.lost) / c.l2.mean() if c.l2.mean() > 0 else 0.0  # candidates all exact: no L2 to share
     log(f"  {len(pairs)} pairs from {c.images()} x {c.k} candidates{whole} of the {tag} model "
-        f"(mean similarity gap {np.mean(gaps) if gaps else 0:.3f}; {np.mean(c.lost > 0):.1%} of the candidates "
+        f"(mean {'similarity x coherence' if coherent else 'similarity'} gap {np.mean(gaps) if gaps else 0:.3f}; "
+        f"{np.mean(c.lost > 0):.1%} of the candidates "
         f"lose the object in some frame, {lost_share:.0%} of their avg L2; {c.seconds:.0f}s)")
     return PreferenceSet(pairs)
 
