@@ -358,8 +358,7 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
     l2, sims, lost, coh = (np.zeros((len(scenes), k)) for _ in range(4))
     for j, s in enumerate(scenes):
         if j not in at:
-            l2[j], sims[j], lost[j] = reuse.l2[j], reuse.similarity[j], reuse.lost[j]
-            coh[j] = 1.0 if reuse.coherence is None else reuse.coherence[j]
+            l2[j], sims[j], lost[j], coh[j] = reuse.l2[j], reuse.similarity[j], reuse.lost[j], reuse.coherence[j]
             continue
         gt = s.object_masks()
         for i in range(k):
