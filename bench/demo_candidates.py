@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                              scenes=max(st.dpo_scenes, st.head_scenes))
     write(args.out / "stage1_candidates.npz", c1.first(st.dpo_scenes))
     log(f"wrote {args.out / 'stage1_candidates.npz'}")
-    P.stage_two(vm, encoder, P.lora_pairs(c1.first(st.dpo_scenes), st, log, "Stage I"), st, args.seed, log)
+    P.stage_two(vm, encoder, P.lora_pairs(c1.first(st.dpo_scenes), st, log, "Stage I"), st, args.seed, log,
+                backbone=backbone)
     del c1
     P.freeze_dit(vm, args.seed)
     c2 = P.sample_candidates(vm, encoder.head, backbone, st, args.seed, "Stage II")

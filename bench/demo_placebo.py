@@ -129,7 +129,7 @@ def main() -> int:
         encoder = stage_one(vm, backbone, st, seed, quiet)
         r1 = evaluate(vm, encoder.head)
         pairs_1 = lora_pairs(sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I"), st, quiet, "")
-        stage_two(vm, encoder, pairs_1, st, seed, quiet)
+        stage_two(vm, encoder, pairs_1, st, seed, quiet, backbone=backbone)
         r2 = evaluate(vm, encoder.head)
         compare("Stage II - Stage I", r2, r1, seed=seed)
         freeze_dit(vm, seed)

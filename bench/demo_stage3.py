@@ -205,7 +205,7 @@ def main() -> int:
     l2_one = l2_of(encoder.head)
     cands_1 = sample_candidates(vm, encoder.head, backbone, st, 0, "Stage I")
     pairs_1 = lora_pairs(cands_1, st, print, "Stage I")
-    stage_two(vm, encoder, pairs_1, st, 0, lambda m: None)
+    stage_two(vm, encoder, pairs_1, st, 0, lambda m: None, backbone=backbone)
     l2_two = l2_of(encoder.head)
     lo, hi = bootstrap_ci(l2_two - l2_one)
     print(f"Stage I avg L2 {l2_one.mean():.4f}; Stage II {l2_two.mean():.4f} [{lo:+.4f}, {hi:+.4f}]")

@@ -116,7 +116,7 @@ def main() -> int:
     encoder = stage_one(vm, backbone, st, args.seed, quiet)
     evaluate("Stage I", vm, encoder.head)
     pairs = lora_pairs(sample_candidates(vm, encoder.head, backbone, st, args.seed, "Stage I"), st, quiet, "")
-    stage_two(vm, encoder, pairs, st, args.seed, quiet)
+    stage_two(vm, encoder, pairs, st, args.seed, quiet, backbone=backbone)
     evaluate("Stage II", vm, encoder.head)
     report["seconds"] = time.perf_counter() - t_start
     print(f"({report['seconds']:.0f}s)")

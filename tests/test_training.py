@@ -198,6 +198,55 @@ def test_dpo_lora_reference_is_lora_disabled_and_starts_at_log2():
     assert enc.head.out_proj.weight.grad is None and not enc.head.out_proj.weight.requires_grad
 
 
+def _drift(den, enc, data):
+    """Mean squared difference between the model's velocity with its LoRA and without, on `data`'s videos."""
+    x0, cond = data.batch(list(range(len(data))))
+    g = torch.Generator().manual_seed(5)
+    t = torch.full((len(data),), 0.5)
+    x_t = den.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    c = cond.with_tokens(enc.head(cond.features), 1.0)
+    with torch.no_grad():
+        v = den.predict_velocity(x_t, t, c)
+        with den.lora_disabled():
+            v0 = den.predict_velocity(x_t, t, c)
+    return float(((v - v0) ** 2).mean())
+
+
+def test_dpo_lora_anchor_keeps_the_reference_prediction_on_the_anchor_videos():
+    """anchor_weight adds the policy's squared drift from the reference on the anchor videos to the loss (logged
+    as "anchor", 0 at the start where the LoRA is zero), and after training the LoRA moves the velocity there
+    less than the same run without it."""
+    anchor = videos(4, seed=9)
+    drift = {}
+    for w in (0.0, 100.0):
+        den, enc = setup()
+        den.fold_lora(seed=1)
+        tr = StageTrainer("dpo-lora", den, enc, pairs(3), TrainConfig(steps=25, lr=1e-2, beta=10.0, batch_size=2,
+                                                                      anchor_weight=w), anchor=anchor)
+        if w:
+            loss, logs = tr.compute_loss(0)
+            assert logs["anchor"] == pytest.approx(0.0, abs=1e-12)
+            assert logs["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        res = tr.run()
+        assert res.stopped is None
+        assert ("anchor" in res.history[-1]) == bool(w)
+        drift[w] = _drift(den, enc, anchor)
+    assert drift[0.0] > 0 and drift[100.0] < 0.2 * drift[0.0], drift
+
+
+def test_anchor_weight_is_refused_where_it_has_no_meaning():
+    den, enc = setup()
+    with pytest.raises(TrainingError, match="needs anchor videos"):
+        StageTrainer("dpo-lora", den, enc, pairs(2), TrainConfig(steps=1, anchor_weight=1.0))
+    with pytest.raises(TrainingError, match="dpo-lora"):
+        StageTrainer("dpo-head", den, enc, pairs(2), TrainConfig(steps=1, anchor_weight=1.0), anchor=videos(2))
+    with pytest.raises(TrainingError, match="split_passes"):
+        StageTrainer("dpo-lora", den, enc, pairs(2), TrainConfig(steps=1, anchor_weight=1.0, split_passes=True),
+                     anchor=videos(2))
+    with pytest.raises(TrainingError, match="anchor_weight must be >= 0"):
+        TrainConfig(anchor_weight=-1.0)
+
+
 def test_dpo_head_trains_only_the_head_and_learns_preferences():
     den, enc = setup()
     data = pairs(2)

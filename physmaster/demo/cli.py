@@ -219,7 +219,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
     evaluate("Stage I + DPO encoder", enc_only.head)
     log(f"[5/{total}] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")
-    stage_two(vm, encoder, pairs_1, st, seed, log)
+    stage_two(vm, encoder, pairs_1, st, seed, log, backbone=backbone)
     evaluate("Stage II", encoder.head)
     log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
     freeze_dit(vm, seed)

@@ -69,6 +69,10 @@ class Settings:
     # the rest the plain draw's) rather than from the plain draw: the LoRA then learns on other looks too (off)
     lora_recoloured: bool = False
     dpo_steps: int = 200  # Stage II's (the LoRA's)
+    # Stage II: the LoRA's velocities kept near the Stage I model's on recoloured copies of Stage I's drops (the
+    # trainer's `anchor_weight`, `anchor_videos`), so its pairs' plain looks do not move what it draws on others
+    # (0 = off)
+    lora_anchor: float = 0.0
     # the head's Flow-DPO stages (Stage I + DPO encoder, Stage III, the judge-labelled row, online rounds): pairs
     # from this many start images (x `candidates`; Stage II's pairs come from the first `dpo_scenes` of the same
     # draw of Stage I's candidates) and this many steps. Four times the start images and twice the steps (384, 400)
@@ -486,7 +490,15 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
     return PreferenceSet(pairs) if pairs else None
 
 
-def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str):
+def anchor_videos(vm, backbone, st: Settings):
+    """Stage II's anchor (`Settings.lora_anchor`): Stage I's recoloured copies of its drops (`sft_videos`), whose
+    looks Stage II's plain pairs do not show, encoded, with their start images' conditioning."""
+    scenes = [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)]
+    return video_set(vm, [(recoloured(s.frames, s.meta["seed"] * 1000 + 1), f"scene{s.meta['seed']}c1")
+                          for s in scenes], backbone)
+
+
+def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str, anchor=None):
     from ..training import StageTrainer, TrainConfig
 
     lr = st.lr_lora if stage == "dpo-lora" else st.lr_head
@@ -495,7 +507,8 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=st.dpo_batch, seed=seed,
                       beta=st.beta if stage == "dpo-lora" else st.head_beta,
                       warmup_steps=min(20, steps), motion_weight=st.dpo_motion_weight, t_min=t_min,
-                      margin_use="ignore" if stage == "dpo-lora" else st.head_margin_use)
+                      margin_use="ignore" if stage == "dpo-lora" else st.head_margin_use,
+                      anchor_weight=st.lora_anchor if stage == "dpo-lora" else 0.0)
     t0 = time.perf_counter()
     soup = 1 if stage == "dpo-lora" else int(st.head_soup)
     bag = 1 if stage == "dpo-lora" else int(st.head_bag)  # not both > 1 (`Settings.__post_init__`)
@@ -504,7 +517,7 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str)
     data = bagged(pairs, bag) if bag > 1 else [pairs] * runs
     for r, (head, part) in enumerate(zip(heads, data)):  # a soup's runs: other draws (run 0: the single run's)
         run_cfg = dataclasses.replace(cfg, seed=cfg.seed + 7919 * r) if soup > 1 else cfg
-        result = StageTrainer(stage, vm.den, head, part, run_cfg).run(
+        result = StageTrainer(stage, vm.den, head, part, run_cfg, anchor=anchor).run(
             progress(name if runs == 1 else f"{name} {r + 1}/{runs}", log, t0))
     if runs > 1:
         import torch
@@ -531,11 +544,17 @@ def bagged(pairs, k: int) -> list:
     return [PreferenceSet(p for p in pairs.pairs if p.group not in fold) for fold in folds]
 
 
-def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage II") -> None:
+def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage II", backbone=None) -> None:
     """Stage II: Stage I's LoRA folded into the DiT, then Flow-DPO on a fresh LoRA (the reference: the Stage I
-    model). The demo and every bench that rebuilds its models go through here, so their seeds agree."""
+    model). The demo and every bench that rebuilds its models go through here, so their seeds agree. `backbone`:
+    the start images' backbone, needed for `Settings.lora_anchor`'s videos."""
+    anchor = None
+    if st.lora_anchor > 0:
+        if backbone is None:
+            raise ValueError("lora_anchor > 0 needs the backbone for its anchor videos: pass backbone=")
+        anchor = anchor_videos(vm, backbone, st)
     vm.den.fold_lora(seed=seed + 2)
-    dpo("dpo-lora", vm, encoder, pairs, st, seed + 2, log, name)
+    dpo("dpo-lora", vm, encoder, pairs, st, seed + 2, log, name, anchor=anchor)
 
 
 def freeze_dit(vm, seed: int) -> None:

@@ -95,9 +95,14 @@ class TrainConfig:
     # source), "filter" (judge pairs with margin < min_margin dropped), "filter and weight"
     margin_use: str = "ignore"
     min_margin: float = 0.0
+    # Flow-DPO on the LoRA (Stage II): this weight times the mean squared difference between the policy's and the
+    # reference's velocities on the trainer's `anchor` videos (noised at a drawn t) is added to the loss, so the
+    # LoRA keeps the reference's predictions on looks its pairs do not show (prior preservation; 0 = off)
+    anchor_weight: float = 0.0
 
     TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
-                         "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout", "motion_weight")
+                         "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout", "motion_weight",
+                         "anchor_weight")
 
     def __post_init__(self) -> None:
         problems = []
@@ -125,6 +130,8 @@ class TrainConfig:
             problems.append("split_passes already accumulates one video per pass; use grad_accum 1 with it")
         if self.margin_use not in MARGIN_USES:
             problems.append(f"margin_use must be one of {list(MARGIN_USES)}, got {self.margin_use!r}")
+        if not (self.anchor_weight >= 0 and math.isfinite(self.anchor_weight)):
+            problems.append(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if not (isinstance(self.min_margin, (int, float)) and math.isfinite(self.min_margin) and self.min_margin >= 0):
             problems.append(f"min_margin must be a number >= 0, got {self.min_margin!r}")
         if problems:
@@ -207,9 +214,20 @@ class StageTrainer:
 
     def __init__(self, stage: str, denoiser: Denoiser, encoder: PhysEncoder | None,
                  data: VideoSet | PreferenceSet, config: TrainConfig,
-                 checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, accelerator=None):
+                 checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, accelerator=None,
+                 anchor: VideoSet | None = None):
         if stage not in STAGES:
             raise TrainingError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+        if config.anchor_weight > 0:
+            if stage != "dpo-lora":
+                raise TrainingError(f"anchor_weight keeps a LoRA's predictions near its reference's in Flow-DPO on "
+                                    f"the LoRA (dpo-lora); stage {stage} has no such reference: set it to 0")
+            if not isinstance(anchor, VideoSet) or len(anchor) == 0:
+                raise TrainingError(f"anchor_weight={config.anchor_weight} needs anchor videos (a non-empty "
+                                    "VideoSet) to keep the reference's predictions on; pass anchor= or set it to 0")
+            if config.split_passes:
+                raise TrainingError("anchor_weight is not supported with split_passes; turn one of them off")
+        self.anchor = anchor if config.anchor_weight > 0 else None
         self.stage = stage
         self.denoiser = denoiser
         self.encoder = encoder
@@ -361,7 +379,27 @@ class StageTrainer:
         with torch.no_grad():
             ref = weighted_sq_error(v_ref.detach(), target, w)
         out = flow_dpo_from_errors(err[:b], err[b:], ref[:b], ref[b:], cfg.beta, self._weights(idx))
-        return out.loss, out.logs()
+        if self.anchor is None:
+            return out.loss, out.logs()
+        drift = self._anchor_drift(step, part)
+        return out.loss + cfg.anchor_weight * drift, {**out.logs(), "anchor": float(drift.detach())}
+
+    def _anchor_drift(self, step: int, part: slice) -> torch.Tensor:
+        """Mean squared difference between the policy's and the reference's (LoRA off) velocities on a batch of
+        the anchor videos, noised at a drawn t (the step's own draws, salted: the pairs' are unchanged)."""
+        cfg, dev = self.config, self.denoiser.device
+        gen = step_generator(cfg.seed, step, salt=1)
+        big = self.global_batch
+        idx = batch_indices(len(self.anchor), big, cfg.seed + 1, step)[part]
+        x0, cond = self.anchor.batch(idx)
+        t = sample_t(cfg, big, gen)[part]
+        noise = torch.randn((big, *x0.shape[1:]), generator=gen)[part]
+        x0, noise, t, cond = x0.to(dev), noise.to(dev), t.to(dev), cond.map(lambda x: x.to(dev))
+        x_t = self.denoiser.add_noise(x0, noise, t)
+        v_ref = self._reference_velocity(x_t, t, cond)
+        with self._keep_activations():
+            v_pol = self.denoiser.predict_velocity(x_t, t, self._policy_cond(cond))
+        return ((v_pol.float() - v_ref.float()) ** 2).mean()
 
     def _pair_motion(self, xw: torch.Tensor, xl: torch.Tensor) -> torch.Tensor | None:
         """Flow-DPO's element weights [2B, 1, T, H, W] (the pair's map for winner then loser), None when off."""
