@@ -1275,3 +1275,27 @@ def test_ground_truth_labels_count_a_hedge_by_its_incoherent_frames():
     assert hedge_wins(head_pairs(c, st("all"), quiet, "")) < n // 5
     with pytest.raises(ValueError, match="label_coherence='yes': use one of"):
         Settings(label_coherence="yes")
+
+
+def test_stage_two_variants_bench_trains_each_variant_from_the_same_stage_one(tmp_path):
+    """bench/demo_stage2_variants.py (smoke settings): one Stage I, then a Stage II per variant, each scored against
+    Stage I and written to JSON; a variant that would change more than Stage II is refused and names the fix."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "demo_stage2_variants.py"
+    out = tmp_path / "variants.json"
+    run = subprocess.run([sys.executable, str(script), "--fast", "--variant", "default:", "--variant",
+                          "anchored:lora_anchor=10", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["Stage I", "default", "anchored"]
+    assert rows["anchored"]["set"] == ["lora_anchor=10"] and rows["default"]["set"] == []
+    for name in ("default", "anchored"):
+        mean, lo, hi = rows[name]["vs_stage_one"]
+        assert lo <= mean <= hi and rows[name]["pairs"] > 0
+        assert rows[name]["l2"] == pytest.approx(rows["Stage I"]["l2"] + mean, abs=1e-6)
+    bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:head_scenes=3"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "only Stage II's settings" in bad.stderr and "--set" in bad.stderr

@@ -1,0 +1,131 @@
+"""Stage II's variants from one Stage I: the demo's flow to Stage I and its candidates (as `python -m physmaster demo
+--seed S --eval-seed E --motion-weight W --set ...` makes them), then Stage II (Flow-DPO on a fresh DiT LoRA) once per
+`--variant`, each from a copy of the same Stage I, each scored on the demo's held-out drops against Stage I: avg L2
+(seen / unseen), the paired bootstrap 95% interval, the part of the difference that lost frames make, and the
+difference where both rows find the object (`*`: interval below 0, `+`: above 0). A variant changes only Stage II's
+settings (`STAGE_TWO_FIELDS`); the rest, and the candidates, are the run's (`--set`), so every variant learns from
+the same draws.
+
+    python bench/demo_stage2_variants.py --seed 2 --motion-weight 10 --variant default: \\
+        --variant steps50:dpo_steps=50 --variant anchor:lora_anchor=3000 --variant recol:lora_recoloured=1,dpo_steps=50
+
+bench/FINDINGS.md ("Stage I's loss where the object moves") lists what it printed. On 2 cores: about 5 minutes for
+Stage I and the candidates, then about a minute a variant. `--fast`: the demo's smoke settings (numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# what a --variant may change: Stage II's own settings (the candidates they learn from are the run's)
+STAGE_TWO_FIELDS = ("dpo_steps", "lr_lora", "beta", "lora_anchor", "lora_recoloured", "dpo_scenes", "pairs_per_image",
+                    "min_margin", "label_coherence", "dpo_motion_weight", "dpo_batch")
+
+
+def variant(text: str) -> tuple[str, list[str]]:
+    """"NAME:SET,SET" (argparse type) -> (NAME, ["FIELD=VALUE", ...]); "NAME:" is the run's settings."""
+    name, sep, rest = text.partition(":")
+    if not name or not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME:FIELD=VALUE,FIELD=VALUE (or NAME: for no change)")
+    items = [x for x in rest.split(",") if x.strip()]
+    bad = [x for x in items if x.partition("=")[0] not in STAGE_TWO_FIELDS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: a variant changes only Stage II's settings "
+                                         f"({', '.join(STAGE_TWO_FIELDS)}), not {', '.join(bad)}; give the others "
+                                         "with --set for every variant")
+    return name, items
+
+
+def main() -> int:
+    import numpy as np
+    import torch
+
+    from demo_args import add_set, load_world, write_json
+
+    from physmaster.demo import pipeline as P
+    from physmaster.demo.backbone import head_input
+    from physmaster.demo.cli import checked_settings, held_out_set
+    from physmaster.demo.evaluation import bootstrap_ci, paired_found, score_scenes
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=2, help="training seed (as the demo's --seed)")
+    ap.add_argument("--eval-seed", type=int, default=None, help="held-out scenes (default: the training seed)")
+    ap.add_argument("--motion-weight", type=float, default=0.0, help="Stage I's, as the demo's --motion-weight")
+    ap.add_argument("--variant", type=variant, action="append", required=True, metavar="NAME:SET,SET")
+    ap.add_argument("--fast", action="store_true", help="the demo's smoke settings (numbers mean nothing)")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    add_set(ap, "head_scenes=192")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = P.Settings.fast() if args.fast else P.Settings()
+    base.motion_weight = float(args.motion_weight)
+    st = checked_settings(base, args.set)
+    runs = [(name, items, checked_settings(st, items)) for name, items in args.variant]
+    seed = int(args.seed)
+    eval_seed = seed if args.eval_seed is None else int(args.eval_seed)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    vm, backbone = load_world(args, drop=False)
+    backbone = head_input(backbone, st.head_reads)
+    vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))
+    vm.guidance, vm.token_guidance = float(st.guidance), float(st.token_guidance)
+    k, n = st.eval_videos, st.eval_scenes
+    scenes, rep, noises = held_out_set(vm, backbone, n, eval_seed, k)
+
+    def evaluate(head):
+        return score_scenes(vm.decode(vm.sample(head, rep, noises, st.sample_steps)), scenes, k)
+
+    encoder = P.stage_one(vm, backbone, st, seed, log)
+    plain = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I",
+                                scenes=max(max(s.dpo_scenes for *_, s in runs), st.head_scenes))
+    recol = None
+    if any(s.lora_recoloured for *_, s in runs):  # the head's draw, as the demo makes it (`cli.run_once`)
+        recol = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I", scenes=st.head_scenes,
+                                    recoloured=st.head_recoloured, reuse=plain.first(st.head_scenes))
+    r1 = evaluate(encoder.head)
+    log(f"Stage I: avg L2 {r1['l2'].mean():.4f} (seen {r1['l2'][:n].mean():.4f}, unseen {r1['l2'][n:].mean():.4f}), "
+        f"coherence {r1['coherence'].mean():.3f}")
+    den0 = copy.deepcopy(vm.den)
+    rows = {"Stage I": {"l2": float(r1["l2"].mean()), "coherence": float(r1["coherence"].mean())}}
+    for name, items, sv in runs:
+        cands = (recol if sv.lora_recoloured else plain).first(sv.dpo_scenes)
+        pairs = P.lora_pairs(cands, sv, lambda m: None, "Stage I")
+        vm.den = copy.deepcopy(den0)
+        enc = encoder.clone()
+        t0 = time.perf_counter()
+        P.stage_two(vm, enc, pairs, sv, seed, lambda m: None, backbone=backbone)
+        r = evaluate(enc.head)
+        d = r["l2"] - r1["l2"]
+        lost = r["l2_lost"] - r1["l2_lost"]
+        found = paired_found(r["frame_l2"], r1["frame_l2"])
+        (lo, hi), (llo, lhi), (flo, fhi) = (bootstrap_ci(x) for x in (d, lost, found))
+
+        def mark(a, b):
+            return "*" if b < 0 else "+" if a > 0 else ""
+
+        log(f"{name}: Stage II avg L2 {r['l2'].mean():.4f} (seen {r['l2'][:n].mean():.4f}, unseen "
+            f"{r['l2'][n:].mean():.4f}) vs Stage I {100 * d.mean() / r1['l2'].mean():+.1f}%{mark(lo, hi)} "
+            f"[{lo:+.4f}, {hi:+.4f}]; lost frames {lost.mean():+.4f}{mark(llo, lhi)} [{llo:+.4f}, {lhi:+.4f}]; "
+            f"where found {found.mean():+.4f}{mark(flo, fhi)} [{flo:+.4f}, {fhi:+.4f}]; coherence "
+            f"{r['coherence'].mean():.3f}; {len(pairs)} pairs ({time.perf_counter() - t0:.0f}s)")
+        rows[name] = {"l2": float(r["l2"].mean()), "seen": float(r["l2"][:n].mean()),
+                      "unseen": float(r["l2"][n:].mean()), "vs_stage_one": [float(d.mean()), lo, hi],
+                      "lost": [float(lost.mean()), llo, lhi], "found": [float(np.mean(found)), flo, fhi],
+                      "coherence": float(r["coherence"].mean()), "pairs": len(pairs), "set": items}
+    if args.out:
+        write_json(args.out, {"seed": seed, "eval_seed": eval_seed, "motion_weight": st.motion_weight,
+                              "set": args.set, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
