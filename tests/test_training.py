@@ -245,6 +245,8 @@ def test_anchor_weight_is_refused_where_it_has_no_meaning():
                      anchor=videos(2))
     with pytest.raises(TrainingError, match="anchor_weight must be >= 0"):
         TrainConfig(anchor_weight=-1.0)
+    assert "anchor_weight" not in TrainConfig().trajectory()  # off: checkpoints made before it still resume
+    assert TrainConfig(anchor_weight=3.0).trajectory()["anchor_weight"] == 3.0
 
 
 def test_dpo_head_trains_only_the_head_and_learns_preferences():

@@ -139,8 +139,9 @@ class TrainConfig:
 
     def trajectory(self) -> dict:
         out = {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
-        if not self.motion_weight:  # off: the trajectory (and checkpoints) of runs made before the option
-            del out["motion_weight"]
+        for name in ("motion_weight", "anchor_weight"):  # off: the trajectory (and checkpoints) of runs made before
+            if not getattr(self, name):  # the option
+                del out[name]
         if self.margin_use != "ignore":  # only then, so checkpoints from before these fields still resume
             out.update(margin_use=self.margin_use, min_margin=float(self.min_margin))
         return out
