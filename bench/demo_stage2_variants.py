@@ -57,7 +57,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=2, help="training seed (as the demo's --seed)")
     ap.add_argument("--eval-seed", type=int, default=None, help="held-out scenes (default: the training seed)")
-    ap.add_argument("--motion-weight", type=float, default=0.0, help="Stage I's, as the demo's --motion-weight")
+    ap.add_argument("--motion-weight", type=float, default=None,
+                    help="Stage I's, as the demo's --motion-weight (default: the demo's)")
     ap.add_argument("--variant", type=variant, action="append", required=True, metavar="NAME:SET,SET")
     ap.add_argument("--fast", action="store_true", help="the demo's smoke settings (numbers mean nothing)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
@@ -65,7 +66,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     base = P.Settings.fast() if args.fast else P.Settings()
-    base.motion_weight = float(args.motion_weight)
+    if args.motion_weight is not None:
+        base.motion_weight = float(args.motion_weight)
     st = checked_settings(base, args.set)
     runs = [(name, items, checked_settings(st, items)) for name, items in args.variant]
     seed = int(args.seed)
