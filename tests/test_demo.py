@@ -189,6 +189,12 @@ def test_stage_one_set_gains_its_recoloured_copies():
     assert len(set(names)) == len(names)
     assert torch.equal(both[0].latent, plain[0].latent)
     assert not torch.allclose(both[st.sft_scenes].latent, plain[0].latent)
+    # Stage II's anchor (`lora_anchor`): the first recoloured copies, the same clips as Stage I's
+    from physmaster.demo.pipeline import anchor_videos
+
+    anchor = anchor_videos(vm, bb, st)
+    assert [a.name for a in anchor] == names[st.sft_scenes:2 * st.sft_scenes]
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(anchor, list(both)[st.sft_scenes:]))
 
 
 def test_lora_recoloured_gives_stage_two_the_heads_draw(tmp_path, capsys):

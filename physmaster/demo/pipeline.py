@@ -254,11 +254,20 @@ def sft_videos(vm, backbone, st: Settings):
     """Stage I's training set: the first `st.sft_scenes` seen drops and `st.sft_recoloured` recoloured copies of
     each (`world.recoloured`, named "scene{seed}c{k}"), encoded, with their start images' conditioning (the
     benches that train on the same ground truth call this too)."""
-    scenes = [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)]
+    scenes = sft_scenes(st)
     clips = [(s.frames, f"scene{s.meta['seed']}") for s in scenes]
-    clips += [(recoloured(s.frames, s.meta["seed"] * 1000 + k), f"scene{s.meta['seed']}c{k}")
-              for k in range(1, st.sft_recoloured + 1) for s in scenes]
+    clips += [clip for k in range(1, st.sft_recoloured + 1) for clip in recoloured_clips(scenes, k)]
     return video_set(vm, clips, backbone)
+
+
+def sft_scenes(st: Settings) -> list:
+    """Stage I's drops: the first `st.sft_scenes` seen ones."""
+    return [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)]
+
+
+def recoloured_clips(scenes, k: int) -> list:
+    """The k-th recoloured copy of each drop (`world.recoloured`), as (frames, "scene{seed}c{k}") clips."""
+    return [(recoloured(s.frames, s.meta["seed"] * 1000 + k), f"scene{s.meta['seed']}c{k}") for s in scenes]
 
 
 def stage_one(vm, backbone, st: Settings, seed: int, log):
@@ -493,9 +502,7 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
 def anchor_videos(vm, backbone, st: Settings):
     """Stage II's anchor (`Settings.lora_anchor`): Stage I's recoloured copies of its drops (`sft_videos`), whose
     looks Stage II's plain pairs do not show, encoded, with their start images' conditioning."""
-    scenes = [drop_scene(SFT_SEED + i, "seen") for i in range(st.sft_scenes)]
-    return video_set(vm, [(recoloured(s.frames, s.meta["seed"] * 1000 + 1), f"scene{s.meta['seed']}c1")
-                          for s in scenes], backbone)
+    return video_set(vm, recoloured_clips(sft_scenes(st), 1), backbone)
 
 
 def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str, anchor=None):
