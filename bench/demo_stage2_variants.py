@@ -87,12 +87,14 @@ def main() -> int:
         return score_scenes(vm.decode(vm.sample(head, rep, noises, st.sample_steps)), scenes, k)
 
     encoder = P.stage_one(vm, backbone, st, seed, log)
+    # the plain draw as far as a variant reads it; the head's draw (as the demo makes it, `cli.run_once`) only when
+    # a variant reads it, sampling only what the plain draw lacks (a candidate's noise depends on its index alone)
     plain = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I",
-                                scenes=max(max(s.dpo_scenes for *_, s in runs), st.head_scenes))
+                                scenes=max(s.dpo_scenes for *_, s in runs))
     recol = None
-    if any(s.lora_recoloured for *_, s in runs):  # the head's draw, as the demo makes it (`cli.run_once`)
+    if any(s.lora_recoloured for *_, s in runs):
         recol = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I", scenes=st.head_scenes,
-                                    recoloured=st.head_recoloured, reuse=plain.first(st.head_scenes))
+                                    recoloured=st.head_recoloured, reuse=plain)
     r1 = evaluate(encoder.head)
     log(f"Stage I: avg L2 {r1['l2'].mean():.4f} (seen {r1['l2'][:n].mean():.4f}, unseen {r1['l2'][n:].mean():.4f}), "
         f"coherence {r1['coherence'].mean():.3f}")
