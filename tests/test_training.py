@@ -249,6 +249,25 @@ def test_anchor_weight_is_refused_where_it_has_no_meaning():
     assert TrainConfig(anchor_weight=3.0).trajectory()["anchor_weight"] == 3.0
 
 
+def test_lora_modules_trains_only_the_named_lora_layers():
+    den, enc = setup(targets=("to_q", "to_k", "to_v", "net.2"))
+    with torch.no_grad():  # B = 0 at the start: give every layer a delta so that A's gradient is non-zero too
+        for _, p in den.named_lora_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in den.named_lora_parameters()}
+    res = train_dpo(den, enc, pairs(2), TrainConfig(steps=3, lr=1e-2, beta=500.0, lora_modules="attn1"),
+                    stage="dpo-lora")
+    assert res.history[-1]["loss"] > 0
+    moved = {n for n, p in den.named_lora_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".attn1." in n for n in moved)
+    assert len(moved) == sum(".attn1." in n for n in before)  # every self-attention LoRA weight trained
+    assert TrainConfig(lora_modules="attn1").trajectory()["lora_modules"] == "attn1"
+    assert "lora_modules" not in TrainConfig().trajectory()  # off: checkpoints made before it still resume
+    with pytest.raises(TrainingError, match=r"lora_modules='attn9' matches none of the LoRA's parameters \(e\.g\. "
+                                            r"blocks\.0\.attn1"):
+        StageTrainer("dpo-lora", den, enc, pairs(2), TrainConfig(steps=1, lora_modules="attn9"))
+
+
 def test_dpo_head_trains_only_the_head_and_learns_preferences():
     den, enc = setup()
     data = pairs(2)

@@ -73,6 +73,9 @@ class Settings:
     # trainer's `anchor_weight`, `anchor_videos`), so its pairs' plain looks do not move what it draws on others
     # (0 = off)
     lora_anchor: float = 0.0
+    # Stage II trains only the LoRA layers whose names contain one of these comma-separated parts (the trainer's
+    # `lora_modules`; "attn1": the DiT's self-attention, where frames see each other); "" = every layer
+    lora_modules: str = ""
     # the head's Flow-DPO stages (Stage I + DPO encoder, Stage III, the judge-labelled row, online rounds): pairs
     # from this many start images (x `candidates`; Stage II's pairs come from the first `dpo_scenes` of the same
     # draw of Stage I's candidates) and this many steps. Four times the start images and twice the steps (384, 400)
@@ -515,7 +518,8 @@ def dpo(stage: str, vm, encoder, pairs, st: Settings, seed: int, log, name: str,
                       beta=st.beta if stage == "dpo-lora" else st.head_beta,
                       warmup_steps=min(20, steps), motion_weight=st.dpo_motion_weight, t_min=t_min,
                       margin_use="ignore" if stage == "dpo-lora" else st.head_margin_use,
-                      anchor_weight=st.lora_anchor if stage == "dpo-lora" else 0.0)
+                      anchor_weight=st.lora_anchor if stage == "dpo-lora" else 0.0,
+                      lora_modules=st.lora_modules if stage == "dpo-lora" else "")
     t0 = time.perf_counter()
     soup = 1 if stage == "dpo-lora" else int(st.head_soup)
     bag = 1 if stage == "dpo-lora" else int(st.head_bag)  # not both > 1 (`Settings.__post_init__`)

@@ -99,10 +99,13 @@ class TrainConfig:
     # reference's velocities on the trainer's `anchor` videos (noised at a drawn t) is added to the loss, so the
     # LoRA keeps the reference's predictions on looks its pairs do not show (prior preservation; 0 = off)
     anchor_weight: float = 0.0
+    # the LoRA layers a stage trains, as comma-separated parts of their parameters' names (e.g. "attn1" for a Wan
+    # DiT's self-attention); the rest of the LoRA stays as it is. "" = every LoRA layer
+    lora_modules: str = ""
 
     TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
                          "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout", "motion_weight",
-                         "anchor_weight")
+                         "anchor_weight", "lora_modules")
 
     def __post_init__(self) -> None:
         problems = []
@@ -139,8 +142,9 @@ class TrainConfig:
 
     def trajectory(self) -> dict:
         out = {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
-        for name in ("motion_weight", "anchor_weight"):  # off: the trajectory (and checkpoints) of runs made before
-            if not getattr(self, name):  # the option
+        # off: the trajectory (and checkpoints) of runs made before the option
+        for name in ("motion_weight", "anchor_weight", "lora_modules"):
+            if not getattr(self, name):
                 del out[name]
         if self.margin_use != "ignore":  # only then, so checkpoints from before these fields still resume
             out.update(margin_use=self.margin_use, min_margin=float(self.min_margin))
@@ -282,6 +286,17 @@ class StageTrainer:
         if train_lora:
             lora_named = getattr(denoiser, "named_lora_parameters", None)
             pairs = lora_named() if lora_named else [(str(i), p) for i, p in enumerate(lora)]
+            parts = [x.strip() for x in config.lora_modules.split(",") if x.strip()]
+            if parts:
+                pairs = [(n, p) for n, p in pairs if any(x in n for x in parts)]
+                if not pairs:
+                    raise TrainingError(f"lora_modules={config.lora_modules!r} matches none of the LoRA's parameters "
+                                        "(e.g. " + ", ".join(n for n, _ in (lora_named() if lora_named else [])[:3])
+                                        + "); name parts of those names, or leave it empty to train every layer")
+                for p in lora:
+                    p.requires_grad_(False)
+                for _, p in pairs:
+                    p.requires_grad_(True)
             named += [(f"lora.{n}", p) for n, p in pairs]
         if not named:
             raise TrainingError(f"stage {stage} has nothing to train (no head and no LoRA)")
