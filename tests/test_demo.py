@@ -583,6 +583,14 @@ def test_bad_motion_weight_is_refused(tmp_path):
         main(["demo", "--fast", "--out", str(tmp_path), "--motion-weight", "-1"])
 
 
+def test_unknown_lora_modules_are_refused_before_anything_trains(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"lora_modules='attn2,atn1': atn1 is in none of the DiT's LoRA layer names "
+                                         r"\(e\.g\. blocks\.0\.attn1\.to_q"):
+        main(["demo", "--fast", "--out", str(out), "--set", "lora_modules=attn2,atn1"])
+    assert not out.exists()
+
+
 def test_material_read_skips_drops_whose_materials_look_alike(monkeypatch):
     """A drop whose three restitutions render the same clip (no impact within it) says nothing about the
     material: it is left out of the count, not scored as right or wrong."""
@@ -837,6 +845,8 @@ def test_settings_overrides_parse_and_name_the_bad_item():
     assert Settings().with_overrides(["judge_prior=0", "judge_prior=On"]).judge_prior
     with pytest.raises(ValueError, match=r"'judge_prior=maybe': 'maybe' is not a yes or no"):
         Settings().with_overrides(["judge_prior=maybe"])
+    assert Settings().lora_modules == "attn2"
+    assert Settings().with_overrides(["lora_modules="]).lora_modules == ""  # a text field may be empty
 
 
 def test_head_sft_probe_trains_the_head_alone():

@@ -23,6 +23,14 @@ MODEL = dict(latent_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, heads=2, head_d
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2", "proj_out"]
 
 
+def lora_parameter_names() -> list[str]:
+    """The names of the demo DiT's LoRA parameters (`LORA_TARGETS` in every block), which `Settings.lora_modules`
+    picks from."""
+    den = new_dit()
+    den.add_lora(1, targets=LORA_TARGETS)
+    return [n for n, _ in den.named_lora_parameters()]
+
+
 def prompt_context() -> torch.Tensor:
     """The fixed 'prompt' ("an object falls") as a [1, 4, 32] text context."""
     g = torch.Generator().manual_seed(4321)

@@ -51,7 +51,12 @@ class Settings:
     sft_steps: int = 2400
     sft_recoloured: int = 1
     token_dropout: float = 0.1
-    motion_weight: float = 0.0  # Stage I: flow-matching loss up-weighted where the latent moves (0 = uniform)
+    # Stage I: the flow-matching loss up-weighted where the latent moves (`losses.motion_weights`, 1 + W x each
+    # element's distance to the first frame, mean 1; 0 = uniform). The moving object is a few percent of a drop's
+    # latent, so at 0 Stage I lost it in 7-8% of the unseen drops' frames and missed coherence 0.90 on seeds 2 and 3
+    # (0.871, 0.882); at 1 it keeps it, coherence 0.936 / 0.951 / 0.936 / 0.934 on seeds 0-3 (bench/FINDINGS.md,
+    # "Stage II's LoRA on the cross-attention"), and Stage II then needs `lora_modules`
+    motion_weight: float = 1.0
     dpo_scenes: int = 96
     candidates: int = 8  # per start image
     pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
@@ -74,8 +79,12 @@ class Settings:
     # (0 = off)
     lora_anchor: float = 0.0
     # Stage II trains only the LoRA layers whose names contain one of these comma-separated parts (the trainer's
-    # `lora_modules`; "attn1": the DiT's self-attention, where frames see each other); "" = every layer
-    lora_modules: str = ""
+    # `lora_modules`; "" = every layer). "attn2", the DiT's cross-attention: how it reads its conditioning, the
+    # physical tokens among it, not how it draws. On the motion-weighted Stage I, Stage II on every layer redrew the
+    # object and lost it on the unseen drops (seed 3: +6.4% avg L2; self-attention alone +2.0%, FFN +4.9%); on the
+    # cross-attention alone it gained on seeds 0-3 with each interval below 0: -8.1% / -3.0% / -6.2% / -6.8%
+    # (bench/FINDINGS.md, "Stage II's LoRA on the cross-attention")
+    lora_modules: str = "attn2"
     # the head's Flow-DPO stages (Stage I + DPO encoder, Stage III, the judge-labelled row, online rounds): pairs
     # from this many start images (x `candidates`; Stage II's pairs come from the first `dpo_scenes` of the same
     # draw of Stage I's candidates) and this many steps. Four times the start images and twice the steps (384, 400)
@@ -194,7 +203,8 @@ class Settings:
         st = self
         for item in items:
             name, _, value = item.partition("=")
-            if name not in {f.name for f in dataclasses.fields(self)} or not value:
+            known = name in {f.name for f in dataclasses.fields(self)}
+            if not known or (not value and not isinstance(getattr(self, name), str)):  # "lora_modules=": every layer
                 raise ValueError(f"{item!r}: use NAME=VALUE with NAME one of {sorted(vars(self))}")
             kind = type(getattr(self, name))
             try:
