@@ -290,9 +290,10 @@ class StageTrainer:
             if parts:
                 pairs = [(n, p) for n, p in pairs if any(x in n for x in parts)]
                 if not pairs:
-                    raise TrainingError(f"lora_modules={config.lora_modules!r} matches none of the LoRA's parameters "
-                                        "(e.g. " + ", ".join(n for n, _ in (lora_named() if lora_named else [])[:3])
-                                        + "); name parts of those names, or leave it empty to train every layer")
+                    known = [n for n, _ in lora_named()[:3]] if lora_named else []
+                    raise TrainingError(f"lora_modules={config.lora_modules!r} matches none of the LoRA's parameters"
+                                        + (f" (e.g. {', '.join(known)})" if known else "") + "; name parts of those "
+                                        "names, or leave it empty to train every layer")
                 for p in lora:
                     p.requires_grad_(False)
                 for _, p in pairs:
