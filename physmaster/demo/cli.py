@@ -384,10 +384,11 @@ def checked_settings(st, items):
         check_head_reads(st.head_reads)
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from None
+    from ..training.stages import lora_module_parts
     from .generator import lora_parameter_names
 
     names = lora_parameter_names()
-    unknown = [x.strip() for x in st.lora_modules.split(",") if x.strip() and not any(x.strip() in n for n in names)]
+    unknown = [x for x in lora_module_parts(st.lora_modules) if not any(x in n for n in names)]
     if unknown:
         raise SystemExit(f"--set: lora_modules={st.lora_modules!r}: {', '.join(unknown)} is in none of the DiT's LoRA "
                          f"layer names (e.g. {names[0]}, {names[-1]}); use parts such as attn1, attn2, ffn, proj_out "

@@ -61,6 +61,11 @@ class TrainingError(PhysMasterError):
     """A training run that cannot start or continue (bad setup, mismatched resume file)."""
 
 
+def lora_module_parts(spec: str) -> list[str]:
+    """`TrainConfig.lora_modules` ("attn2, ffn") as its name parts (["attn2", "ffn"]; "" -> [] = every layer)."""
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one stage. Fields in `TRAJECTORY_FIELDS` must match to resume a checkpoint."""
@@ -286,18 +291,16 @@ class StageTrainer:
         if train_lora:
             lora_named = getattr(denoiser, "named_lora_parameters", None)
             pairs = lora_named() if lora_named else [(str(i), p) for i, p in enumerate(lora)]
-            parts = [x.strip() for x in config.lora_modules.split(",") if x.strip()]
-            if parts:
+            if parts := lora_module_parts(config.lora_modules):
+                known = [n for n, _ in pairs[:3]] if lora_named else []
                 pairs = [(n, p) for n, p in pairs if any(x in n for x in parts)]
                 if not pairs:
-                    known = [n for n, _ in lora_named()[:3]] if lora_named else []
                     raise TrainingError(f"lora_modules={config.lora_modules!r} matches none of the LoRA's parameters"
                                         + (f" (e.g. {', '.join(known)})" if known else "") + "; name parts of those "
                                         "names, or leave it empty to train every layer")
+                chosen = {id(p) for _, p in pairs}
                 for p in lora:
-                    p.requires_grad_(False)
-                for _, p in pairs:
-                    p.requires_grad_(True)
+                    p.requires_grad_(id(p) in chosen)
             named += [(f"lora.{n}", p) for n, p in pairs]
         if not named:
             raise TrainingError(f"stage {stage} has nothing to train (no head and no LoRA)")
