@@ -1,5 +1,6 @@
 """Stage loops over the diffusers Wan backend with a tiny model (fp32, CPU)."""
 
+import copy
 import math
 
 import pytest
@@ -234,12 +235,44 @@ def test_dpo_lora_anchor_keeps_the_reference_prediction_on_the_anchor_videos():
     assert drift[0.0] > 0 and drift[100.0] < 0.2 * drift[0.0], drift
 
 
+def _token_drift(den, enc, ref_head, data):
+    """Mean squared difference between the model's velocity with the head's tokens and with `ref_head`'s."""
+    x0, cond = data.batch(list(range(len(data))))
+    g = torch.Generator().manual_seed(5)
+    t = torch.full((len(data),), 0.5)
+    x_t = den.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    with torch.no_grad():
+        v = den.predict_velocity(x_t, t, cond.with_tokens(enc.head(cond.features), 1.0))
+        v0 = den.predict_velocity(x_t, t, cond.with_tokens(ref_head(cond.features), 1.0))
+    return float(((v - v0) ** 2).mean())
+
+
+def test_dpo_head_anchor_keeps_the_reference_heads_prediction_on_the_anchor_videos():
+    """Stage III's anchor: the reference is the head as the stage found it, so the drift is 0 at the start, and
+    after training the new tokens move the velocity on the anchor videos less than without it."""
+    anchor = videos(4, seed=9)
+    drift = {}
+    for w in (0.0, 1000.0):
+        den, enc = setup()
+        den.fold_lora(seed=1)
+        ref_head = copy.deepcopy(enc.head)
+        tr = StageTrainer("dpo-head", den, enc, pairs(3), TrainConfig(steps=25, lr=1e-2, beta=10.0, batch_size=2,
+                                                                      anchor_weight=w), anchor=anchor)
+        if w:
+            loss, logs = tr.compute_loss(0)
+            assert logs["anchor"] == pytest.approx(0.0, abs=1e-12)
+        res = tr.run()
+        assert res.stopped is None and ("anchor" in res.history[-1]) == bool(w)
+        drift[w] = _token_drift(den, enc, ref_head, anchor)
+    assert drift[0.0] > 0 and drift[1000.0] < 0.2 * drift[0.0], drift
+
+
 def test_anchor_weight_is_refused_where_it_has_no_meaning():
     den, enc = setup()
     with pytest.raises(TrainingError, match="needs anchor videos"):
         StageTrainer("dpo-lora", den, enc, pairs(2), TrainConfig(steps=1, anchor_weight=1.0))
-    with pytest.raises(TrainingError, match="dpo-lora"):
-        StageTrainer("dpo-head", den, enc, pairs(2), TrainConfig(steps=1, anchor_weight=1.0), anchor=videos(2))
+    with pytest.raises(TrainingError, match="stage sft has no reference"):
+        StageTrainer("sft", den, enc, videos(2), TrainConfig(steps=1, anchor_weight=1.0), anchor=videos(2))
     with pytest.raises(TrainingError, match="split_passes"):
         StageTrainer("dpo-lora", den, enc, pairs(2), TrainConfig(steps=1, anchor_weight=1.0, split_passes=True),
                      anchor=videos(2))

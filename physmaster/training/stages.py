@@ -229,9 +229,9 @@ class StageTrainer:
         if stage not in STAGES:
             raise TrainingError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
         if config.anchor_weight > 0:
-            if stage != "dpo-lora":
-                raise TrainingError(f"anchor_weight keeps a LoRA's predictions near its reference's in Flow-DPO on "
-                                    f"the LoRA (dpo-lora); stage {stage} has no such reference: set it to 0")
+            if stage not in ("dpo-lora", "dpo-head"):
+                raise TrainingError(f"anchor_weight keeps the predictions near the reference's in Flow-DPO "
+                                    f"(dpo-lora, dpo-head); stage {stage} has no reference: set it to 0")
             if not isinstance(anchor, VideoSet) or len(anchor) == 0:
                 raise TrainingError(f"anchor_weight={config.anchor_weight} needs anchor videos (a non-empty "
                                     "VideoSet) to keep the reference's predictions on; pass anchor= or set it to 0")
