@@ -75,6 +75,27 @@ def test_agreement_with_ground_truth_l2_and_confidence_rises(groups):
     assert ((conf >= 0) & (conf <= 1)).all()
 
 
+def test_agreement_views_from_one_ranking_keep_only_the_pairs_of_kept_candidates(groups):
+    """`agreement_from` on `judge_rankings`: the same figures as `judge_agreement`, and with `keep` only the pairs
+    whose two candidates are both kept (here: not the ones with dropped frames, candidates 2, 3 and 6)."""
+    from physmaster.demo.judging import agreement_from, judge_rankings
+
+    vids = [v for _, v, _ in groups]
+    l2 = np.stack([l2 for _, _, l2 in groups])
+    refs = np.stack([sc.frames[0] for sc, _, _ in groups])
+    said = judge_rankings(vids, l2, refs, FPS)
+    full = judge_agreement(vids, l2, refs, FPS, min_gap=0.02)
+    assert agreement_from(said, l2, 0.02) == full and full["kept_only"] is False
+    keep = np.ones(l2.shape, bool)
+    keep[:, [2, 3, 6]] = False
+    part = agreement_from(said, l2, 0.005, keep=keep)
+    expected = sum(1 for j in range(len(l2)) for a in range(8) for b in range(a + 1, 8)
+                   if keep[j, a] and keep[j, b] and abs(l2[j, a] - l2[j, b]) >= 0.005)
+    assert part["n_pairs"] == expected > 0 and part["kept_only"] is True and part["min_gap"] == 0.005
+    with pytest.raises(PhysMasterError, match=r"keep is shaped \[12, 7\]; expected gt_l2's \[12, 8\]"):
+        agreement_from(said, l2, keep=keep[:, :7])
+
+
 def test_reference_mask_finds_the_object_of_the_start_image(groups):
     ious = []
     for sc, vids, _ in groups:

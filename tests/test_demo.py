@@ -29,6 +29,20 @@ def bench_module(name: str):
     return mod
 
 
+def test_head_anchor_reaches_every_head_stage(tmp_path, capsys):
+    """`--set head_anchor=W`: each of the head's Flow-DPO stages gets the anchor videos (the trainer logs the
+    drift, 0 at the first step where the head is its reference); off (the default), none logs it."""
+    assert main(["demo", "--fast", "--out", str(tmp_path / "on"), "--set", "head_anchor=10", "--judge-labels",
+                 "--online", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("Stage I + DPO encoder", "Stage III", "Stage III (judge labels)", "online round 1 (judge)"):
+        assert re.search(rf"\[{re.escape(name)}\] 1/2 loss [0-9.]+ .* anchor 0\.00e\+00", out), name
+        assert re.search(rf"\[{re.escape(name)}\] 2/2 loss [0-9.]+ .* anchor [1-9]\.[0-9]{{2}}e-", out), name
+    assert "[Stage II] 2/2" in out and " anchor " not in out.split("[Stage II] 2/2")[1].splitlines()[0]
+    assert main(["demo", "--fast", "--out", str(tmp_path / "off")]) == 0
+    assert " anchor " not in capsys.readouterr().out
+
+
 def test_demo_fast(tmp_path, capsys):
     rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "1", "--judge-labels", "--online", "1"])
     assert rc == 0
@@ -48,12 +62,16 @@ def test_demo_fast(tmp_path, capsys):
     assert "judge vs ground-truth L2 on the Stage I candidates" in out
     agreement = res["judge_agreement"]
     # the head's stages' start images are half recoloured (`head_recoloured`): their candidates are judged apart
-    assert set(agreement) == {"Stage I candidates", "Stage II candidates", "online round 1 (judge) candidates",
-                              "Stage II candidates (recoloured start images)",
-                              "online round 1 (judge) candidates (recoloured start images)"}
-    for a in agreement.values():
+    # each set also in its motion view: the pairs of candidates that both keep the object, from the same ranking
+    sets = ["Stage I candidates", "Stage II candidates", "online round 1 (judge) candidates",
+            "Stage II candidates (recoloured start images)", "online round 1 (judge) candidates (recoloured start images)"]
+    assert set(agreement) == set(sets) | {name + ", the motion" for name in sets}
+    for name, a in agreement.items():
         assert 0.0 <= a["overall"] <= 1.0 and a["n_pairs"] == len(a["per_pair"]["agree"])
         assert sum(t["n_pairs"] for t in a["terciles"]) == a["n_pairs"]
+        assert a["kept_only"] == name.endswith(", the motion")
+        assert a["min_gap"] == (0.005 if a["kept_only"] else 0.02)
+    assert "pairs of candidates that both keep the object in every frame and whose L2 differs by >= 0.005" in out
     for row in rows.values():
         for metric in ("l2", "chamfer", "iou"):
             assert len(row["per_scene"][metric]) == 4 and np.all(np.isfinite(row["per_scene"][metric]))

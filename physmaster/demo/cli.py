@@ -137,8 +137,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     """All rows for one training seed -> {"results", "influence", "videos", "pairs", "scenes"}."""
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
-    from .pipeline import (dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs, sample_candidates,
-                           stage_one, stage_three, stage_two)
+    from .pipeline import (anchor_videos, dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs,
+                           sample_candidates, stage_one, stage_three, stage_two)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
 
@@ -216,7 +216,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         pairs_1 = lora_pairs(cands_1.first(st.dpo_scenes), st, log, "Stage I")
     head_pairs_1 = pairs_1 if same else head_pairs(cands_1.first(st.head_scenes), st, log, "Stage I")
     del cands_1  # its videos: a few hundred MB at the default head_scenes
-    dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder")
+    head_anchor = anchor_videos(vm, backbone, st) if st.head_anchor > 0 else None  # every head stage's (off: None)
+    dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder", anchor=head_anchor)
     evaluate("Stage I + DPO encoder", enc_only.head)
     log(f"[5/{total}] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")
     stage_two(vm, encoder, pairs_1, st, seed, log, backbone=backbone)
@@ -227,7 +228,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
                                 recoloured=st.head_recoloured)
     pairs_2 = head_pairs(cands_2, st, log, "Stage II")
     stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
-    stage_three(vm, encoder, pairs_2, st, seed, log)
+    stage_three(vm, encoder, pairs_2, st, seed, log, anchor=head_anchor)
     with_influence("Stage III", encoder.head)
     agreement.update(judge_agreements(cands_2.first(st.dpo_scenes), "Stage II candidates"))
     names = ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
@@ -244,7 +245,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
             log(f"  no pair reached the judge's min confidence {st.judge_min_confidence}: {name} is its starting "
                 "model unchanged")
         else:
-            dpo("dpo-head", vm, encoder_, pairs, st, dpo_seed, log, name)
+            dpo("dpo-head", vm, encoder_, pairs, st, dpo_seed, log, name, anchor=head_anchor)
         evaluate(name, encoder_.head)
         names.append(name)
         n_pairs[name] = 0 if pairs is None else len(pairs)

@@ -4,7 +4,9 @@
   judge alone (`physics.rank_candidates`: it sees the candidates and the start image, never the ground truth).
 - `judge_agreement`: over many start images, how often the judge prefers the candidate with the lower ground-truth
   PISA L2, on every pair whose L2 differs by at least `min_gap`, overall and per tercile of the judge's confidence
-  (agreement should rise with it). A pair the judge scores equal counts half (confidence 0).
+  (agreement should rise with it). A pair the judge scores equal counts half (confidence 0). `judge_rankings` and
+  `agreement_from` split it, so one ranking serves several views (e.g. only the pairs whose candidates both keep
+  the object: the motion, `MOTION_GAP`).
 - `drop_priors`: what the demo's judge knows of each start image beyond its pixels (`physics.tracking.DropPrior`):
   how far the object falls to its support, as the frozen backbone reads it from the start image (the geometry
   network PhysMaster's judge-free pipeline already has), and the proxy world's material law (`world.MATERIALS`:
@@ -18,6 +20,11 @@ import numpy as np
 from ..errors import PhysMasterError
 from ..physics import rank_candidates
 from ..physics.tracking import DropPrior
+
+#: the least ground-truth L2 gap of the "motion" view (both candidates keep the object in every frame): a lost frame
+#: costs 0.707 / 8 frames, so pairs that differ by >= 0.02 (issue 11's view) are nearly all a lost frame against
+#: none, and this view asks whether the judge also ranks where a whole object goes
+MOTION_GAP = 0.005
 
 
 def drop_priors(backbone, start_images) -> list[DropPrior]:
@@ -71,15 +78,22 @@ def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = Non
     return out
 
 
-def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float = 0.02, priors=None) -> dict:
+def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float = 0.02, priors=None,
+                    keep=None) -> dict:
     """How often the judge, without ground truth, prefers the candidate of lower ground-truth L2.
 
     videos: [S, K, T, H, W, 3] (or S lists of K videos): K candidates for each of S start images; gt_l2: [S, K]
     their ground-truth PISA L2; reference_images: [S, H, W, 3] the start images; priors: S `DropPrior`s (or
-    None: the judge knows the pixels alone). Returns {"overall", "n_pairs",
-    "min_gap", "terciles": [{"confidence_range": [lo, hi], "agreement", "n_pairs"}, ...] (by rising confidence),
-    "per_pair": {"agree", "confidence"}}.
+    None: the judge knows the pixels alone); keep: [S, K] bools, or None: only pairs of two kept candidates count
+    (see `agreement_from`). Returns {"overall", "n_pairs", "min_gap", "terciles": [{"confidence_range": [lo, hi],
+    "agreement", "n_pairs"}, ...] (by rising confidence), "per_pair": {"agree", "confidence"}}.
     """
+    return agreement_from(judge_rankings(videos, gt_l2, reference_images, fps, priors), gt_l2, min_gap, keep)
+
+
+def judge_rankings(videos, gt_l2, reference_images, fps: float, priors=None) -> list[dict]:
+    """The judge's pairs for each start image, {(better, worse): confidence} (`physics.rank_candidates`, without
+    ground truth), checked against `gt_l2`'s shape [S, K]: what `agreement_from` scores, once for several views."""
     gt_l2 = np.asarray(gt_l2, np.float64)
     if gt_l2.ndim != 2:
         raise PhysMasterError(f"gt_l2 is shaped {list(gt_l2.shape)}; expected [start images, candidates]")
@@ -89,7 +103,7 @@ def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float 
                               f"{len(reference_images)} start images"
                               + ("" if priors is None else f" and {len(priors)} priors")
                               + "; pass one of each per start image")
-    agree, conf = [], []
+    out = []
     for j in range(len(gt_l2)):
         if len(videos[j]) != gt_l2.shape[1]:
             raise PhysMasterError(f"start image {j} has {len(videos[j])} videos but gt_l2 has {gt_l2.shape[1]} "
@@ -99,11 +113,26 @@ def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float 
             ref = ref.astype(np.float32) / 255.0
         _, ranked = rank_candidates(list(videos[j]), fps=fps, min_margin=0.0, reference=ref,
                                     prior=None if priors is None else priors[j])
-        said = {(w, lo): c for w, lo, c in ranked}
-        K = gt_l2.shape[1]
+        out.append({(w, lo): c for w, lo, c in ranked})
+    return out
+
+
+def agreement_from(rankings: list[dict], gt_l2, min_gap: float = 0.02, keep=None) -> dict:
+    """`judge_agreement` from `judge_rankings`: every pair whose ground-truth L2 differs by at least `min_gap`
+    (and, with `keep` [S, K] bools, whose two candidates are both kept: e.g. both keep the object in every frame,
+    so that the pair differs in the motion rather than in a lost frame, which costs 0.707 a frame and makes any
+    such pair's gap wide). A pair the judge scores equal counts half (confidence 0)."""
+    gt_l2 = np.asarray(gt_l2, np.float64)
+    kept_only = keep is not None
+    keep = np.ones(gt_l2.shape, bool) if keep is None else np.asarray(keep, bool)
+    if keep.shape != gt_l2.shape:
+        raise PhysMasterError(f"keep is shaped {list(keep.shape)}; expected gt_l2's {list(gt_l2.shape)}")
+    agree, conf = [], []
+    K = gt_l2.shape[1]
+    for j, said in enumerate(rankings):
         for a in range(K):
             for b in range(a + 1, K):
-                if abs(gt_l2[j, a] - gt_l2[j, b]) < min_gap:
+                if abs(gt_l2[j, a] - gt_l2[j, b]) < min_gap or not (keep[j, a] and keep[j, b]):
                     continue
                 better, worse = (a, b) if gt_l2[j, a] < gt_l2[j, b] else (b, a)
                 if (better, worse) in said:
@@ -112,7 +141,9 @@ def judge_agreement(videos, gt_l2, reference_images, fps: float, min_gap: float 
                     agree.append(0.0), conf.append(said[(worse, better)])
                 else:
                     agree.append(0.5), conf.append(0.0)
-    return summarise(np.array(agree), np.array(conf), min_gap)
+    out = summarise(np.array(agree), np.array(conf), min_gap)
+    out["kept_only"] = kept_only
+    return out
 
 
 def summarise(agree: np.ndarray, conf: np.ndarray, min_gap: float) -> dict:

@@ -147,7 +147,11 @@ def format_judge(results: dict, agreement: dict) -> str:
     Stage III's avg-L2 gain (over Stage II) the judge-labelled one reaches."""
     lines = []
     for name, a in agreement.items():
-        lines.append(f"judge vs ground-truth L2 on the {name} ({a['n_pairs']} pairs whose L2 differs by >= "
+        which = "pairs of candidates that both keep the object in every frame and" if a.get("kept_only") else "pairs"
+        if not a["n_pairs"]:
+            lines.append(f"judge vs ground-truth L2 on the {name}: no {which} whose L2 differs by >= {a['min_gap']}")
+            continue
+        lines.append(f"judge vs ground-truth L2 on the {name} ({a['n_pairs']} {which} whose L2 differs by >= "
                      f"{a['min_gap']}): {a['overall']:.1%} agree; by confidence tercile (low to high): "
                      + ", ".join(f"{t['agreement']:.0%} (n={t['n_pairs']}, confidence {t['confidence_range'][0]:.2f}"
                                  f"-{t['confidence_range'][1]:.2f})" for t in a["terciles"]))
