@@ -521,8 +521,8 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
 
 def anchor_videos(vm, backbone, st: Settings):
     """Stage II's anchor (`Settings.lora_anchor`; the head's stages' for `head_anchor`): Stage I's recoloured
-    copies of its drops (`sft_videos`), whose
-    looks Stage II's plain pairs do not show, encoded, with their start images' conditioning."""
+    copies of its drops (`sft_videos`), whose looks Stage II's plain pairs do not show, encoded, with their start
+    images' conditioning."""
     return video_set(vm, recoloured_clips(sft_scenes(st), 1), backbone)
 
 
