@@ -1211,9 +1211,9 @@ def test_judge_label_pairs_all_pairs_are_the_judges_own_ranking():
 
 
 def test_judge_pairs_every_ranked_pair_or_nested():
-    """The judge-labelled row's pairs (`judge_pairs`) are every pair the judge ranks at `judge_min_confidence` (0.5
-    by default), as the ground-truth head stages take every pair; `judge_pairs_all` off gives its nested ones (best
-    vs worst, ...)."""
+    """The judge-labelled row's pairs (`judge_pairs`) are every pair the judge ranks at `judge_min_confidence` (0.1
+    by default, the picker's), as the ground-truth head stages take every pair; `judge_pairs_all` off gives its
+    nested ones (best vs worst, ...)."""
     import dataclasses
 
     from physmaster.demo.pipeline import Candidates, Settings, judge_pairs
@@ -1226,14 +1226,17 @@ def test_judge_pairs_every_ranked_pair_or_nested():
     lat = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1, 1).expand(4, 2, 2, 2, 2).contiguous()
     c = Candidates([scene], Conditioning(context=torch.zeros(1, 4, 32)), lat, videos, np.zeros((1, 4)),
                    np.zeros((1, 4)), 4, 0.0, np.zeros((1, 4)))
-    assert Settings().head_pairs_all and Settings().judge_pairs_all and Settings().judge_min_confidence == 0.5
+    assert Settings().head_pairs_all and Settings().judge_pairs_all and Settings().judge_min_confidence == 0.1
     st = dataclasses.replace(Settings(), judge_min_confidence=0.0)
     ids = lambda ps: [(int(p.winner.flatten()[0]), int(p.loser.flatten()[0])) for p in ps.pairs]  # noqa: E731
     assert ids(judge_pairs(c, dataclasses.replace(st, judge_pairs_all=False), lambda m: None, "")) == [(0, 2), (1, 3)]
     every = judge_pairs(c, st, lambda m: None, "")
     assert len(every.pairs) == 6 and {(0, 2), (1, 3)} <= set(ids(every))
     margins = [p.margin for p in every.pairs]  # the judge is less than half sure of each of these pairs
-    assert max(margins) < 0.5 and judge_pairs(c, Settings(), lambda m: None, "") is None  # none kept by default
+    assert max(margins) < 0.5 and judge_pairs(c, dataclasses.replace(st, judge_min_confidence=0.5), lambda m: None,
+                                              "") is None  # none kept at 0.5 (the default before)
+    default = judge_pairs(c, Settings(), lambda m: None, "")  # at 0.1, those the judge is at least 10% sure of
+    assert [p.margin for p in default.pairs] == [m for m in margins if m >= 0.1] and len(default.pairs) == 6
     sure = judge_pairs(c, dataclasses.replace(st, judge_min_confidence=0.3), lambda m: None, "")
     assert [p.margin for p in sure.pairs] == [m for m in margins if m >= 0.3] and len(sure.pairs) == 3
 
