@@ -94,6 +94,8 @@ def test_agreement_views_from_one_ranking_keep_only_the_pairs_of_kept_candidates
     assert part["n_pairs"] == expected > 0 and part["kept_only"] is True and part["min_gap"] == 0.005
     with pytest.raises(PhysMasterError, match=r"keep is shaped \[12, 7\]; expected gt_l2's \[12, 8\]"):
         agreement_from(said, l2, keep=keep[:, :7])
+    with pytest.raises(PhysMasterError, match="got 11 rankings for 12 rows of gt_l2"):
+        agreement_from(said[:11], l2)
 
 
 def test_reference_mask_finds_the_object_of_the_start_image(groups):

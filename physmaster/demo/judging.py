@@ -127,6 +127,9 @@ def agreement_from(rankings: list[dict], gt_l2, min_gap: float = 0.02, keep=None
     keep = np.ones(gt_l2.shape, bool) if keep is None else np.asarray(keep, bool)
     if keep.shape != gt_l2.shape:
         raise PhysMasterError(f"keep is shaped {list(keep.shape)}; expected gt_l2's {list(gt_l2.shape)}")
+    if len(rankings) != len(gt_l2):
+        raise PhysMasterError(f"got {len(rankings)} rankings for {len(gt_l2)} rows of gt_l2; pass judge_rankings' "
+                              "answer for the same start images")
     agree, conf = [], []
     K = gt_l2.shape[1]
     for j, said in enumerate(rankings):
