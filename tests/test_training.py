@@ -299,6 +299,9 @@ def test_lora_modules_trains_only_the_named_lora_layers():
     with pytest.raises(TrainingError, match=r"lora_modules='attn9' matches none of the LoRA's parameters \(e\.g\. "
                                             r"blocks\.0\.attn1"):
         StageTrainer("dpo-lora", den, enc, pairs(2), TrainConfig(steps=1, lora_modules="attn9"))
+    # a typo beside a real part is refused too, naming the part (before, "attn1,atn2" trained attn1 alone)
+    with pytest.raises(TrainingError, match=r"lora_modules='attn1,atn2': atn2 matches none of the LoRA's parameters"):
+        StageTrainer("dpo-lora", den, enc, pairs(2), TrainConfig(steps=1, lora_modules="attn1,atn2"))
 
 
 def test_dpo_head_trains_only_the_head_and_learns_preferences():

@@ -385,12 +385,11 @@ def checked_settings(st, items):
         check_head_reads(st.head_reads)
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from None
-    from ..training.stages import lora_module_parts
+    from ..training.stages import lora_module_parts, unmatched_lora_parts
     from .generator import lora_parameter_names
 
-    names = lora_parameter_names()
-    unknown = [x for x in lora_module_parts(st.lora_modules) if not any(x in n for n in names)]
-    if unknown:
+    names = lora_parameter_names() if lora_module_parts(st.lora_modules) else []  # "": every layer, nothing to check
+    if unknown := unmatched_lora_parts(st.lora_modules, names):
         raise SystemExit(f"--set: lora_modules={st.lora_modules!r}: {', '.join(unknown)} is in none of the DiT's LoRA "
                          f"layer names (e.g. {names[0]}, {names[-1]}); use parts such as attn1, attn2, ffn, proj_out "
                          "or leave it empty (lora_modules=) for every layer")

@@ -66,6 +66,12 @@ def lora_module_parts(spec: str) -> list[str]:
     return [x.strip() for x in spec.split(",") if x.strip()]
 
 
+def unmatched_lora_parts(spec: str, names) -> list[str]:
+    """The parts of `lora_modules` that are in none of these LoRA parameter names (a typo; [] when all match)."""
+    names = list(names)
+    return [x for x in lora_module_parts(spec) if not any(x in n for n in names)]
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one stage. Fields in `TRAJECTORY_FIELDS` must match to resume a checkpoint."""
@@ -292,12 +298,13 @@ class StageTrainer:
             lora_named = getattr(denoiser, "named_lora_parameters", None)
             pairs = lora_named() if lora_named else [(str(i), p) for i, p in enumerate(lora)]
             if parts := lora_module_parts(config.lora_modules):
-                known = [n for n, _ in pairs[:3]] if lora_named else []
+                if missing := unmatched_lora_parts(config.lora_modules, (n for n, _ in pairs)):
+                    which = "" if len(missing) == len(parts) else f": {', '.join(missing)}"  # all: the whole spec
+                    known = [n for n, _ in pairs[:3]] if lora_named else []
+                    raise TrainingError(f"lora_modules={config.lora_modules!r}{which} matches none of the LoRA's "
+                                        "parameters" + (f" (e.g. {', '.join(known)})" if known else "")
+                                        + "; name parts of those names, or leave it empty to train every layer")
                 pairs = [(n, p) for n, p in pairs if any(x in n for x in parts)]
-                if not pairs:
-                    raise TrainingError(f"lora_modules={config.lora_modules!r} matches none of the LoRA's parameters"
-                                        + (f" (e.g. {', '.join(known)})" if known else "") + "; name parts of those "
-                                        "names, or leave it empty to train every layer")
                 chosen = {id(p) for _, p in pairs}
                 for p in lora:
                     p.requires_grad_(id(p) in chosen)
