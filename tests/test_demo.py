@@ -64,7 +64,8 @@ def test_demo_fast(tmp_path, capsys):
     # the head's stages' start images are half recoloured (`head_recoloured`): their candidates are judged apart
     # each set also in its motion view: the pairs of candidates that both keep the object, from the same ranking
     sets = ["Stage I candidates", "Stage II candidates", "online round 1 (judge) candidates",
-            "Stage II candidates (recoloured start images)", "online round 1 (judge) candidates (recoloured start images)"]
+            "Stage II candidates (recoloured start images)",
+            "online round 1 (judge) candidates (recoloured start images)"]
     assert set(agreement) == set(sets) | {name + ", the motion" for name in sets}
     for name, a in agreement.items():
         assert 0.0 <= a["overall"] <= 1.0 and a["n_pairs"] == len(a["per_pair"]["agree"])
@@ -320,6 +321,29 @@ def test_material_read_finds_the_material_a_video_bounces_with():
     wrong = drop_scene(s.meta["seed"], s.meta["split"], restitution=other).frames
     assert material_read([s.frames, wrong], [s], 2) == (1, 2)
     assert material_read([x.frames for x in scenes], scenes, 1) == (len(counted), len(counted))
+
+
+def test_rendering_l2_segments_once_and_scores_as_score_video(monkeypatch):
+    """`rendering_l2` gives each rendering the L2 `score_video` gives it, segmenting the video once per distinct
+    first mask: once for a drop's three materials (they share the start), twice with another drop's masks."""
+    import physmaster.demo.evaluation as evaluation
+
+    scenes = [drop_scene(900_000 + i) for i in range(12)]
+    s = next(x for x in scenes if material_renderings(x) is not None)
+    masks, _ = material_renderings(s)
+    video = drop_scene(s.meta["seed"], s.meta["split"], restitution=max(masks)).frames * 0.9 + 0.05
+    other = next(x for x in scenes if not np.array_equal(x.object_masks()[0], masks[max(masks)][0]))
+    calls = []
+    real = evaluation.segment_object
+    monkeypatch.setattr(evaluation, "segment_object", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = evaluation.rendering_l2(video, masks)
+    assert len(calls) == 1
+    got_mixed = evaluation.rendering_l2(video, {**masks, "other": other.object_masks()})
+    assert len(calls) == 3
+    monkeypatch.undo()
+    assert got == {r: score_video(video, mk)["l2"] for r, mk in masks.items()}
+    assert got_mixed["other"] == score_video(video, other.object_masks())["l2"] != got[max(masks)]
+    assert len(set(got.values())) > 1  # the renderings differ, and so do their L2s
 
 
 def test_material_confusion_and_the_material_blind_floor():

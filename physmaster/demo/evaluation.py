@@ -135,12 +135,27 @@ def material_confusion(videos: list[np.ndarray], scenes: list, per_scene: int, r
             continue
         masks, own = alt
         for i in range(per_scene):
-            l2 = {r: score_video(videos[j * per_scene + i], mk)["l2"] for r, mk in masks.items()}
+            l2 = rendering_l2(videos[j * per_scene + i], masks)
             read = min(l2, key=l2.get)
             counts[order.index(own), order.index(read)] += 1
             if read != own:
                 gap[j] += pisa_metrics(masks[read], masks[own], pred_fps=FPS, gt_fps=FPS)["l2"] / per_scene
     return {"order": order, "counts": counts, "gap": gap}
+
+
+def rendering_l2(frames: np.ndarray, renderings: dict) -> dict:
+    """PISA L2 of one generated video [T, H, W, 3] against each of a drop's renderings {key: masks [T, H, W]}: what
+    `score_video(frames, masks)["l2"]` gives for each, with the video segmented once per distinct first mask (the
+    segmenter's seed; a drop's materials share their start, so once in all) rather than once per rendering."""
+    found = {}
+    out = {}
+    for key, gt in renderings.items():
+        seed = np.ascontiguousarray(gt[0])
+        tag = (seed.shape, seed.tobytes())
+        if tag not in found:
+            found[tag] = segment_object(frames, first_mask=seed)
+        out[key] = float(pisa_metrics(found[tag], gt, pred_fps=FPS, gt_fps=FPS, parts=True)["l2"])
+    return out
 
 
 def material_read(videos: list[np.ndarray], scenes: list, per_scene: int, renderings: list | None = None
