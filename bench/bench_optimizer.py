@@ -31,7 +31,8 @@ from physmaster.training import StageTrainer, TrainConfig  # noqa: E402
 
 
 def train(vm0, data, st: Settings, steps: int, foreach: bool):
-    """Stage I's trainer for `steps` steps with AdamW(foreach=`foreach`) -> (seconds a step, trained tensors)."""
+    """Stage I's trainer for `steps` steps with AdamW(foreach=`foreach`) -> (seconds a step, of which AdamW's,
+    the trained tensors)."""
     vm = dataclasses.replace(vm0, den=copy.deepcopy(vm0.den))
     encoder = new_head(st, 0)
     vm.den.add_lora(st.lora_rank, targets=LORA_TARGETS, seed=0)

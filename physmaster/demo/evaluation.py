@@ -150,10 +150,10 @@ def rendering_l2(frames: np.ndarray, renderings: dict) -> dict:
     found = {}
     out = {}
     for key, gt in renderings.items():
-        seed = np.ascontiguousarray(gt[0])
-        tag = (seed.shape, seed.tobytes())
+        first = np.ascontiguousarray(gt[0])
+        tag = (first.shape, first.tobytes())
         if tag not in found:
-            found[tag] = segment_object(frames, first_mask=seed)
+            found[tag] = segment_object(frames, first_mask=first)
         out[key] = float(pisa_metrics(found[tag], gt, pred_fps=FPS, gt_fps=FPS, parts=True)["l2"])
     return out
 

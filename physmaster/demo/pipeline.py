@@ -118,8 +118,8 @@ class Settings:
     influence_videos: int = 2
     # Euler steps of every sampling (held-out rows and candidates). 8 (12 before): from one Stage I (seed 0), the
     # held-out avg L2 at 12 / 10 / 8 steps 0.0359 / 0.0352 / 0.0352 (8 - 12: -0.0007 [-0.0013, -0.0002]), coherence
-    # 0.936 / 0.937 / 0.938, and a third less sampling: the default run about 70 s shorter (bench/FINDINGS.md, "Eight
-    # sampling steps")
+    # 0.936 / 0.937 / 0.938, and a third less sampling: the default run 10 min 35 s -> 9 min 51 s on one machine
+    # (bench/FINDINGS.md, "Eight sampling steps; the same run on another CPU")
     sample_steps: int = 8
     guidance: float = 1.0  # > 1: sampling guided by the base model (`--guidance`, see generator.VideoModel)
     # != 1: classifier-free guidance on the physical tokens at every sampling, candidates included
