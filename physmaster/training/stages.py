@@ -66,10 +66,15 @@ def lora_module_parts(spec: str) -> list[str]:
     return [x.strip() for x in spec.split(",") if x.strip()]
 
 
+def in_lora_parts(name: str, parts) -> bool:
+    """Whether a LoRA parameter name is one `lora_modules`' parts select (a part is a substring of the name)."""
+    return any(x in name for x in parts)
+
+
 def unmatched_lora_parts(spec: str, names) -> list[str]:
     """The parts of `lora_modules` that are in none of these LoRA parameter names (a typo; [] when all match)."""
     names = list(names)
-    return [x for x in lora_module_parts(spec) if not any(x in n for n in names)]
+    return [x for x in lora_module_parts(spec) if not any(in_lora_parts(n, [x]) for n in names)]
 
 
 @dataclass
@@ -304,7 +309,7 @@ class StageTrainer:
                     raise TrainingError(f"lora_modules={config.lora_modules!r}{which} matches none of the LoRA's "
                                         "parameters" + (f" (e.g. {', '.join(known)})" if known else "")
                                         + "; name parts of those names, or leave it empty to train every layer")
-                pairs = [(n, p) for n, p in pairs if any(x in n for x in parts)]
+                pairs = [(n, p) for n, p in pairs if in_lora_parts(n, parts)]
                 chosen = {id(p) for _, p in pairs}
                 for p in lora:
                     p.requires_grad_(id(p) in chosen)
