@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # what a --variant may change: Stage II's own settings (the candidates they learn from are the run's)
 STAGE_TWO_FIELDS = ("dpo_steps", "lr_lora", "beta", "lora_anchor", "lora_recoloured", "dpo_scenes", "pairs_per_image",
-                    "min_margin", "label_coherence", "dpo_motion_weight", "dpo_batch", "lora_modules")
+                    "min_margin", "label_coherence", "dpo_motion_weight", "dpo_batch", "lora_modules", "lora_rounds")
 
 
 def variant(text: str) -> tuple[str, list[str]]:
@@ -106,7 +106,7 @@ def main() -> int:
         vm.den = copy.deepcopy(den0)
         enc = encoder.clone()
         t0 = time.perf_counter()
-        P.stage_two(vm, enc, pairs, sv, seed, lambda m: None, backbone=backbone)
+        P.stage_two_rounds(vm, enc, pairs, sv, seed, lambda m: None, backbone)
         r = evaluate(enc.head)
         d = r["l2"] - r1["l2"]
         lost = r["l2_lost"] - r1["l2_lost"]

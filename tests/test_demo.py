@@ -262,6 +262,39 @@ def test_head_recoloured_reaches_the_heads_stages_only(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["head_recoloured"] == 1.0
 
 
+def test_lora_rounds_learn_from_the_current_models_candidates(tmp_path, capsys, monkeypatch):
+    """`lora_rounds`: after Stage II's first round (the Stage I model's pairs), each later round samples fresh
+    candidates of other start images from the model the round before made and trains a fresh LoRA on their pairs;
+    one round (the default) is offline Stage II as before, and fewer than one is refused by name."""
+    from physmaster.demo import pipeline as P
+
+    calls = []
+    real = P.sample_candidates
+
+    def spy(vm, head, backbone, st, seed, tag, **kw):
+        named = list(vm.den.module.named_parameters())
+        lora_b = sum(float(p.detach().abs().sum()) for n, p in named if "lora_B" in n and "attn2" in n)
+        base = sum(float(p.detach().double().sum()) for n, p in named if "lora_" not in n)
+        calls.append((tag, kw.get("scene_base", P.DPO_SEED), lora_b, base))
+        return real(vm, head, backbone, st, seed, tag, **kw)
+
+    monkeypatch.setattr(P, "sample_candidates", spy)
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "lora_rounds=3"]) == 0
+    out = capsys.readouterr().out
+    rounds = [(tag, base) for tag, base, *_ in calls if tag.startswith("Stage II round")]
+    assert rounds == [("Stage II round 1", P.LORA_ROUND_SEED + 2000), ("Stage II round 2", P.LORA_ROUND_SEED + 3000)]
+    for r in (1, 2):
+        assert f"pairs from 3 start images x 2 candidates of the Stage II round {r} model" in out
+    assert "[Stage II round 2] 2/2" in out and "[Stage II round 3] 2/2" in out and "[Stage II round 4]" not in out
+    # each round samples from the model the round before made (its cross-attention LoRA trained, not zero), and
+    # the next round folds that LoRA into the weights (the reference moves) before training a fresh one
+    (_, _, b1, w1), (_, _, b2, w2) = [c for c in calls if c[0].startswith("Stage II round")]
+    assert b1 > 0 and b2 > 0 and w1 != w2
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["lora_rounds"] == 3
+    with pytest.raises(ValueError, match="lora_rounds=0: Stage II needs at least one round"):
+        P.Settings().with_overrides(["lora_rounds=0"])
+
+
 def test_geometry_targets_and_backbone_shapes():
     s = drop_scene(5)
     t = geometry_targets(s)

@@ -138,7 +138,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
     from .pipeline import (anchor_videos, dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs,
-                           sample_candidates, stage_one, stage_three, stage_two)
+                           sample_candidates, stage_one, stage_three, stage_two_rounds)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
 
@@ -220,7 +220,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     dpo("dpo-head", vm, enc_only, head_pairs_1, st, seed + 1, log, "Stage I + DPO encoder", anchor=head_anchor)
     evaluate("Stage I + DPO encoder", enc_only.head)
     log(f"[5/{total}] Stage II: Flow-DPO on a DiT LoRA (reference: the Stage I model)")
-    stage_two(vm, encoder, pairs_1, st, seed, log, backbone=backbone)
+    stage_two_rounds(vm, encoder, pairs_1, st, seed, log, backbone)
     evaluate("Stage II", encoder.head)
     log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
     freeze_dit(vm, seed)

@@ -29,6 +29,7 @@ from .evaluation import score_video
 from .world import drop_scene, recoloured
 
 SFT_SEED, DPO_SEED = 0, 500_000
+LORA_ROUND_SEED = 700_000  # Stage II round r's start images: LORA_ROUND_SEED + 1000 r + i (`Settings.lora_rounds`)
 BASE_MODEL = "physmaster demo tiny Wan (proxy world)"
 
 
@@ -73,7 +74,14 @@ class Settings:
     # Stage II's pairs from the head's draw of the Stage I model (`head_recoloured` of its start images recoloured,
     # the rest the plain draw's) rather than from the plain draw: the LoRA then learns on other looks too (off)
     lora_recoloured: bool = False
-    dpo_steps: int = 200  # Stage II's (the LoRA's)
+    dpo_steps: int = 200  # Stage II's (the LoRA's), per round
+    # Stage II in on-policy rounds (online DPO, Flow-GRPO's appendix): round 1 learns from the Stage I model's
+    # candidates as before; each later round folds the LoRA into the DiT (the reference moves to the current model),
+    # samples fresh candidates of `dpo_scenes` other start images from it, and trains a fresh LoRA on their pairs
+    # for `dpo_steps` (1 = offline, one round). Off: 2 rounds moved the object closer where it is found on seeds 0 / 1
+    # (-0.0007* / -0.0008* against the offline -0.0005* / -0.0005*) but Stage II - Stage I was -2.7% / -2.0%
+    # against -6.0%* / -1.4%, the unseen drops' lost frames deciding (bench/FINDINGS.md, "Stage II in online rounds")
+    lora_rounds: int = 1
     # Stage II: the LoRA's velocities kept near the Stage I model's on recoloured copies of Stage I's drops (the
     # trainer's `anchor_weight`, `anchor_videos`), so its pairs' plain looks do not move what it draws on others
     # (0 = off)
@@ -209,6 +217,8 @@ class Settings:
             raise ValueError("lora_recoloured=True takes Stage II's pairs from the head's draw of recoloured start "
                              "images, and head_recoloured=0 makes none; set head_recoloured above 0 or leave "
                              "lora_recoloured off")
+        if self.lora_rounds < 1:
+            raise ValueError(f"lora_rounds={self.lora_rounds}: Stage II needs at least one round (1 = offline)")
         if self.label_coherence not in LABEL_COHERENCE:
             raise ValueError(f"label_coherence={self.label_coherence!r}: use one of {list(LABEL_COHERENCE)}")
         if self.head_margin_use not in MARGIN_USES:
@@ -594,6 +604,23 @@ def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Sta
         anchor = anchor_videos(vm, backbone, st)
     vm.den.fold_lora(seed=seed + 2)
     dpo("dpo-lora", vm, encoder, pairs, st, seed + 2, log, name, anchor=anchor)
+
+
+def stage_two_rounds(vm, encoder, pairs, st: Settings, seed: int, log, backbone) -> None:
+    """Stage II (`stage_two`) on `pairs`, the Stage I model's, then `Settings.lora_rounds` - 1 online rounds: each
+    samples fresh candidates of other start images from the current model, drawn as round 1's (`dpo_scenes` plain
+    ones; with `lora_recoloured`, the first `dpo_scenes` of the head's draw, `head_recoloured` of them recoloured),
+    labels them as Stage II's (`lora_pairs`) and runs `stage_two` on them, which folds the LoRA first, so the
+    reference is the current model."""
+    stage_two(vm, encoder, pairs, st, seed, log, backbone=backbone)
+    for r in range(2, st.lora_rounds + 1):
+        tag = f"Stage II round {r - 1}"
+        draw = {"scenes": st.head_scenes, "recoloured": st.head_recoloured} if st.lora_recoloured else {}
+        cands = sample_candidates(vm, encoder.head, backbone, st, seed, tag, scene_base=LORA_ROUND_SEED + 1000 * r,
+                                  **draw)
+        round_pairs = lora_pairs(cands.first(st.dpo_scenes), st, log, tag)
+        del cands  # its videos: a few hundred MB
+        stage_two(vm, encoder, round_pairs, st, seed + 10 * r, log, name=f"Stage II round {r}", backbone=backbone)
 
 
 def freeze_dit(vm, seed: int) -> None:
