@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "bench/FINDINGS.md)")
     parser.add_argument("--token-guidance", type=_ranged("token_guidance"), default=1.0, metavar="W",
                         help="classifier-free guidance on the physical tokens at every sampling (against the tokens "
-                        "zeroed; 1 = off, the default; 2.5 took 13-27%% off the rows' avg L2 on two runs, with Stage I a "
-                        "little less coherent; sampling costs twice as much: bench/FINDINGS.md)")
+                        "zeroed; 1 = off, the default; 2.5 took 13-27%% off the rows' avg L2 on two runs, with Stage "
+                        "I a little less coherent; sampling costs twice as much: bench/FINDINGS.md)")
     parser.add_argument("--judge-labels", action="store_true",
                         help="add the row 'Stage III (judge labels)': Stage III with every pair labelled by the "
                         "physics judge alone, no ground truth (about 100 s more)")
