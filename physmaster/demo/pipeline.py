@@ -593,12 +593,13 @@ def bagged(pairs, k: int) -> list:
     return [PreferenceSet(p for p in pairs.pairs if p.group not in fold) for fold in folds]
 
 
-def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage II", backbone=None) -> None:
+def stage_two(vm, encoder, pairs, st: Settings, seed: int, log, name: str = "Stage II", backbone=None,
+              anchor=None) -> None:
     """Stage II: Stage I's LoRA folded into the DiT, then Flow-DPO on a fresh LoRA (the reference: the Stage I
     model). The demo and every bench that rebuilds its models go through here, so their seeds agree. `backbone`:
-    the start images' backbone, needed for `Settings.lora_anchor`'s videos."""
-    anchor = None
-    if st.lora_anchor > 0:
+    the start images' backbone, needed for `Settings.lora_anchor`'s videos unless `anchor` gives them
+    (`anchor_videos`, which the DiT's weights do not change)."""
+    if st.lora_anchor > 0 and anchor is None:
         if backbone is None:
             raise ValueError("lora_anchor > 0 needs the backbone for its anchor videos: pass backbone=")
         anchor = anchor_videos(vm, backbone, st)
@@ -612,7 +613,8 @@ def stage_two_rounds(vm, encoder, pairs, st: Settings, seed: int, log, backbone)
     ones; with `lora_recoloured`, the first `dpo_scenes` of the head's draw, `head_recoloured` of them recoloured),
     labels them as Stage II's (`lora_pairs`) and runs `stage_two` on them, which folds the LoRA first, so the
     reference is the current model."""
-    stage_two(vm, encoder, pairs, st, seed, log, backbone=backbone)
+    anchor = anchor_videos(vm, backbone, st) if st.lora_anchor > 0 else None  # every round's, encoded once
+    stage_two(vm, encoder, pairs, st, seed, log, backbone=backbone, anchor=anchor)
     for r in range(2, st.lora_rounds + 1):
         tag = f"Stage II round {r - 1}"
         draw = {"scenes": st.head_scenes, "recoloured": st.head_recoloured} if st.lora_recoloured else {}
@@ -620,7 +622,8 @@ def stage_two_rounds(vm, encoder, pairs, st: Settings, seed: int, log, backbone)
                                   **draw)
         round_pairs = lora_pairs(cands.first(st.dpo_scenes), st, log, tag)
         del cands  # its videos: a few hundred MB
-        stage_two(vm, encoder, round_pairs, st, seed + 10 * r, log, name=f"Stage II round {r}", backbone=backbone)
+        stage_two(vm, encoder, round_pairs, st, seed + 10 * r, log, name=f"Stage II round {r}", backbone=backbone,
+                  anchor=anchor)
 
 
 def freeze_dit(vm, seed: int) -> None:
