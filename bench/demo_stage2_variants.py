@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # what a --variant may change: Stage II's own settings (the candidates they learn from are the run's)
 STAGE_TWO_FIELDS = ("dpo_steps", "lr_lora", "beta", "lora_anchor", "lora_recoloured", "dpo_scenes", "pairs_per_image",
-                    "min_margin", "label_coherence", "dpo_motion_weight", "dpo_batch", "lora_modules", "lora_rounds")
+                    "min_margin", "label_coherence", "dpo_motion_weight", "dpo_batch", "lora_modules", "lora_rounds",
+                    "lora_pairs_all", "lora_margin_use")
 
 
 def variant(text: str) -> tuple[str, list[str]]:

@@ -199,7 +199,7 @@ def test_stage_one_set_gains_its_recoloured_copies():
 
     vm, bb, _ = load_assets()
     st = dataclasses.replace(Settings.fast(), sft_recoloured=0)
-    assert Settings().sft_recoloured == 1  # the demo's Stage I: each drop and one recoloured copy
+    assert Settings().sft_recoloured == 2  # the demo's Stage I: each drop and two recoloured copies
     plain = sft_videos(vm, bb, st)
     both = sft_videos(vm, bb, dataclasses.replace(st, sft_recoloured=2))
     assert len(plain) == st.sft_scenes and len(both) == 3 * st.sft_scenes
@@ -1153,6 +1153,10 @@ def test_head_stages_draw_more_start_images_and_take_their_own_steps():
     dpo("dpo-head", vm, head, pairs, st, 1, quiet, "head")
     dpo("dpo-lora", vm, lora, pairs, st, 2, quiet, "lora")
     assert head.provenance["stages"][-1]["steps_planned"] == 3 and lora.provenance["stages"][-1]["steps_planned"] == 2
+    # each stage's own margin use: both by gap by default; Stage II's every pair 1 with lora_margin_use "ignore"
+    assert head.provenance["stages"][-1]["margin_use"] == lora.provenance["stages"][-1]["margin_use"] == "weight"
+    dpo("dpo-lora", vm, lora, pairs, dataclasses.replace(st, lora_margin_use="ignore"), 2, quiet, "lora")
+    assert "margin_use" not in lora.provenance["stages"][-1] and lora.provenance["stages"][-1]["beta"] == 500.0
 
 
 def test_head_bag_averages_heads_trained_without_one_group_of_start_images_each():
@@ -1225,10 +1229,10 @@ def test_head_pairs_among_candidates_that_keep_the_object():
 def test_head_pairs_all_pairs_every_ordered_pair_above_the_margin():
     """`head_pairs_all`: every pair of a start image's candidates, the more similar one the winner, whose similarity
     gap is at least `min_margin` (not only 1st vs last, 2nd vs second-to-last); with `head_pairs_whole` among the
-    whole candidates only. Stage II's pairs (`gt_pairs` without it) stay nested."""
+    whole candidates only. `gt_pairs` without it stays nested; Stage II's pairs follow `lora_pairs_all`."""
     import dataclasses
 
-    from physmaster.demo.pipeline import Settings, gt_pairs, head_pairs
+    from physmaster.demo.pipeline import Settings, gt_pairs, head_pairs, lora_pairs
 
     quiet = lambda m: None  # noqa: E731
     c = _candidates([0.9, 0.8, 0.7, 0.5, 0.4, 0.1], [0, 0, 0.2, 0, 0, 0.5])
@@ -1242,9 +1246,14 @@ def test_head_pairs_all_pairs_every_ordered_pair_above_the_margin():
                for p in got.pairs)
     whole = head_pairs(c, dataclasses.replace(st, head_pairs_whole=True), quiet, "")
     assert ids(whole) == [(0, 3), (0, 4), (1, 3), (1, 4)]  # candidates 2 and 5 lose the object
-    assert ids(gt_pairs(c, st, quiet, "")) == [(0, 5), (1, 4)]  # Stage II: pairs_per_image 2, nested
+    assert ids(gt_pairs(c, st, quiet, "")) == [(0, 5), (1, 4)]  # pairs_per_image 2, nested
+    # Stage II's own switch (on by default): every pair too, its labels counting coherence (none given: similarity)
+    assert Settings().lora_pairs_all and ids(lora_pairs(c, st, quiet, "")) == want
+    assert ids(lora_pairs(c, dataclasses.replace(st, lora_pairs_all=False), quiet, "")) == [(0, 5), (1, 4)]
     with pytest.raises(ValueError, match="head_margin_use='gap': use one of"):
         Settings(head_margin_use="gap")
+    with pytest.raises(ValueError, match="lora_margin_use='gap': use one of"):
+        Settings(lora_margin_use="gap")
 
 
 def test_judge_label_pairs_all_pairs_are_the_judges_own_ranking():

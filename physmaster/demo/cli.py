@@ -207,7 +207,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     agreement = judge_agreements(cands_1.first(st.dpo_scenes), "Stage I candidates")
     log(f"[4/{total}] Stage I + DPO on the encoder only")
     enc_only = encoder.clone()
-    same = (shared and not st.head_pairs_whole and not st.head_pairs_all
+    same = (shared and not st.head_pairs_whole and not st.head_pairs_all and not st.lora_pairs_all
             and st.head_pairs_per_image == st.pairs_per_image and st.head_scenes == st.dpo_scenes)
     if not shared:
         cands_1 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage I", scenes=st.head_scenes,
