@@ -62,14 +62,16 @@ class Settings:
     motion_weight: float = 1.0
     dpo_scenes: int = 96
     candidates: int = 8  # per start image
-    pairs_per_image: int = 2  # 1st vs last, 2nd vs 7th, ... (when their similarity gap is >= min_margin)
+    # Stage II's nested pairs when `lora_pairs_all` is off: 1st vs last, 2nd vs 7th, ... (gap >= min_margin)
+    pairs_per_image: int = 2
     # Stage II's pairs: every pair of a start image's candidates whose gap is at least `min_margin` (as the head's,
     # `head_pairs_all`; `pairs_per_image` is then unused; ~1400-1650 pairs of 96 x 8 candidates), each weighted in
     # the loss as `lora_margin_use` says ("weight": by its gap over the mean gap; "ignore": 1), rather than up to
     # `pairs_per_image` nested ones (~180), at `beta` 500. From one Stage I per seed (two recoloured copies; the
     # same candidates), Stage II - Stage I on seeds 0 / 1 / 2: nested pairs at beta 2000 (before) -7.7%* / -0.7% /
     # -5.8%*; every pair, weighted, beta 2000 -5.3%* / -3.7%* / -6.3%*; the same at 1000 -7.1%* / -6.0%* / -10.0%*;
-    # at 500 -12.9%* / -9.7%* / -18.0%* (`*`: interval below 0; bench/FINDINGS.md, "Stage II from every pair")
+    # at 500 -12.9%* / -9.7%* / -18.0%* (`*`: interval below 0;
+    # bench/FINDINGS.md, "Stage II from every pair at beta 500")
     lora_pairs_all: bool = True
     lora_margin_use: str = "weight"
     min_margin: float = 0.05
