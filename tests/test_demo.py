@@ -1402,3 +1402,30 @@ def test_stage_two_variants_bench_trains_each_variant_from_the_same_stage_one(tm
     bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:head_scenes=3"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "only Stage II's settings" in bad.stderr and "--set" in bad.stderr
+
+
+def test_stage_three_variants_bench_trains_each_variant_from_the_same_stage_two(tmp_path):
+    """bench/demo_stage3_variants.py (smoke settings): one Stage I and Stage II, then a Stage III per variant, each
+    scored against Stage II and written to JSON; a variant that would change more than the head's Flow-DPO is
+    refused and names the fix."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "demo_stage3_variants.py"
+    out = tmp_path / "variants.json"
+    run = subprocess.run([sys.executable, str(script), "--fast", "--variant", "default:", "--variant",
+                          "steady:head_beta=2000,lr_head=1e-9", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["Stage I", "Stage II", "default", "steady"]
+    assert rows["steady"]["set"] == ["head_beta=2000", "lr_head=1e-9"] and rows["default"]["set"] == []
+    for name in ("default", "steady"):
+        mean, lo, hi = rows[name]["vs_stage_two"]
+        assert lo <= mean <= hi and rows[name]["pairs"] > 0
+        assert rows[name]["l2"] == pytest.approx(rows["Stage II"]["l2"] + mean, abs=1e-6)
+    assert rows["steady"]["vs_stage_two"][0] == pytest.approx(0.0, abs=1e-6)  # a head that cannot move: Stage II
+    bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:beta=3"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "only the head's Flow-DPO settings" in bad.stderr and "--set" in bad.stderr
