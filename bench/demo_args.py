@@ -28,6 +28,24 @@ def write_json(path: Path, obj) -> None:
         Path(tmp).write_text(json.dumps(obj, indent=1))
 
 
+def variant_type(fields: tuple[str, ...], what: str):
+    """The argparse type of a variants bench's `--variant`: "NAME:SET,SET" -> (NAME, ["FIELD=VALUE", ...]) ("NAME:"
+    is the run's settings), refusing a FIELD outside `fields` (`what` names them in the error)."""
+
+    def variant(text: str) -> tuple[str, list[str]]:
+        name, sep, rest = text.partition(":")
+        if not name or not sep:
+            raise argparse.ArgumentTypeError(f"{text!r}: use NAME:FIELD=VALUE,FIELD=VALUE (or NAME: for no change)")
+        items = [x for x in rest.split(",") if x.strip()]
+        bad = [x for x in items if x.partition("=")[0] not in fields]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text!r}: a variant changes only {what} ({', '.join(fields)}), not "
+                                             f"{', '.join(bad)}; give the others with --set for every variant")
+        return name, items
+
+    return variant
+
+
 def add_set(ap: argparse.ArgumentParser, example: str = "beta=500") -> None:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help=f"change one of the demo's Settings (repeatable), e.g. {example}")

@@ -30,25 +30,11 @@ STAGE_TWO_FIELDS = ("dpo_steps", "lr_lora", "beta", "lora_anchor", "lora_recolou
                     "lora_pairs_all", "lora_margin_use")
 
 
-def variant(text: str) -> tuple[str, list[str]]:
-    """"NAME:SET,SET" (argparse type) -> (NAME, ["FIELD=VALUE", ...]); "NAME:" is the run's settings."""
-    name, sep, rest = text.partition(":")
-    if not name or not sep:
-        raise argparse.ArgumentTypeError(f"{text!r}: use NAME:FIELD=VALUE,FIELD=VALUE (or NAME: for no change)")
-    items = [x for x in rest.split(",") if x.strip()]
-    bad = [x for x in items if x.partition("=")[0] not in STAGE_TWO_FIELDS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{text!r}: a variant changes only Stage II's settings "
-                                         f"({', '.join(STAGE_TWO_FIELDS)}), not {', '.join(bad)}; give the others "
-                                         "with --set for every variant")
-    return name, items
-
-
 def main() -> int:
     import numpy as np
     import torch
 
-    from demo_args import add_set, load_world, write_json
+    from demo_args import add_set, load_world, variant_type, write_json
 
     from physmaster.demo import pipeline as P
     from physmaster.demo.backbone import head_input
@@ -60,7 +46,8 @@ def main() -> int:
     ap.add_argument("--eval-seed", type=int, default=None, help="held-out scenes (default: the training seed)")
     ap.add_argument("--motion-weight", type=float, default=None,
                     help="Stage I's, as the demo's --motion-weight (default: the demo's)")
-    ap.add_argument("--variant", type=variant, action="append", required=True, metavar="NAME:SET,SET")
+    ap.add_argument("--variant", type=variant_type(STAGE_TWO_FIELDS, "Stage II's settings"),
+                    action="append", required=True, metavar="NAME:SET,SET")
     ap.add_argument("--fast", action="store_true", help="the demo's smoke settings (numbers mean nothing)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     add_set(ap, "head_scenes=192")

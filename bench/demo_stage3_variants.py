@@ -32,25 +32,11 @@ HEAD_FIELDS = ("head_dpo_steps", "lr_head", "head_beta", "head_anchor", "head_t_
                "label_coherence", "dpo_motion_weight", "dpo_batch")
 
 
-def variant(text: str) -> tuple[str, list[str]]:
-    """"NAME:SET,SET" (argparse type) -> (NAME, ["FIELD=VALUE", ...]); "NAME:" is the run's settings."""
-    name, sep, rest = text.partition(":")
-    if not name or not sep:
-        raise argparse.ArgumentTypeError(f"{text!r}: use NAME:FIELD=VALUE,FIELD=VALUE (or NAME: for no change)")
-    items = [x for x in rest.split(",") if x.strip()]
-    bad = [x for x in items if x.partition("=")[0] not in HEAD_FIELDS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{text!r}: a variant changes only the head's Flow-DPO settings "
-                                         f"({', '.join(HEAD_FIELDS)}), not {', '.join(bad)}; give the others "
-                                         "with --set for every variant")
-    return name, items
-
-
 def main() -> int:
     import numpy as np
     import torch
 
-    from demo_args import add_set, load_world, write_json
+    from demo_args import add_set, load_world, variant_type, write_json
 
     from physmaster.demo import pipeline as P
     from physmaster.demo.backbone import head_input
@@ -60,7 +46,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0, help="training seed (as the demo's --seed)")
     ap.add_argument("--eval-seed", type=int, default=None, help="held-out scenes (default: the training seed)")
-    ap.add_argument("--variant", type=variant, action="append", required=True, metavar="NAME:SET,SET")
+    ap.add_argument("--variant", type=variant_type(HEAD_FIELDS, "the head's Flow-DPO settings"),
+                    action="append", required=True, metavar="NAME:SET,SET")
     ap.add_argument("--fast", action="store_true", help="the demo's smoke settings (numbers mean nothing)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     add_set(ap, "beta=2000")
