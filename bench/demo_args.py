@@ -30,13 +30,19 @@ def write_json(path: Path, obj) -> None:
 
 def variant_type(fields: tuple[str, ...], what: str):
     """The argparse type of a variants bench's `--variant`: "NAME:SET,SET" -> (NAME, ["FIELD=VALUE", ...]) ("NAME:"
-    is the run's settings), refusing a FIELD outside `fields` (`what` names them in the error)."""
+    is the run's settings), refusing a FIELD outside `fields` (`what` names them in the error). A piece without
+    "=" continues the value before it, so a list value keeps its commas ("head_modules=out_norm,out_proj")."""
 
     def variant(text: str) -> tuple[str, list[str]]:
         name, sep, rest = text.partition(":")
         if not name or not sep:
             raise argparse.ArgumentTypeError(f"{text!r}: use NAME:FIELD=VALUE,FIELD=VALUE (or NAME: for no change)")
-        items = [x for x in rest.split(",") if x.strip()]
+        items = []
+        for x in (x for x in rest.split(",") if x.strip()):
+            if "=" in x or not items:
+                items.append(x)
+            else:
+                items[-1] += "," + x
         bad = [x for x in items if x.partition("=")[0] not in fields]
         if bad:
             raise argparse.ArgumentTypeError(f"{text!r}: a variant changes only {what} ({', '.join(fields)}), not "

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # what a --variant may change: the head's Flow-DPO settings (the Stage II candidates they learn from are the run's)
 HEAD_FIELDS = ("head_dpo_steps", "lr_head", "head_beta", "head_anchor", "head_t_min", "head_soup", "head_bag",
                "head_pairs_whole", "head_pairs_per_image", "head_pairs_all", "head_margin_use", "min_margin",
-               "label_coherence", "dpo_motion_weight", "dpo_batch")
+               "label_coherence", "dpo_motion_weight", "dpo_batch", "head_dpo_positive", "head_rounds",
+               "head_modules")
 
 
 def main() -> int:
@@ -97,7 +98,7 @@ def main() -> int:
         pairs = P.head_pairs(cands, sv, lambda m: None, "Stage II")
         enc = encoder.clone()
         t0 = time.perf_counter()
-        P.stage_three(vm, enc, pairs, sv, seed, lambda m: None, anchor=anchor)
+        P.stage_three_rounds(vm, enc, pairs, sv, seed, lambda m: None, backbone, anchor=anchor)
         r = evaluate(enc.head)
         d = r["l2"] - r2["l2"]
         lost = r["l2_lost"] - r2["l2_lost"]

@@ -152,7 +152,7 @@ def check_pair_weights(weight, batch: int) -> torch.Tensor:
 
 
 def flow_dpo_from_errors(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-                         beta: float, weight: torch.Tensor | None = None) -> DPOOutput:
+                         beta: float, weight: torch.Tensor | None = None, positive: float = 0.0) -> DPOOutput:
     """Flow-DPO from the per-sample squared errors [B] of the policy (`err_*`) and the reference (`ref_*`): the
     loss depends on the model only through `err_w` and `err_l`, which lets a trainer run winner and loser in
     separate passes (see `dpo_error_weights`).
@@ -160,11 +160,18 @@ def flow_dpo_from_errors(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.
     `weight` [B] (optional): each pair's loss is multiplied by its weight and the batch loss is the plain mean,
     `mean(weight * per_pair)`: with weights normalised to mean 1 over the training set (as
     `training.data.plan_margins` makes them) this is an unbiased estimate of the set's weighted mean loss, and
-    weights of 1 give exactly the unweighted loss. The logged accuracy and margins stay unweighted."""
+    weights of 1 give exactly the unweighted loss. The logged accuracy and margins stay unweighted.
+
+    `positive` (lambda >= 0, DPO-Positive, Pal et al. 2024 "Smaug"): `lambda * beta/2 * max(0, err_w - ref_w)` is
+    taken from the inside of the sigmoid, so the loss also rises when the policy fits the winner worse than the
+    reference does. Plain DPO can widen the gap by making both errors worse, the loser's faster; this term stops it
+    from paying for the gap with the winner (0 = the plain loss)."""
     beta = float(beta)
     reward_w = -0.5 * beta * (err_w - ref_w)
     reward_l = -0.5 * beta * (err_l - ref_l)
     inside = reward_w - reward_l
+    if positive:
+        inside = inside - float(positive) * 0.5 * beta * F.relu(err_w - ref_w)
     per_pair = -F.logsigmoid(inside)
     with torch.no_grad():
         acc = (inside > 0).float().mean()
@@ -178,9 +185,10 @@ def flow_dpo_from_errors(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.
 
 
 def dpo_error_weights(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-                      beta: float, weight: torch.Tensor | None = None) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
+                      beta: float, weight: torch.Tensor | None = None,
+                      positive: float = 0.0) -> tuple[DPOOutput, torch.Tensor, torch.Tensor]:
     """The Flow-DPO loss at these errors (all [B], no graph) and its derivatives dL/d err_w, dL/d err_l [B]
-    (`weight`: per-pair loss weights, as in `flow_dpo_from_errors`).
+    (`weight`: per-pair loss weights, `positive`: DPO-Positive's lambda, as in `flow_dpo_from_errors`).
 
     Since L depends on the trainable weights only through the policy's errors, backpropagating
     `(weights_w * err_w(θ)).sum()` and `(weights_l * err_l(θ)).sum()` in two separate passes (errors recomputed
@@ -189,7 +197,8 @@ def dpo_error_weights(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Ten
     with torch.enable_grad():
         ew = err_w.detach().float().clone().requires_grad_(True)
         el = err_l.detach().float().clone().requires_grad_(True)
-        out = flow_dpo_from_errors(ew, el, ref_w.detach().float(), ref_l.detach().float(), beta, weight)
+        out = flow_dpo_from_errors(ew, el, ref_w.detach().float(), ref_l.detach().float(), beta, weight,
+                                   positive)
         gw, gl = torch.autograd.grad(out.loss, (ew, el))
     out.loss = out.loss.detach()
     return out, gw, gl

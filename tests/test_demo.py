@@ -295,6 +295,40 @@ def test_lora_rounds_learn_from_the_current_models_candidates(tmp_path, capsys, 
         P.Settings().with_overrides(["lora_rounds=0"])
 
 
+def test_head_rounds_learn_from_the_current_heads_candidates(tmp_path, capsys, monkeypatch):
+    """`head_rounds`: after Stage III's first round (the Stage II model's pairs), each later round samples fresh
+    candidates of other start images from the head the round before made (the DiT frozen) and trains the head on
+    their pairs from there; fewer than one round is refused by name."""
+    from physmaster.demo import pipeline as P
+
+    calls = []
+    real = P.sample_candidates
+
+    def spy(vm, head, backbone, st, seed, tag, **kw):
+        calls.append((tag, kw.get("scene_base", P.DPO_SEED), kw.get("recoloured", 0.0),
+                      {k: v.detach().clone() for k, v in head.state_dict().items()}))
+        return real(vm, head, backbone, st, seed, tag, **kw)
+
+    monkeypatch.setattr(P, "sample_candidates", spy)
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "head_rounds=3"]) == 0
+    out = capsys.readouterr().out
+    rounds = [c for c in calls if c[0].startswith("Stage III round")]
+    assert [(tag, base) for tag, base, *_ in rounds] == [("Stage III round 1", P.HEAD_ROUND_SEED + 2000),
+                                                         ("Stage III round 2", P.HEAD_ROUND_SEED + 3000)]
+    assert all(r[2] == P.Settings.fast().head_recoloured for r in rounds)  # drawn as round 1's
+    for r in (1, 2):
+        assert f"x 2 candidates of the Stage III round {r} model" in out
+    assert "[Stage III round 2] 2/2" in out and "[Stage III round 3] 2/2" in out and "[Stage III round 4]" not in out
+    # each round samples from the head the round before trained: Stage II's head, then two other heads
+    (stage_two,) = [c[3] for c in calls if c[0] == "Stage II"]
+    h1, h2 = rounds[0][3], rounds[1][3]
+    assert any(not torch.equal(stage_two[k], h1[k]) for k in h1)
+    assert any(not torch.equal(h1[k], h2[k]) for k in h1)
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["head_rounds"] == 3
+    with pytest.raises(ValueError, match="head_rounds=0: Stage III needs at least one round"):
+        P.Settings().with_overrides(["head_rounds=0"])
+
+
 def test_geometry_targets_and_backbone_shapes():
     s = drop_scene(5)
     t = geometry_targets(s)
@@ -656,6 +690,14 @@ def test_out_is_checked_before_training_and_made_only_at_the_end(tmp_path, monke
 def test_bad_motion_weight_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--motion-weight must be a number >= 0"):
         main(["demo", "--fast", "--out", str(tmp_path), "--motion-weight", "-1"])
+
+
+def test_unknown_head_modules_are_refused_before_anything_trains(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit, match=r"head_modules='blocks,qeuries': qeuries is in none of the head's parameter "
+                                         r"names \(layer_logits, queries, gain, "):
+        main(["demo", "--fast", "--out", str(out), "--set", "head_modules=blocks,qeuries"])
+    assert not out.exists()
 
 
 def test_unknown_lora_modules_are_refused_before_anything_trains(tmp_path):
@@ -1429,3 +1471,21 @@ def test_stage_three_variants_bench_trains_each_variant_from_the_same_stage_two(
     bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:beta=3"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "only the head's Flow-DPO settings" in bad.stderr and "--set" in bad.stderr
+
+
+def test_variant_parser_keeps_a_list_values_commas():
+    """The variants benches' `--variant NAME:SET,SET`: a piece without "=" continues the value before it, so a
+    comma-separated value (head_modules, lora_modules) stays whole; a field outside the bench's is refused."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from demo_args import variant_type
+
+    parse = variant_type(("head_modules", "lr_head"), "the head's Flow-DPO settings")
+    assert parse("inner:head_modules=blocks,queries,lr_head=1e-3") == (
+        "inner", ["head_modules=blocks,queries", "lr_head=1e-3"])
+    assert parse("default:") == ("default", [])
+    with pytest.raises(argparse.ArgumentTypeError, match="not beta=3"):
+        parse("x:head_modules=blocks,beta=3")

@@ -132,3 +132,47 @@ def test_pair_motion_weights_cover_where_either_video_moves():
     assert torch.allclose(pair_motion_weights(xw, xl, 0.0), torch.ones_like(w))
     with pytest.raises(BatchMismatchError, match="winner and loser latents must have the same shape"):
         pair_motion_weights(xw, xl[:, :, :2], 1.0)
+
+
+def test_dpo_positive_hand_computed_and_off_when_the_winner_fits_better():
+    """DPO-Positive (`positive`, Smaug): lambda * beta/2 * max(0, err_w - ref_w) is taken from the sigmoid's inside,
+    so a pair whose winner the policy fits worse than the reference loses more; a winner fitted better changes
+    nothing."""
+    from physmaster.losses import flow_dpo_from_errors
+
+    # winner worse than the reference by 0.2, loser worse by 0.5: the plain inside is -1 * (0.2 - 0.5) = +0.3
+    ew, el, rw, rl = (torch.tensor([v]) for v in (0.6, 1.0, 0.4, 0.5))
+    plain = flow_dpo_from_errors(ew, el, rw, rl, 2.0)
+    pos = flow_dpo_from_errors(ew, el, rw, rl, 2.0, positive=3.0)
+    assert plain.margin.item() == pytest.approx(0.3)
+    assert pos.margin.item() == pytest.approx(0.3 - 3.0 * 1.0 * 0.2)  # = -0.3: the pair is now lost
+    assert pos.loss.item() == pytest.approx(math.log1p(math.exp(0.3)), rel=1e-6)
+    assert pos.accuracy.item() == 0.0 and plain.accuracy.item() == 1.0
+    # the winner fitted better than the reference: the same loss as plain DPO
+    better = (torch.tensor([0.3]), el, rw, rl)
+    assert flow_dpo_from_errors(*better, 2.0, positive=3.0).loss.item() == pytest.approx(
+        flow_dpo_from_errors(*better, 2.0).loss.item())
+
+
+def test_dpo_positive_split_passes_give_the_batched_gradient():
+    from physmaster.losses import dpo_error_weights, flow_dpo_from_errors
+
+    ew = torch.tensor([0.6, 0.2, 0.9], requires_grad=True)
+    el = torch.tensor([1.0, 0.4, 0.8], requires_grad=True)
+    rw, rl = torch.tensor([0.4, 0.3, 0.5]), torch.tensor([0.5, 0.5, 0.7])
+    out = flow_dpo_from_errors(ew, el, rw, rl, 5.0, torch.tensor([1.0, 2.0, 0.5]), positive=4.0)
+    bw, bl = torch.autograd.grad(out.loss, (ew, el))
+    split, gw, gl = dpo_error_weights(ew.detach(), el.detach(), rw, rl, 5.0, torch.tensor([1.0, 2.0, 0.5]),
+                                      positive=4.0)
+    assert split.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    assert torch.allclose(gw, bw) and torch.allclose(gl, bl)
+    assert bool((gw > 0).all()) and bool((gl < 0).all())  # descent lowers the winners' errors, raises the losers'
+
+
+def test_dpo_positive_must_be_a_number_at_least_zero():
+    from physmaster.training import TrainConfig, TrainingError
+
+    with pytest.raises(TrainingError, match="dpo_positive must be >= 0"):
+        TrainConfig(dpo_positive=-1.0)
+    assert "dpo_positive" not in TrainConfig().trajectory()  # off: checkpoints from before it still resume
+    assert TrainConfig(dpo_positive=2.0).trajectory()["dpo_positive"] == 2.0

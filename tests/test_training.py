@@ -282,6 +282,23 @@ def test_anchor_weight_is_refused_where_it_has_no_meaning():
     assert TrainConfig(anchor_weight=3.0).trajectory()["anchor_weight"] == 3.0
 
 
+def test_head_modules_trains_only_the_named_head_parameters():
+    den, enc = setup()
+    before = {n: p.detach().clone() for n, p in enc.head.named_parameters()}
+    lora = {n: p.detach().clone() for n, p in den.named_lora_parameters()}
+    res = train_dpo(den, enc, pairs(2), TrainConfig(steps=3, lr=1e-2, beta=500.0, head_modules="out_proj,gain"),
+                    stage="dpo-head")
+    assert res.history[-1]["loss"] > 0
+    moved = {n for n, p in enc.head.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"out_proj.weight", "out_proj.bias", "gain"}
+    assert all(torch.equal(p, lora[n]) for n, p in den.named_lora_parameters())
+    assert TrainConfig(head_modules="out_proj").trajectory()["head_modules"] == "out_proj"
+    assert "head_modules" not in TrainConfig().trajectory()  # off: checkpoints made before it still resume
+    with pytest.raises(TrainingError, match=r"head_modules='out_proj,outnorm': outnorm matches none of the head's "
+                                            r"parameters \(e\.g\. layer_logits"):
+        StageTrainer("dpo-head", den, enc, pairs(2), TrainConfig(steps=1, head_modules="out_proj,outnorm"))
+
+
 def test_lora_modules_trains_only_the_named_lora_layers():
     den, enc = setup(targets=("to_q", "to_k", "to_v", "net.2"))
     with torch.no_grad():  # B = 0 at the start: give every layer a delta so that A's gradient is non-zero too

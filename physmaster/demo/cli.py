@@ -32,7 +32,8 @@ LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED
           "head_pairs_per_image": (1, 64, "1 and 64"), "sft_recoloured": (0, 7, "0 (none) and 7"),
           "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000"),
           "head_bag": (1, 16, "1 (one run) and 16"), "head_recoloured": (0.0, 1.0, "0 (none) and 1 (all)"),
-          "head_beta": (1.0, 100_000.0, "1 and 100000"),
+          "head_beta": (1.0, 100_000.0, "1 and 100000"), "head_dpo_positive": (0.0, 1000.0, "0 (off) and 1000"),
+          "head_rounds": (1, 16, "1 (offline) and 16"),
           "influence_videos": (1, 64, "1 and 64 (at most --eval-videos are used)")}
 
 
@@ -138,7 +139,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
     from .pipeline import (anchor_videos, dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs,
-                           sample_candidates, stage_one, stage_three, stage_two_rounds)
+                           sample_candidates, stage_one, stage_three_rounds, stage_two_rounds)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
 
@@ -228,7 +229,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
                                 recoloured=st.head_recoloured)
     pairs_2 = head_pairs(cands_2, st, log, "Stage II")
     stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
-    stage_three(vm, encoder, pairs_2, st, seed, log, anchor=head_anchor)
+    stage_three_rounds(vm, encoder, pairs_2, st, seed, log, backbone, anchor=head_anchor)
     with_influence("Stage III", encoder.head)
     agreement.update(judge_agreements(cands_2.first(st.dpo_scenes), "Stage II candidates"))
     names = ["base", "Stage I", "Stage I + DPO encoder", "Stage II", "Stage III"]
@@ -393,6 +394,14 @@ def checked_settings(st, items):
         raise SystemExit(f"--set: lora_modules={st.lora_modules!r}: {', '.join(unknown)} is in none of the DiT's LoRA "
                          f"layer names (e.g. {names[0]}, {names[-1]}); use parts such as attn1, attn2, ffn, proj_out "
                          "or leave it empty (lora_modules=) for every layer")
+    if lora_module_parts(st.head_modules):
+        from .pipeline import new_head
+
+        names = [n for n, _ in new_head(st).head.named_parameters()]
+        if unknown := unmatched_lora_parts(st.head_modules, names):
+            raise SystemExit(f"--set: head_modules={st.head_modules!r}: {', '.join(unknown)} is in none of the head's "
+                             f"parameter names ({', '.join(names)}); use parts of them or leave it empty "
+                             "(head_modules=) for the whole head")
     negative = [f"{k}={v}" for k, v in vars(st).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and not (v >= 0 and np.isfinite(v))]
     if negative:

@@ -118,10 +118,16 @@ class TrainConfig:
     # the LoRA layers a stage trains, as comma-separated parts of their parameters' names (e.g. "attn1" for a Wan
     # DiT's self-attention); the rest of the LoRA stays as it is. "" = every LoRA layer
     lora_modules: str = ""
+    # Flow-DPO: DPO-Positive's lambda (losses.flow_dpo_from_errors' `positive`): the loss also rises when the policy
+    # fits a pair's winner worse than the reference does (0 = the paper's loss)
+    dpo_positive: float = 0.0
+    # Stage III (dpo-head): the head's parameters it trains, as comma-separated parts of their names (e.g. "out_proj"
+    # for the tokens' last projection); the rest of the head stays as it is. "" = the whole head
+    head_modules: str = ""
 
     TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "beta", "weight_decay", "grad_clip", "warmup_steps",
                          "t_min", "t_max", "t_sampling", "shift", "token_strength", "token_dropout", "motion_weight",
-                         "anchor_weight", "lora_modules")
+                         "anchor_weight", "lora_modules", "dpo_positive", "head_modules")
 
     def __post_init__(self) -> None:
         problems = []
@@ -151,6 +157,8 @@ class TrainConfig:
             problems.append(f"margin_use must be one of {list(MARGIN_USES)}, got {self.margin_use!r}")
         if not (self.anchor_weight >= 0 and math.isfinite(self.anchor_weight)):
             problems.append(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if not (self.dpo_positive >= 0 and math.isfinite(self.dpo_positive)):
+            problems.append(f"dpo_positive must be >= 0 (0 = the paper's Flow-DPO), got {self.dpo_positive}")
         if not (isinstance(self.min_margin, (int, float)) and math.isfinite(self.min_margin) and self.min_margin >= 0):
             problems.append(f"min_margin must be a number >= 0, got {self.min_margin!r}")
         if problems:
@@ -159,7 +167,7 @@ class TrainConfig:
     def trajectory(self) -> dict:
         out = {k: getattr(self, k) for k in self.TRAJECTORY_FIELDS}
         # off: the trajectory (and checkpoints) of runs made before the option
-        for name in ("motion_weight", "anchor_weight", "lora_modules"):
+        for name in ("motion_weight", "anchor_weight", "lora_modules", "dpo_positive", "head_modules"):
             if not getattr(self, name):
                 del out[name]
         if self.margin_use != "ignore":  # only then, so checkpoints from before these fields still resume
@@ -298,7 +306,17 @@ class StageTrainer:
             p.requires_grad_(train_lora)
         named: list[tuple[str, nn.Parameter]] = []
         if train_head:
-            named += [(f"head.{n}", p) for n, p in encoder.head.named_parameters()]
+            head_named = list(encoder.head.named_parameters())
+            if stage == "dpo-head" and (parts := lora_module_parts(config.head_modules)):
+                if missing := unmatched_lora_parts(config.head_modules, (n for n, _ in head_named)):
+                    raise TrainingError(f"head_modules={config.head_modules!r}: {', '.join(missing)} matches none of "
+                                        f"the head's parameters (e.g. {', '.join(n for n, _ in head_named[:4])}); "
+                                        "name parts of those names, or leave it empty to train the whole head")
+                head_named = [(n, p) for n, p in head_named if in_lora_parts(n, parts)]
+                chosen = {id(p) for _, p in head_named}
+                for p in head_params:
+                    p.requires_grad_(id(p) in chosen)
+            named += [(f"head.{n}", p) for n, p in head_named]
         if train_lora:
             lora_named = getattr(denoiser, "named_lora_parameters", None)
             pairs = lora_named() if lora_named else [(str(i), p) for i, p in enumerate(lora)]
@@ -413,7 +431,8 @@ class StageTrainer:
         err = weighted_sq_error(v_pol, target, w)
         with torch.no_grad():
             ref = weighted_sq_error(v_ref.detach(), target, w)
-        out = flow_dpo_from_errors(err[:b], err[b:], ref[:b], ref[b:], cfg.beta, self._weights(idx))
+        out = flow_dpo_from_errors(err[:b], err[b:], ref[:b], ref[b:], cfg.beta, self._weights(idx),
+                                   cfg.dpo_positive)
         if self.anchor is None:
             return out.loss, out.logs()
         drift = self._anchor_drift(step, part)
@@ -528,7 +547,8 @@ class StageTrainer:
                 v = self.denoiser.predict_velocity(x_t[i:i + 1], tt[i:i + 1], self._policy_cond(one[i]))
                 pol.append(err_of(v, i))
         ref_e, pol_e = torch.cat(ref), torch.cat(pol)
-        out, gw, gl = dpo_error_weights(pol_e[:b], pol_e[b:], ref_e[:b], ref_e[b:], cfg.beta, self._weights(idx))
+        out, gw, gl = dpo_error_weights(pol_e[:b], pol_e[b:], ref_e[:b], ref_e[b:], cfg.beta, self._weights(idx),
+                                        cfg.dpo_positive)
         if torch.isfinite(out.loss):  # a non-finite loss stops the run before any backward
             weights = torch.cat([gw, gl])
             for i in range(2 * b):
