@@ -26,11 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# what a --variant may change: the head's Flow-DPO settings (the Stage II candidates they learn from are the run's)
+# what a --variant may change: the head's Flow-DPO settings (the Stage II candidates they learn from are the run's;
+# a variant's `stage_three_recoloured` draws Stage III's candidates anew with that share recoloured)
 HEAD_FIELDS = ("head_dpo_steps", "lr_head", "head_beta", "head_anchor", "head_t_min", "head_soup", "head_bag",
                "head_pairs_whole", "head_pairs_per_image", "head_pairs_all", "head_margin_use", "min_margin",
                "label_coherence", "dpo_motion_weight", "dpo_batch", "head_dpo_positive", "head_rounds",
-               "head_modules")
+               "head_modules", "stage_three_recoloured")
 
 
 def main() -> int:
@@ -90,12 +91,17 @@ def main() -> int:
         f"{r2['l2'][:n].mean():.4f}, unseen {r2['l2'][n:].mean():.4f}), coherence {r2['coherence'].mean():.3f}")
     P.freeze_dit(vm, seed)
     cands = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
-                                recoloured=st.head_recoloured)
+                                recoloured=st.stage_three_recoloured)
     rows = {"Stage I": {"l2": float(r1["l2"].mean())},
             "Stage II": {"l2": float(r2["l2"].mean()), "coherence": float(r2["coherence"].mean())}}
+    draws = {st.stage_three_recoloured: cands}
     for name, items, sv in runs:
         anchor = P.anchor_videos(vm, backbone, sv) if sv.head_anchor > 0 else None
-        pairs = P.head_pairs(cands, sv, lambda m: None, "Stage II")
+        share = sv.stage_three_recoloured
+        if share not in draws:
+            draws[share] = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
+                                               recoloured=share)
+        pairs = P.head_pairs(draws[share], sv, lambda m: None, "Stage II")
         enc = encoder.clone()
         t0 = time.perf_counter()
         P.stage_three_rounds(vm, enc, pairs, sv, seed, lambda m: None, backbone, anchor=anchor)

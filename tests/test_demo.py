@@ -61,7 +61,8 @@ def test_demo_fast(tmp_path, capsys):
     assert "Stage III (judge labels) - Stage II" in table and "online round 1 (judge) - Stage II" in table
     assert "judge vs ground-truth L2 on the Stage I candidates" in out
     agreement = res["judge_agreement"]
-    # the head's stages' start images are half recoloured (`head_recoloured`): their candidates are judged apart
+    # the head's stages' start images are partly recoloured (`head_recoloured`, Stage III's and the online rounds'
+    # `stage_three_recoloured`): their candidates are judged apart
     # each set also in its motion view: the pairs of candidates that both keep the object, from the same ranking
     sets = ["Stage I candidates", "Stage II candidates", "online round 1 (judge) candidates",
             "Stage II candidates (recoloured start images)",
@@ -226,7 +227,7 @@ def test_lora_recoloured_gives_stage_two_the_heads_draw(tmp_path, capsys):
     assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[0]  # Stage II's
     assert "mean similarity x coherence gap" in lines[0] and "mean similarity gap" in lines[1]
     assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[1]  # Stage I + DPO encoder's
-    assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[2]  # Stage III's
+    assert "(2 recoloured) x 2 candidates of the Stage II model" in lines[2]  # Stage III's: stage_three_recoloured
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["lora_recoloured"] is True
     from physmaster.demo.pipeline import Settings
     with pytest.raises(ValueError, match="head_recoloured=0 makes none; set head_recoloured above 0"):
@@ -250,16 +251,33 @@ def test_dpo_start_images_recoloured_by_share():
 
 
 def test_head_recoloured_reaches_the_heads_stages_only(tmp_path, capsys):
-    """`head_recoloured`: the head's Flow-DPO stages (Stage I + DPO encoder, Stage III, the online rounds) sample
-    candidates on recoloured start images; Stage II's LoRA keeps its pairs from the plain ones."""
-    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "head_recoloured=1", "--online", "1"]) == 0
+    """`head_recoloured`: Stage I + DPO encoder samples candidates on recoloured start images; Stage II's LoRA keeps
+    its pairs from the plain ones, and Stage III and the online rounds draw their own share
+    (`stage_three_recoloured`)."""
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "head_recoloured=1", "--set",
+                 "stage_three_recoloured=0", "--online", "1"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
     assert len(lines) == 4, lines
     assert "recoloured" not in lines[0] and " of the Stage I model" in lines[0]  # Stage II's
     assert "(3 recoloured) x 2 candidates of the Stage I model" in lines[1]  # Stage I + DPO encoder's
-    assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[2]  # Stage III's
-    assert "(3 recoloured) x 2 candidates of the Stage II model" in lines[3] and "judge-labelled" in lines[3]  # round 1
-    assert json.loads((tmp_path / "results.json").read_text())["settings"]["head_recoloured"] == 1.0
+    assert "from 3 start images x 2 candidates of the Stage II model" in lines[2]  # Stage III's: none recoloured
+    assert "from 3 start images x 2 candidates of the Stage II model" in lines[3] and "judge-labelled" in lines[3]
+    settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+    assert settings["head_recoloured"] == 1.0 and settings["stage_three_recoloured"] == 0.0
+
+
+def test_stage_three_recoloured_reaches_stage_three_and_the_online_rounds_only(tmp_path, capsys):
+    """`stage_three_recoloured`: Stage III's draw of the Stage II model (which the judge-labelled row learns from
+    too) and each online round's draw; Stage I + DPO encoder keeps `head_recoloured`'s."""
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "head_recoloured=0.5", "--set",
+                 "stage_three_recoloured=1", "--judge-labels", "--online", "1"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
+    assert len(lines) == 5, lines
+    assert "(1 recoloured) x 2 candidates of the Stage I model" in lines[1]  # Stage I + DPO encoder's: a half of 3
+    # Stage III's, the judge-labelled row's (the same draw), online round 1's (its own draw of the Stage II model)
+    assert all("(3 recoloured) x 2 candidates of the Stage II model" in x for x in lines[2:5])
+    assert "judge-labelled" in lines[3] and "judge-labelled" in lines[4]
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["stage_three_recoloured"] == 1.0
 
 
 def test_lora_rounds_learn_from_the_current_models_candidates(tmp_path, capsys, monkeypatch):
@@ -315,7 +333,7 @@ def test_head_rounds_learn_from_the_current_heads_candidates(tmp_path, capsys, m
     rounds = [c for c in calls if c[0].startswith("Stage III round")]
     assert [(tag, base) for tag, base, *_ in rounds] == [("Stage III round 1", P.HEAD_ROUND_SEED + 2000),
                                                          ("Stage III round 2", P.HEAD_ROUND_SEED + 3000)]
-    assert all(r[2] == P.Settings.fast().head_recoloured for r in rounds)  # drawn as round 1's
+    assert all(r[2] == P.Settings.fast().stage_three_recoloured for r in rounds)  # drawn as round 1's
     for r in (1, 2):
         assert f"x 2 candidates of the Stage III round {r} model" in out
     assert "[Stage III round 2] 2/2" in out and "[Stage III round 3] 2/2" in out and "[Stage III round 4]" not in out
