@@ -4,13 +4,14 @@ from a copy of the same Stage II model, each scored on the demo's held-out drops
 unseen), the paired bootstrap 95% interval, the part of the difference that lost frames make, the difference where
 both rows find the object (`*`: interval below 0, `+`: above 0), and Stage III / Stage I. A variant changes only the
 head's Flow-DPO settings (`HEAD_FIELDS`); the rest, and the Stage II candidates, are the run's (`--set`), so every
-variant learns from the same draws.
+variant learns from the same draws, but for a variant that changes `stage_three_recoloured`, which draws Stage III's
+candidates anew with that share of recoloured start images (once per share).
 
     python bench/demo_stage3_variants.py --seed 0 --variant default: --variant beta2k:head_beta=2000 \\
         --variant steps100:head_dpo_steps=100
 
-bench/FINDINGS.md ("Stage II from every pair at beta 500", its part "Stage III after this Stage II") lists what it
-printed. On 2 cores: about 6 minutes
+bench/FINDINGS.md ("Stage III on three quarters recoloured"; "Stage II from every pair at beta 500", its part
+"Stage III after this Stage II") lists what it printed. On 2 cores: about 6 minutes
 for Stage I, Stage II and their candidates, then about a minute a variant. `--fast`: the demo's smoke settings
 (numbers mean nothing).
 """

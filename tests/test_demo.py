@@ -1475,11 +1475,13 @@ def test_stage_three_variants_bench_trains_each_variant_from_the_same_stage_two(
     script = Path(__file__).resolve().parents[1] / "bench" / "demo_stage3_variants.py"
     out = tmp_path / "variants.json"
     run = subprocess.run([sys.executable, str(script), "--fast", "--variant", "default:", "--variant",
-                          "steady:head_beta=2000,lr_head=1e-9", "--out", str(out)], capture_output=True, text=True,
-                         timeout=600)
+                          "steady:head_beta=2000,lr_head=1e-9", "--variant", "dark:stage_three_recoloured=1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == ["Stage I", "Stage II", "default", "steady"]
+    assert list(rows) == ["Stage I", "Stage II", "default", "steady", "dark"]
+    # learnt from its own draw of the Stage II model, every start image recoloured
+    assert rows["dark"]["set"] == ["stage_three_recoloured=1"] and rows["dark"]["pairs"] > 0
     assert rows["steady"]["set"] == ["head_beta=2000", "lr_head=1e-9"] and rows["default"]["set"] == []
     for name in ("default", "steady"):
         mean, lo, hi = rows[name]["vs_stage_two"]

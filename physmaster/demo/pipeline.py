@@ -712,7 +712,8 @@ MOTION_ONLY = ", the motion"  # judge_agreements' name suffix of `judge_views`' 
 
 def judge_agreements(c: Candidates, name: str) -> dict:
     """`judge_views` on the candidates of the plain start images, as {name: ..., name + MOTION_ONLY: ...}, and on
-    those of the recoloured ones (`head_recoloured`: a training device, darker and more saturated than the seen
+    those of the recoloured ones (`head_recoloured`, `stage_three_recoloured`: a training device, darker and more
+    saturated than the seen
     drops' looks), as {name + " (recoloured start images)": ..., ... + MOTION_ONLY: ...} when there are any."""
     plain = [j for j, s in enumerate(c.scenes) if not s.meta.get("recoloured")]
     other = [j for j, s in enumerate(c.scenes) if s.meta.get("recoloured")]
