@@ -91,3 +91,28 @@ def load_world(args: argparse.Namespace, drop: bool | None = None):
 
         drop_base(vm, args.cache)
     return vm, backbone
+
+
+def variants_world(args: argparse.Namespace, st):
+    """What the variants benches (`demo_stage2_variants.py`, `demo_stage3_variants.py`) train and score on, as the
+    demo's `cli.run_once` makes it: the shipped world with a fresh copy of the base DiT, the head's input, the
+    sampling's guidance, the held-out set of `args.eval_seed` (default: `args.seed`), and `evaluate(head)`, a head's
+    held-out scores. Returns (vm, backbone, scenes, evaluate)."""
+    import copy
+    import dataclasses
+
+    from physmaster.demo.backbone import head_input
+    from physmaster.demo.cli import held_out_set
+    from physmaster.demo.evaluation import score_scenes
+
+    vm, backbone = load_world(args, drop=False)
+    backbone = head_input(backbone, st.head_reads)
+    vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))
+    vm.guidance, vm.token_guidance = float(st.guidance), float(st.token_guidance)
+    eval_seed = int(args.seed) if args.eval_seed is None else int(args.eval_seed)
+    scenes, rep, noises = held_out_set(vm, backbone, st.eval_scenes, eval_seed, st.eval_videos)
+
+    def evaluate(head):
+        return score_scenes(vm.decode(vm.sample(head, rep, noises, st.sample_steps)), scenes, st.eval_videos)
+
+    return vm, backbone, scenes, evaluate

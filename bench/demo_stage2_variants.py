@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -34,12 +33,11 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from demo_args import add_set, load_world, variant_type, write_json
+    from demo_args import add_set, variant_type, variants_world, write_json
 
     from physmaster.demo import pipeline as P
-    from physmaster.demo.backbone import head_input
-    from physmaster.demo.cli import checked_settings, held_out_set
-    from physmaster.demo.evaluation import bootstrap_ci, paired_found, score_scenes
+    from physmaster.demo.cli import checked_settings
+    from physmaster.demo.evaluation import bootstrap_ci, paired_found
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=2, help="training seed (as the demo's --seed)")
@@ -64,15 +62,8 @@ def main() -> int:
     def log(msg):
         print(msg, flush=True)
 
-    vm, backbone = load_world(args, drop=False)
-    backbone = head_input(backbone, st.head_reads)
-    vm = dataclasses.replace(vm, den=copy.deepcopy(vm.den))
-    vm.guidance, vm.token_guidance = float(st.guidance), float(st.token_guidance)
-    k, n = st.eval_videos, st.eval_scenes
-    scenes, rep, noises = held_out_set(vm, backbone, n, eval_seed, k)
-
-    def evaluate(head):
-        return score_scenes(vm.decode(vm.sample(head, rep, noises, st.sample_steps)), scenes, k)
+    vm, backbone, scenes, evaluate = variants_world(args, st)
+    n = st.eval_scenes
 
     encoder = P.stage_one(vm, backbone, st, seed, log)
     # the plain draw as far as a variant reads it; the head's draw (as the demo makes it, `cli.run_once`) only when
