@@ -712,7 +712,8 @@ def test_bad_motion_weight_is_refused(tmp_path):
 
 @pytest.mark.parametrize("item, message", [
     ("head_modules=blocks,qeuries",
-     r"head_modules='blocks,qeuries': qeuries is in none of the head's parameter names \(layer_logits, queries, gain, "),
+     r"head_modules='blocks,qeuries': qeuries is in none of the head's parameter names "
+     r"\(layer_logits, queries, gain, "),
     ("lora_modules=attn2,atn1",
      r"lora_modules='attn2,atn1': atn1 is in none of the DiT's LoRA layer names \(e\.g\. blocks\.0\.attn1\.to_q"),
 ])
