@@ -1351,7 +1351,7 @@ def test_judge_pairs_every_ranked_pair_or_nested():
     c = Candidates([scene], Conditioning(context=torch.zeros(1, 4, 32)), lat, videos, np.zeros((1, 4)),
                    np.zeros((1, 4)), 4, 0.0, np.zeros((1, 4)))
     assert Settings().head_pairs_all and Settings().judge_pairs_all and Settings().judge_min_confidence == 0.1
-    st = dataclasses.replace(Settings(), judge_min_confidence=0.0)
+    st = dataclasses.replace(Settings(), judge_min_confidence=0.0, judge_margin="confidence")
     ids = lambda ps: [(int(p.winner.flatten()[0]), int(p.loser.flatten()[0])) for p in ps.pairs]  # noqa: E731
     assert ids(judge_pairs(c, dataclasses.replace(st, judge_pairs_all=False), lambda m: None, "")) == [(0, 2), (1, 3)]
     every = judge_pairs(c, st, lambda m: None, "")
@@ -1359,10 +1359,55 @@ def test_judge_pairs_every_ranked_pair_or_nested():
     margins = [p.margin for p in every.pairs]  # the judge is less than half sure of each of these pairs
     assert max(margins) < 0.5 and judge_pairs(c, dataclasses.replace(st, judge_min_confidence=0.5), lambda m: None,
                                               "") is None  # none kept at 0.5 (the default before)
-    default = judge_pairs(c, Settings(), lambda m: None, "")  # at 0.1, those the judge is at least 10% sure of
+    default = judge_pairs(c, dataclasses.replace(Settings(), judge_margin="confidence"), lambda m: None, "")
+    # at 0.1, those the judge is at least 10% sure of
     assert [p.margin for p in default.pairs] == [m for m in margins if m >= 0.1] and len(default.pairs) == 6
     sure = judge_pairs(c, dataclasses.replace(st, judge_min_confidence=0.3), lambda m: None, "")
     assert [p.margin for p in sure.pairs] == [m for m in margins if m >= 0.3] and len(sure.pairs) == 3
+
+
+def test_judge_pairs_weigh_by_the_judges_score_gap_cut_at_min_margin():
+    """By default (`judge_margin="gap"`) a judge-labelled pair's margin is the gap between its candidates' judge
+    scores, and pairs whose gap is under `min_margin` are left out, as Stage III's ground-truth pairs carry and are
+    cut at the gap in similarity; the confidence floor still applies. A margin kind it does not know is refused."""
+    import dataclasses
+
+    from physmaster.demo.judging import judge_label_pairs
+    from physmaster.demo.pipeline import Candidates, Settings, judge_pairs
+    from physmaster.demo.world import FPS
+    from physmaster.errors import PhysMasterError
+    from physmaster.physics import rank_candidates
+    from physmaster.training import Conditioning
+
+    scene = drop_scene(11)
+    true = scene.frames.astype(np.float32)
+    videos = [true, drop_scene(11, restitution=0.0).frames.astype(np.float32),
+              drop_scene(11, restitution=0.95).frames.astype(np.float32), np.roll(true, 3, axis=2)]
+    results, ranked = rank_candidates(videos, fps=FPS, min_margin=0.0, reference=true[0])
+    score = [r.score for r in results]
+    gaps = judge_label_pairs(videos, true[0], FPS, min_confidence=0.0, all_pairs=True, margin="gap")
+    assert sorted(gaps) == sorted((w, lo, score[w] - score[lo]) for w, lo, c in ranked if c > 0)
+    cut = sorted(g for _, _, g in gaps)[len(gaps) // 2]  # keeps the upper half of the gaps
+    kept = judge_label_pairs(videos, true[0], FPS, min_confidence=0.0, all_pairs=True, margin="gap", min_gap=cut)
+    assert kept == [p for p in gaps if p[2] >= cut] and 0 < len(kept) < len(gaps)
+    sure = {(w, lo) for w, lo, c in ranked if c >= 0.3}
+    both = judge_label_pairs(videos, true[0], FPS, min_confidence=0.3, all_pairs=True, margin="gap", min_gap=cut)
+    assert both == [p for p in kept if p[:2] in sure]
+    with pytest.raises(PhysMasterError, match="margin='size': use one of"):
+        judge_label_pairs(videos, true[0], FPS, margin="size")
+
+    lat = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1, 1).expand(4, 2, 2, 2, 2).contiguous()
+    c = Candidates([scene], Conditioning(context=torch.zeros(1, 4, 32)), lat, videos, np.zeros((1, 4)),
+                   np.zeros((1, 4)), 4, 0.0, np.zeros((1, 4)))
+    assert Settings().judge_margin == "gap" and Settings().min_margin == 0.05
+    st = dataclasses.replace(Settings(), min_margin=0.1)  # these four candidates' gaps are 0.06-0.34
+    at = {(w, lo): score[w] - score[lo] for w, lo, conf in ranked if conf >= st.judge_min_confidence}
+    got = judge_pairs(c, st, lambda m: None, "")
+    ids = [(int(p.winner.flatten()[0]), int(p.loser.flatten()[0])) for p in got.pairs]
+    assert {wl: at[wl] for wl in ids} == {wl: g for wl, g in at.items() if g >= 0.1}
+    assert [p.margin for p in got.pairs] == [at[wl] for wl in ids] and 1 <= len(ids) < len(at)
+    with pytest.raises(ValueError, match="judge_margin='size': use one of"):
+        dataclasses.replace(st, judge_margin="size")
 
 
 def test_judge_pairs_whole_only_leave_out_a_video_that_loses_the_object():

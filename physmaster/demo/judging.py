@@ -26,6 +26,10 @@ from ..physics.tracking import DropPrior
 #: none, and this view asks whether the judge also ranks where a whole object goes
 MOTION_GAP = 0.005
 
+#: what a judge-labelled pair carries as its margin (`judge_label_pairs`): the judge's confidence that it is right,
+#: or the gap between the two candidates' judge scores
+JUDGE_MARGINS = ("confidence", "gap")
+
 
 def drop_priors(backbone, start_images) -> list[DropPrior]:
     """One `DropPrior` per start image [S, H, W, 3] in [0, 1]: the fall (pixels) the backbone's `height`
@@ -45,19 +49,30 @@ def drop_priors(backbone, start_images) -> list[DropPrior]:
 
 def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = None,
                       min_confidence: float = 0.05, whole_only: bool = False,
-                      all_pairs: bool = False, prior: DropPrior | None = None) -> list[tuple[int, int, float]]:
+                      all_pairs: bool = False, prior: DropPrior | None = None, margin: str = "confidence",
+                      min_gap: float = 0.0) -> list[tuple[int, int, float]]:
     """Preference pairs for one start image, labelled by the judge alone: its best candidate against its worst,
     the second best against the second worst, ... (each candidate in at most one pair), while the judge's
     confidence (`rank_candidates`' third value) is at least `min_confidence`; at most `max_pairs` (default: N // 2).
     `whole_only`: among the candidates in which the judge's track finds the object in every frame only.
     `all_pairs`: every pair of those candidates, the judge's better first, whose confidence is at least
     `min_confidence` (`max_pairs` is then ignored).
+    `margin`: what each pair carries as its margin (`JUDGE_MARGINS`): "confidence", or "gap", the judge's score
+    gap (score = exp(-estimated L2 / 0.1), its counterpart of the ground truth's similarity to the true masks), a
+    pair kept only while that gap is also at least `min_gap`.
 
     videos: N candidates [T, H, W, 3] of `reference` (the start image [H, W, 3] in [0, 1]); prior: what the judge
-    knows of it beyond its pixels (`drop_priors`). Returns a list of (winner index, loser index, confidence in
-    [0, 1]).
+    knows of it beyond its pixels (`drop_priors`). Returns a list of (winner index, loser index, margin); a
+    confidence is in [0, 1], a gap in (0, 1].
     """
+    if margin not in JUDGE_MARGINS:
+        raise PhysMasterError(f"margin={margin!r}: use one of {list(JUDGE_MARGINS)}")
     results, ranked = rank_candidates(videos, fps=fps, min_margin=0.0, reference=reference, prior=prior)
+    scores = [float(r.score) for r in results]
+    if margin == "gap":
+        ranked = [(w, lo, scores[w] - scores[lo]) for w, lo, c in ranked if scores[w] - scores[lo] >= min_gap
+                  and c >= min_confidence and c > 0]
+        min_confidence = 0.0  # applied above, to the confidence; what is left is each pair's gap
     conf = {(w, lo): c for w, lo, c in ranked}
     order = np.argsort([-r.score for r in results], kind="stable")
     if whole_only:
