@@ -15,7 +15,6 @@ Stage I and the candidates, then about a minute a variant. `--fast`: the demo's 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -30,32 +29,18 @@ STAGE_TWO_FIELDS = ("dpo_steps", "lr_lora", "beta", "lora_anchor", "lora_recolou
 
 
 def main() -> int:
-    import numpy as np
-    import torch
-
-    from demo_args import add_set, variant_type, variants_world, write_json
+    from demo_args import variants_parser, variants_settings, variants_world, versus, write_json
 
     from physmaster.demo import pipeline as P
-    from physmaster.demo.cli import checked_settings
-    from physmaster.demo.evaluation import bootstrap_ci, paired_found
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, default=2, help="training seed (as the demo's --seed)")
-    ap.add_argument("--eval-seed", type=int, default=None, help="held-out scenes (default: the training seed)")
+    ap = variants_parser(__doc__, STAGE_TWO_FIELDS, "Stage II's settings", "head_scenes=192", seed=2)
     ap.add_argument("--motion-weight", type=float, default=None,
                     help="Stage I's, as the demo's --motion-weight (default: the demo's)")
-    ap.add_argument("--variant", type=variant_type(STAGE_TWO_FIELDS, "Stage II's settings"),
-                    action="append", required=True, metavar="NAME:SET,SET")
-    ap.add_argument("--fast", action="store_true", help="the demo's smoke settings (numbers mean nothing)")
-    ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
-    add_set(ap, "head_scenes=192")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base = P.Settings.fast() if args.fast else P.Settings()
     if args.motion_weight is not None:
         base.motion_weight = float(args.motion_weight)
-    st = checked_settings(base, args.set)
-    runs = [(name, items, checked_settings(st, items)) for name, items in args.variant]
+    st, runs = variants_settings(args, base)
     seed = int(args.seed)
     eval_seed = seed if args.eval_seed is None else int(args.eval_seed)
 
@@ -87,23 +72,11 @@ def main() -> int:
         t0 = time.perf_counter()
         P.stage_two_rounds(vm, enc, pairs, sv, seed, lambda m: None, backbone)
         r = evaluate(enc.head)
-        d = r["l2"] - r1["l2"]
-        lost = r["l2_lost"] - r1["l2_lost"]
-        found = paired_found(r["frame_l2"], r1["frame_l2"])
-        (lo, hi), (llo, lhi), (flo, fhi) = (bootstrap_ci(x) for x in (d, lost, found))
-
-        def mark(a, b):
-            return "*" if b < 0 else "+" if a > 0 else ""
-
-        log(f"{name}: Stage II avg L2 {r['l2'].mean():.4f} (seen {r['l2'][:n].mean():.4f}, unseen "
-            f"{r['l2'][n:].mean():.4f}) vs Stage I {100 * d.mean() / r1['l2'].mean():+.1f}%{mark(lo, hi)} "
-            f"[{lo:+.4f}, {hi:+.4f}]; lost frames {lost.mean():+.4f}{mark(llo, lhi)} [{llo:+.4f}, {lhi:+.4f}]; "
-            f"where found {found.mean():+.4f}{mark(flo, fhi)} [{flo:+.4f}, {fhi:+.4f}]; coherence "
-            f"{r['coherence'].mean():.3f}; {len(pairs)} pairs ({time.perf_counter() - t0:.0f}s)")
-        rows[name] = {"l2": float(r["l2"].mean()), "seen": float(r["l2"][:n].mean()),
-                      "unseen": float(r["l2"][n:].mean()), "vs_stage_one": [float(d.mean()), lo, hi],
-                      "lost": [float(lost.mean()), llo, lhi], "found": [float(np.mean(found)), flo, fhi],
-                      "coherence": float(r["coherence"].mean()), "pairs": len(pairs), "set": items}
+        row, text = versus(r, r1, n, "vs_stage_one")
+        log(f"{name}: Stage II avg L2 {row['l2']:.4f} (seen {row['seen']:.4f}, unseen {row['unseen']:.4f}) vs "
+            f"Stage I {text}; coherence {row['coherence']:.3f}; {len(pairs)} pairs "
+            f"({time.perf_counter() - t0:.0f}s)")
+        rows[name] = {**row, "pairs": len(pairs), "set": items}
     if args.out:
         write_json(args.out, {"seed": seed, "eval_seed": eval_seed, "motion_weight": st.motion_weight,
                               "set": args.set, "rows": rows})

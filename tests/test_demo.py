@@ -43,6 +43,21 @@ def test_head_anchor_reaches_every_head_stage(tmp_path, capsys):
     assert " anchor " not in capsys.readouterr().out
 
 
+def test_online_steps_reach_the_online_rounds_only(tmp_path, capsys):
+    """`--set online_steps=N`: each online round trains the head N steps; the judge-labelled row and Stage III keep
+    `head_dpo_steps`. A negative count is refused and names the fix."""
+    from physmaster.demo.pipeline import Settings
+
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "online_steps=3", "--judge-labels",
+                 "--online", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[online round 1 (judge)] 3/3 loss" in out and "[online round 1 (judge)] 2/2" not in out
+    assert "[Stage III (judge labels)] 2/2 loss" in out and "[Stage III] 2/2 loss" in out
+    assert Settings().online_steps == 0
+    with pytest.raises(ValueError, match="online_steps=-1: use a number of steps >= 1, or 0 for head_dpo_steps"):
+        Settings(online_steps=-1)
+
+
 def test_demo_fast(tmp_path, capsys):
     rc = main(["demo", "--fast", "--out", str(tmp_path), "--seed", "1", "--judge-labels", "--online", "1"])
     assert rc == 0
@@ -1534,6 +1549,35 @@ def test_stage_three_variants_bench_trains_each_variant_from_the_same_stage_two(
     bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:beta=3"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "only the head's Flow-DPO settings" in bad.stderr and "--set" in bad.stderr
+
+
+def test_judge_variants_bench_trains_each_judge_row_from_the_same_stage_two(tmp_path):
+    """bench/demo_judge_variants.py (smoke settings): one Stage I and Stage II, the ground truth's Stage III, then a
+    judge-labelled row per variant, each scored against Stage II and written to JSON; a variant that would change
+    more than the judge's pairs and the head's Flow-DPO is refused and names the fix."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "demo_judge_variants.py"
+    out = tmp_path / "variants.json"
+    run = subprocess.run([sys.executable, str(script), "--fast", "--variant", "gap:", "--variant",
+                          "steady:judge_margin=confidence,judge_min_confidence=0,lr_head=1e-9", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["Stage I", "Stage II", "Stage III", "gap", "steady"]
+    assert rows["steady"]["set"] == ["judge_margin=confidence", "judge_min_confidence=0", "lr_head=1e-9"]
+    assert rows["gap"]["set"] == [] and rows["steady"]["pairs"] > 0
+    for name in ("Stage III", "gap", "steady"):
+        mean, lo, hi = rows[name]["vs_stage_two"]
+        assert lo <= mean <= hi
+        assert rows[name]["l2"] == pytest.approx(rows["Stage II"]["l2"] + mean, abs=1e-6)
+    assert rows["steady"]["vs_stage_two"][0] == pytest.approx(0.0, abs=1e-6)  # a head that cannot move: Stage II
+    bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:stage_three_recoloured=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "only the judge's pairs and the head's Flow-DPO" in bad.stderr
+    assert "--set" in bad.stderr
 
 
 def test_variant_parser_keeps_a_list_values_commas():

@@ -239,15 +239,16 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     n_pairs = {"Stage I": len(pairs_1), "Stage II": len(pairs_2), "Stage I, the head's": len(head_pairs_1)}
     step = 6
 
-    def judged_dpo(name, encoder_, cands, dpo_seed, source):
-        """Flow-DPO on the head with the judge's labels of `cands` (candidates of the model `source` names); no
-        pair confident enough: the model is kept."""
+    def judged_dpo(name, encoder_, cands, dpo_seed, source, steps=None):
+        """Flow-DPO on the head with the judge's labels of `cands` (candidates of the model `source` names), for
+        `steps` (default `head_dpo_steps`); no pair confident enough: the model is kept."""
         pairs = judge_pairs(cands, st, log, source)
         if pairs is None:
             log(f"  no pair reached the judge's min confidence {st.judge_min_confidence}: {name} is its starting "
                 "model unchanged")
         else:
-            dpo("dpo-head", vm, encoder_, pairs, st, dpo_seed, log, name, anchor=head_anchor)
+            sv = st if not steps else dataclasses.replace(st, head_dpo_steps=int(steps))
+            dpo("dpo-head", vm, encoder_, pairs, sv, dpo_seed, log, name, anchor=head_anchor)
         evaluate(name, encoder_.head)
         names.append(name)
         n_pairs[name] = 0 if pairs is None else len(pairs)
@@ -265,7 +266,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r,
                                     scenes=st.head_scenes, recoloured=st.stage_three_recoloured)
         agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
-        judged_dpo(name, online, cands_r, seed + 3 + r, "Stage II" if r == 1 else online_row(r - 1))
+        judged_dpo(name, online, cands_r, seed + 3 + r, "Stage II" if r == 1 else online_row(r - 1),
+                   steps=st.online_steps)
     ordered = {name: results[name] for name in names}
     return {"results": ordered, "influence": influence, "videos": shown, "scenes": scenes, "encoder": encoder,
             "pairs": n_pairs, "judge_agreement": agreement}
