@@ -244,8 +244,9 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         `steps` (default `head_dpo_steps`); no pair confident enough: the model is kept."""
         pairs = judge_pairs(cands, st, log, source)
         if pairs is None:
-            log(f"  no pair reached the judge's min confidence {st.judge_min_confidence}: {name} is its starting "
-                "model unchanged")
+            gap = f" and score gap {st.min_margin}" if st.judge_margin == "gap" else ""
+            log(f"  no pair reached the judge's min confidence {st.judge_min_confidence}{gap}: {name} is its "
+                "starting model unchanged")
         else:
             sv = st if not steps else dataclasses.replace(st, head_dpo_steps=int(steps))
             dpo("dpo-head", vm, encoder_, pairs, sv, dpo_seed, log, name, anchor=head_anchor)
