@@ -59,7 +59,7 @@ def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = Non
     `min_confidence` (`max_pairs` is then ignored).
     `margin`: what each pair carries as its margin (`JUDGE_MARGINS`): "confidence", or "gap", the judge's score
     gap (score = exp(-estimated L2 / 0.1), its counterpart of the ground truth's similarity to the true masks), a
-    pair kept only while that gap is also at least `min_gap`.
+    pair kept only while that gap is also at least `min_gap` (which a confidence margin ignores).
 
     videos: N candidates [T, H, W, 3] of `reference` (the start image [H, W, 3] in [0, 1]); prior: what the judge
     knows of it beyond its pixels (`drop_priors`). Returns a list of (winner index, loser index, margin); a
@@ -73,8 +73,8 @@ def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = Non
         ranked = [(w, lo, scores[w] - scores[lo]) for w, lo, c in ranked if scores[w] - scores[lo] >= min_gap
                   and c >= min_confidence and c > 0]
         min_confidence = 0.0  # applied above, to the confidence; what is left is each pair's gap
-    conf = {(w, lo): c for w, lo, c in ranked}
-    order = np.argsort([-r.score for r in results], kind="stable")
+    margins = {(w, lo): m for w, lo, m in ranked}
+    order = np.argsort([-x for x in scores], kind="stable")
     if whole_only:
         order = np.array([i for i in order if results[i].found and len(results[i].track)
                           and np.isfinite(results[i].track).all()], dtype=int)
@@ -86,7 +86,7 @@ def judge_label_pairs(videos, reference, fps: float, max_pairs: int | None = Non
     out = []
     for r in range(n):
         w, lo = int(order[r]), int(order[-1 - r])
-        c = conf.get((w, lo), 0.0)
+        c = margins.get((w, lo), 0.0)
         if c < min_confidence or c <= 0:
             break
         out.append((w, lo, float(c)))

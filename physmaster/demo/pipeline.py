@@ -573,14 +573,14 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
     from .world import FPS
 
     whole_only = st.head_pairs_whole if whole_only is None else whole_only
-    pairs, confs, right = [], [], []
+    pairs, margins, right = [], [], []
     for j, s in enumerate(c.scenes):
         for w, lo, m in judge_label_pairs(c.videos_of(j), s.frames[0], FPS, max_pairs=st.head_pairs_per_image,
                                           min_confidence=st.judge_min_confidence, whole_only=whole_only,
                                           all_pairs=st.judge_pairs_all, margin=st.judge_margin,
-                                          min_gap=st.min_margin if st.judge_margin == "gap" else 0.0,
+                                          min_gap=st.min_margin,
                                           prior=c.priors[j] if st.judge_prior and c.priors else None):
-            confs.append(m)
+            margins.append(m)
             right.append(c.l2[j, w] < c.l2[j, lo])
             pairs.append(PreferencePair(c.cond.map(lambda x: x[j:j + 1]), c.latents[j * c.k + w],
                                         c.latents[j * c.k + lo], "judge", float(m), f"scene{s.meta['seed']}"))
@@ -591,7 +591,7 @@ def judge_pairs(c: Candidates, st: Settings, log, tag: str, whole_only: bool | N
     whole = " (those whose object the judge tracks in every frame)" if whole_only else ""
     log(f"  {len(pairs)} judge-labelled pairs from {c.images()} x {c.k} candidates{whole} of the {tag} "
         f"model (mean {'score gap' if st.judge_margin == 'gap' else 'confidence'} "
-        f"{np.mean(confs) if confs else 0:.3f}; the ground truth, not shown to the judge, "
+        f"{np.mean(margins) if margins else 0:.3f}; the ground truth, not shown to the judge, "
         f"prefers the same video in {np.mean(right) if right else 0:.0%} of them)")
     return PreferenceSet(pairs) if pairs else None
 
