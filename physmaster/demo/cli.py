@@ -140,7 +140,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
     from .pipeline import (anchor_videos, dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs,
-                           sample_candidates, stage_one, stage_three_rounds, stage_two_rounds)
+                           online_scenes, sample_candidates, stage_one, stage_three_rounds, stage_two_rounds)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
 
@@ -265,7 +265,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         log(f"[{step}/{total}] {name}: fresh candidates from the current model, judged, Flow-DPO on the head "
             "(reference: the current head)")
         cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r,
-                                    scenes=st.head_scenes, recoloured=st.stage_three_recoloured)
+                                    scenes=online_scenes(st, r), recoloured=st.stage_three_recoloured)
         agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
         judged_dpo(name, online, cands_r, seed + 3 + r, "Stage II" if r == 1 else online_row(r - 1),
                    steps=st.online_steps)

@@ -253,6 +253,13 @@ class Settings:
     # / `--seed 2 --online 2`: round 2 - round 1 -2.4%* / +2.1% against +0.7% / +2.2% at 200 (the lost frames rise
     # in round 2 either way): off (bench/FINDINGS.md, "The judge's pairs weigh by its score gap")
     online_steps: int = 0
+    # start images of each online round after the first (0 = `head_scenes`, as round 1; a round's draw on more
+    # start images keeps the first `head_scenes` of them): the model a round starts from loses the object in fewer of
+    # its own candidates than the Stage II model did, so a later round on as many sees fewer pairs that differ in a
+    # lost frame. Off: at 192, round 2 - round 1 -2.6% on seed 0 (+7.6%+ at 96) but +1.7% / -1.7% / +2.1% on seed
+    # 2's eval seeds 0 / 1 / 3 (+2.2% / -0.6% / +1.1%); one variant of round 2 in sixteen beat round 1 with its
+    # interval below 0, in one case of four (bench/FINDINGS.md, "Online round 2 from one round 1")
+    online_later_scenes: int = 0
 
     def __post_init__(self):
         if self.head_soup > 1 and self.head_bag > 1:
@@ -264,6 +271,9 @@ class Settings:
                              "lora_recoloured off")
         if self.lora_rounds < 1:
             raise ValueError(f"lora_rounds={self.lora_rounds}: Stage II needs at least one round (1 = offline)")
+        if self.online_later_scenes < 0:
+            raise ValueError(f"online_later_scenes={self.online_later_scenes}: use a number of start images >= 1, or "
+                             "0 for head_scenes")
         if self.online_steps < 0:
             raise ValueError(f"online_steps={self.online_steps}: use a number of steps >= 1, or 0 for head_dpo_steps")
         if self.head_rounds < 1:
@@ -431,6 +441,12 @@ def dpo_scene(seed: int, i: int, recoloured_share: float):
     if int((i + 1) * recoloured_share) > int(i * recoloured_share):
         s = dataclasses.replace(s, frames=recoloured(s.frames, seed * 1000 + 1), meta={**s.meta, "recoloured": 1})
     return s
+
+
+def online_scenes(st: Settings, r: int) -> int:
+    """How many start images online round `r` (1, 2, ...) draws its candidates of: `head_scenes` in round 1,
+    `online_later_scenes` (0: `head_scenes`) in every later one."""
+    return st.online_later_scenes if r > 1 and st.online_later_scenes else st.head_scenes
 
 
 def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED,
