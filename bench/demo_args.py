@@ -94,8 +94,8 @@ def load_world(args: argparse.Namespace, drop: bool | None = None):
 
 
 def variants_world(args: argparse.Namespace, st):
-    """What the variants benches (`demo_stage2_variants.py`, and through `stage_three_start`
-    `demo_stage3_variants.py` and `demo_judge_variants.py`) train and score on, as the
+    """What the variants benches (`demo_stage2_variants.py`, `demo_online_variants.py`, and through
+    `stage_three_start` `demo_stage3_variants.py` and `demo_judge_variants.py`) train and score on, as the
     demo's `cli.run_once` makes it: the shipped world with a fresh copy of the base DiT, the head's input, the
     sampling's guidance, the held-out set of `args.eval_seed` (default: `args.seed`), and `evaluate(head)`, a head's
     held-out scores. Returns (vm, backbone, scenes, evaluate)."""

@@ -29,6 +29,26 @@ def bench_module(name: str):
     return mod
 
 
+def run_bench(name: str, *args: str, timeout: int = 600):
+    """bench/NAME.py run under the demo's smoke settings (`--fast`) with these arguments -> the finished process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    return subprocess.run([sys.executable, str(script), "--fast", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def variants_rows(name: str, tmp_path, *variants: str):
+    """A variants bench (bench/NAME.py) run with these `--variant`s under the smoke settings -> (the finished
+    process, the rows of the JSON it wrote); it must exit 0."""
+    out = tmp_path / "variants.json"
+    run = run_bench(name, *(x for v in variants for x in ("--variant", v)), "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run, json.loads(out.read_text())["rows"]
+
+
 def test_head_anchor_reaches_every_head_stage(tmp_path, capsys):
     """`--set head_anchor=W`: each of the head's Flow-DPO stages gets the anchor videos (the trainer logs the
     drift, 0 at the first step where the head is its reference); off (the default), none logs it."""
@@ -56,6 +76,49 @@ def test_online_steps_reach_the_online_rounds_only(tmp_path, capsys):
     assert Settings().online_steps == 0
     with pytest.raises(ValueError, match="online_steps=-1: use a number of steps >= 1, or 0 for head_dpo_steps"):
         Settings(online_steps=-1)
+
+
+def test_online_later_scenes_reach_the_later_online_rounds_only(tmp_path, capsys):
+    """`--set online_later_scenes=N`: every online round after the first draws its candidates of N start images;
+    round 1, Stage III and the judge-labelled row keep `head_scenes`. A negative count is refused and names the fix."""
+    from physmaster.demo.pipeline import Settings, online_scenes
+
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "online_later_scenes=5", "--judge-labels",
+                 "--online", "3"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
+    assert len(lines) == 7, lines  # Stage II's, Stage I + DPO encoder's, Stage III's, the judge row's, 3 rounds
+    assert all(" from 3 start images" in x for x in lines[2:5]), lines
+    assert " from 5 start images" in lines[5] and "online round 1 (judge) model" in lines[5]
+    assert " from 5 start images" in lines[6] and "online round 2 (judge) model" in lines[6]
+    st = Settings.fast()
+    assert [online_scenes(st, r) for r in (1, 2, 3)] == [st.head_scenes] * 3
+    st = Settings(online_later_scenes=192)
+    assert [online_scenes(st, r) for r in (1, 2, 3)] == [96, 192, 192]
+    with pytest.raises(ValueError, match="online_later_scenes=-1: use a number of start images >= 1, or 0 for "
+                                         "head_scenes"):
+        Settings(online_later_scenes=-1)
+
+
+def test_online_variants_bench_trains_each_round_two_from_the_same_round_one(tmp_path):
+    """bench/demo_online_variants.py (smoke settings): one Stage I, Stage II and online round 1, then a round 2 per
+    variant from the same round 1, each scored against it and written to JSON; a variant that would change more than
+    round 2 is refused and names the fix."""
+    run, rows = variants_rows("demo_online_variants", tmp_path, "default:",
+                              "steady:online_later_scenes=5,judge_min_confidence=0,lr_head=1e-9")
+    assert list(rows) == ["Stage I", "Stage II", "online round 1 (judge)", "default", "steady"]
+    assert rows["steady"]["set"] == ["online_later_scenes=5", "judge_min_confidence=0", "lr_head=1e-9"]
+    assert rows["default"]["set"] == [] and rows["steady"]["pairs"] > 0
+    assert " from 5 start images" in run.stdout and "x 2 candidates of the online round 1 (judge) model" in run.stdout
+    first = rows["online round 1 (judge)"]
+    assert first["l2"] == pytest.approx(rows["Stage II"]["l2"] + first["vs_previous"][0], abs=1e-6)
+    for name in ("default", "steady"):
+        mean, lo, hi = rows[name]["vs_previous"]
+        assert lo <= mean <= hi
+        assert rows[name]["l2"] == pytest.approx(first["l2"] + mean, abs=1e-6)
+    assert rows["steady"]["vs_previous"][0] == pytest.approx(0.0, abs=1e-6)  # a head that cannot move: round 1
+    bad = run_bench("demo_online_variants", "--variant", "x:lora_rank=8", timeout=120)
+    assert bad.returncode == 2 and "only online round 2's draw, pairs and Flow-DPO" in bad.stderr
+    assert "--set" in bad.stderr
 
 
 def test_demo_fast(tmp_path, capsys):
@@ -1501,24 +1564,14 @@ def test_ground_truth_labels_count_a_hedge_by_its_incoherent_frames():
 def test_stage_two_variants_bench_trains_each_variant_from_the_same_stage_one(tmp_path):
     """bench/demo_stage2_variants.py (smoke settings): one Stage I, then a Stage II per variant, each scored against
     Stage I and written to JSON; a variant that would change more than Stage II is refused and names the fix."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "demo_stage2_variants.py"
-    out = tmp_path / "variants.json"
-    run = subprocess.run([sys.executable, str(script), "--fast", "--variant", "default:", "--variant",
-                          "anchored:lora_anchor=10", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    _, rows = variants_rows("demo_stage2_variants", tmp_path, "default:", "anchored:lora_anchor=10")
     assert list(rows) == ["Stage I", "default", "anchored"]
     assert rows["anchored"]["set"] == ["lora_anchor=10"] and rows["default"]["set"] == []
     for name in ("default", "anchored"):
         mean, lo, hi = rows[name]["vs_stage_one"]
         assert lo <= mean <= hi and rows[name]["pairs"] > 0
         assert rows[name]["l2"] == pytest.approx(rows["Stage I"]["l2"] + mean, abs=1e-6)
-    bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:head_scenes=3"], capture_output=True,
-                         text=True, timeout=120)
+    bad = run_bench("demo_stage2_variants", "--variant", "x:head_scenes=3", timeout=120)
     assert bad.returncode == 2 and "only Stage II's settings" in bad.stderr and "--set" in bad.stderr
 
 
@@ -1526,17 +1579,8 @@ def test_stage_three_variants_bench_trains_each_variant_from_the_same_stage_two(
     """bench/demo_stage3_variants.py (smoke settings): one Stage I and Stage II, then a Stage III per variant, each
     scored against Stage II and written to JSON; a variant that would change more than the head's Flow-DPO is
     refused and names the fix."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "demo_stage3_variants.py"
-    out = tmp_path / "variants.json"
-    run = subprocess.run([sys.executable, str(script), "--fast", "--variant", "default:", "--variant",
-                          "steady:head_beta=2000,lr_head=1e-9", "--variant", "dark:stage_three_recoloured=1",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    _, rows = variants_rows("demo_stage3_variants", tmp_path, "default:", "steady:head_beta=2000,lr_head=1e-9",
+                            "dark:stage_three_recoloured=1")
     assert list(rows) == ["Stage I", "Stage II", "default", "steady", "dark"]
     # learnt from its own draw of the Stage II model, every start image recoloured
     assert rows["dark"]["set"] == ["stage_three_recoloured=1"] and rows["dark"]["pairs"] > 0
@@ -1546,8 +1590,7 @@ def test_stage_three_variants_bench_trains_each_variant_from_the_same_stage_two(
         assert lo <= mean <= hi and rows[name]["pairs"] > 0
         assert rows[name]["l2"] == pytest.approx(rows["Stage II"]["l2"] + mean, abs=1e-6)
     assert rows["steady"]["vs_stage_two"][0] == pytest.approx(0.0, abs=1e-6)  # a head that cannot move: Stage II
-    bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:beta=3"], capture_output=True,
-                         text=True, timeout=120)
+    bad = run_bench("demo_stage3_variants", "--variant", "x:beta=3", timeout=120)
     assert bad.returncode == 2 and "only the head's Flow-DPO settings" in bad.stderr and "--set" in bad.stderr
 
 
@@ -1555,17 +1598,8 @@ def test_judge_variants_bench_trains_each_judge_row_from_the_same_stage_two(tmp_
     """bench/demo_judge_variants.py (smoke settings): one Stage I and Stage II, the ground truth's Stage III, then a
     judge-labelled row per variant, each scored against Stage II and written to JSON; a variant that would change
     more than the judge's pairs and the head's Flow-DPO is refused and names the fix."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "demo_judge_variants.py"
-    out = tmp_path / "variants.json"
-    run = subprocess.run([sys.executable, str(script), "--fast", "--variant", "gap:", "--variant",
-                          "steady:judge_margin=confidence,judge_min_confidence=0,lr_head=1e-9", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    _, rows = variants_rows("demo_judge_variants", tmp_path, "gap:",
+                            "steady:judge_margin=confidence,judge_min_confidence=0,lr_head=1e-9")
     assert list(rows) == ["Stage I", "Stage II", "Stage III", "gap", "steady"]
     assert rows["steady"]["set"] == ["judge_margin=confidence", "judge_min_confidence=0", "lr_head=1e-9"]
     assert rows["gap"]["set"] == [] and rows["steady"]["pairs"] > 0
@@ -1574,8 +1608,7 @@ def test_judge_variants_bench_trains_each_judge_row_from_the_same_stage_two(tmp_
         assert lo <= mean <= hi
         assert rows[name]["l2"] == pytest.approx(rows["Stage II"]["l2"] + mean, abs=1e-6)
     assert rows["steady"]["vs_stage_two"][0] == pytest.approx(0.0, abs=1e-6)  # a head that cannot move: Stage II
-    bad = subprocess.run([sys.executable, str(script), "--fast", "--variant", "x:stage_three_recoloured=1"],
-                         capture_output=True, text=True, timeout=120)
+    bad = run_bench("demo_judge_variants", "--variant", "x:stage_three_recoloured=1", timeout=120)
     assert bad.returncode == 2 and "only the judge's pairs and the head's Flow-DPO" in bad.stderr
     assert "--set" in bad.stderr
 
