@@ -7,10 +7,10 @@ scored on the demo's held-out drops against round 1: avg L2 (seen / unseen), the
 frames make, the change where both rows find the object. A variant changes only round 2 (`ONLINE_FIELDS`: its draw,
 the judge's pairs and the head's Flow-DPO); round 1 keeps the run's settings (`--set`).
 
-    python bench/demo_online_variants.py --seed 2 --variant default: --variant scenes192:head_scenes=192 \\
-        --variant k16:candidates=16
+    python bench/demo_online_variants.py --seed 2 --eval-seed 0 --variant default: \\
+        --variant s192:online_later_scenes=192 --variant conf:judge_margin=confidence
 
-bench/FINDINGS.md ("Online round 2 from one round 1") lists what it printed. On 2 cores: about 7 minutes for
+bench/FINDINGS.md ("Online round 2 from one round 1") lists what it printed. On 2 cores: 6 to 7 minutes for
 Stage I, Stage II and round 1, then about a minute a variant (more for a larger draw). `--fast`: the demo's smoke
 settings (numbers mean nothing).
 """
@@ -42,8 +42,7 @@ def main() -> int:
     from physmaster.demo.cli import ONLINE_SEED
     from physmaster.demo.report import online_row
 
-    ap = variants_parser(__doc__, ONLINE_FIELDS, "online round 2's draw, pairs and Flow-DPO", "online_steps=100",
-                         seed=2)
+    ap = variants_parser(__doc__, ONLINE_FIELDS, "online round 2's draw, pairs and Flow-DPO", "online_steps=100")
     args = ap.parse_args()
     st, runs = variants_settings(args)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -85,11 +84,12 @@ def main() -> int:
     n1 = round_(1, first, st, draw(1, first.head, st))
     ra = evaluate(first.head)
     row, text = versus(ra, r2, n, "vs_previous")
+    moved = drift(first.head)
     log(f"online round 1: avg L2 {row['l2']:.4f} vs Stage II {text}; token drift from Stage II "
-        f"{'%.3f / %.3f' % drift(first.head)} (seen / unseen); {n1} pairs ({time.perf_counter() - t0:.0f}s)")
+        f"{moved[0]:.3f} / {moved[1]:.3f} (seen / unseen); {n1} pairs ({time.perf_counter() - t0:.0f}s)")
     rows = {"Stage I": {"l2": float(r1["l2"].mean())},
             "Stage II": {"l2": float(r2["l2"].mean()), "coherence": float(r2["coherence"].mean())},
-            online_row(1): {**row, "pairs": n1, "token_drift": list(drift(first.head))}}
+            online_row(1): {**row, "pairs": n1, "token_drift": list(moved)}}
     draws = {}
     for name, items, sv in runs:
         t0 = time.perf_counter()
@@ -99,10 +99,11 @@ def main() -> int:
         enc = first.clone()
         k = round_(2, enc, sv, draws[key])
         row, text = versus(evaluate(enc.head), ra, n, "vs_previous")
+        moved = drift(enc.head)
         log(f"{name}: round 2 avg L2 {row['l2']:.4f} (seen {row['seen']:.4f}, unseen {row['unseen']:.4f}) vs round 1 "
-            f"{text}; coherence {row['coherence']:.3f}; token drift from Stage II {'%.3f / %.3f' % drift(enc.head)}; "
+            f"{text}; coherence {row['coherence']:.3f}; token drift from Stage II {moved[0]:.3f} / {moved[1]:.3f}; "
             f"{k} pairs ({time.perf_counter() - t0:.0f}s)")
-        rows[name] = {**row, "pairs": k, "set": items, "token_drift": list(drift(enc.head))}
+        rows[name] = {**row, "pairs": k, "set": items, "token_drift": list(moved)}
     if args.out:
         write_json(args.out, {"seed": seed, "eval_seed": seed if args.eval_seed is None else int(args.eval_seed),
                               "set": args.set, "rows": rows})
