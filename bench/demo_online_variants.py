@@ -17,7 +17,6 @@ settings (numbers mean nothing).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -71,8 +70,8 @@ def main() -> int:
         pairs = P.judge_pairs(cands, sv, log, "Stage II" if r == 1 else online_row(r - 1))
         if pairs is not None:
             anchor = P.anchor_videos(vm, backbone, sv) if sv.head_anchor > 0 else None
-            sv = sv if not sv.online_steps else dataclasses.replace(sv, head_dpo_steps=int(sv.online_steps))
-            P.dpo("dpo-head", vm, enc, pairs, sv, seed + 3 + r, lambda m: None, online_row(r), anchor=anchor)
+            P.dpo("dpo-head", vm, enc, pairs, P.online_dpo_settings(sv), seed + 3 + r, lambda m: None, online_row(r),
+                  anchor=anchor)
         return 0 if pairs is None else len(pairs)
 
     def draw(r, head, sv):

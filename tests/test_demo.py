@@ -66,7 +66,7 @@ def test_head_anchor_reaches_every_head_stage(tmp_path, capsys):
 def test_online_steps_reach_the_online_rounds_only(tmp_path, capsys):
     """`--set online_steps=N`: each online round trains the head N steps; the judge-labelled row and Stage III keep
     `head_dpo_steps`. A negative count is refused and names the fix."""
-    from physmaster.demo.pipeline import Settings
+    from physmaster.demo.pipeline import Settings, online_dpo_settings
 
     assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "online_steps=3", "--judge-labels",
                  "--online", "1"]) == 0
@@ -74,6 +74,8 @@ def test_online_steps_reach_the_online_rounds_only(tmp_path, capsys):
     assert "[online round 1 (judge)] 3/3 loss" in out and "[online round 1 (judge)] 2/2" not in out
     assert "[Stage III (judge labels)] 2/2 loss" in out and "[Stage III] 2/2 loss" in out
     assert Settings().online_steps == 0
+    st = Settings()
+    assert online_dpo_settings(st) is st and online_dpo_settings(Settings(online_steps=7)).head_dpo_steps == 7
     with pytest.raises(ValueError, match="online_steps=-1: use a number of steps >= 1, or 0 for head_dpo_steps"):
         Settings(online_steps=-1)
 

@@ -140,7 +140,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
     from .pipeline import (anchor_videos, dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs,
-                           online_scenes, sample_candidates, stage_one, stage_three_rounds, stage_two_rounds)
+                           online_dpo_settings, online_scenes, sample_candidates, stage_one, stage_three_rounds,
+                           stage_two_rounds)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
 
@@ -239,16 +240,15 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     n_pairs = {"Stage I": len(pairs_1), "Stage II": len(pairs_2), "Stage I, the head's": len(head_pairs_1)}
     step = 6
 
-    def judged_dpo(name, encoder_, cands, dpo_seed, source, steps=None):
-        """Flow-DPO on the head with the judge's labels of `cands` (candidates of the model `source` names), for
-        `steps` (default `head_dpo_steps`); no pair confident enough: the model is kept."""
+    def judged_dpo(name, encoder_, cands, dpo_seed, source, sv=st):
+        """Flow-DPO on the head with the judge's labels of `cands` (candidates of the model `source` names), at
+        the settings `sv`; no pair confident enough: the model is kept."""
         pairs = judge_pairs(cands, st, log, source)
         if pairs is None:
             gap = f" and score gap {st.min_margin}" if st.judge_margin == "gap" else ""
             log(f"  no pair reached the judge's min confidence {st.judge_min_confidence}{gap}: {name} is its "
                 "starting model unchanged")
         else:
-            sv = st if not steps else dataclasses.replace(st, head_dpo_steps=int(steps))
             dpo("dpo-head", vm, encoder_, pairs, sv, dpo_seed, log, name, anchor=head_anchor)
         evaluate(name, encoder_.head)
         names.append(name)
@@ -268,7 +268,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
                                     scenes=online_scenes(st, r), recoloured=st.stage_three_recoloured)
         agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
         judged_dpo(name, online, cands_r, seed + 3 + r, "Stage II" if r == 1 else online_row(r - 1),
-                   steps=st.online_steps)
+                   sv=online_dpo_settings(st))
     ordered = {name: results[name] for name in names}
     return {"results": ordered, "influence": influence, "videos": shown, "scenes": scenes, "encoder": encoder,
             "pairs": n_pairs, "judge_agreement": agreement}

@@ -449,6 +449,12 @@ def online_scenes(st: Settings, r: int) -> int:
     return st.online_later_scenes if r > 1 and st.online_later_scenes else st.head_scenes
 
 
+def online_dpo_settings(st: Settings) -> Settings:
+    """The settings of an online round's Flow-DPO on the head: `st` with `head_dpo_steps` = `online_steps` when
+    that is set (0: `st` itself)."""
+    return dataclasses.replace(st, head_dpo_steps=int(st.online_steps)) if st.online_steps else st
+
+
 def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED,
                       scenes: int | None = None, recoloured: float = 0.0,
                       reuse: Candidates | None = None) -> Candidates:
