@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # what a --variant may change: round 2's draw of candidates (DRAW_FIELDS: drawn once per choice of them), its judge's
 # pairs and its Flow-DPO on the head (round 1 keeps the run's settings)
-DRAW_FIELDS = ("candidates", "head_scenes", "stage_three_recoloured")
+DRAW_FIELDS = ("candidates", "head_scenes", "stage_three_recoloured", "online_later_relooked")
 ONLINE_FIELDS = DRAW_FIELDS + ("online_steps", "online_later_scenes", "judge_margin", "judge_min_confidence",
                                "min_margin", "judge_pairs_all", "head_margin_use", "head_beta", "lr_head",
                                "head_anchor", "head_soup", "head_dpo_positive")
@@ -76,7 +76,8 @@ def main() -> int:
 
     def draw(r, head, sv):
         return P.sample_candidates(vm, head, backbone, sv, seed, online_row(r), scene_base=ONLINE_SEED + 1000 * r,
-                                   scenes=P.online_scenes(sv, r), recoloured=sv.stage_three_recoloured)
+                                   scenes=P.online_scenes(sv, r), recoloured=sv.stage_three_recoloured,
+                                   relooked=P.online_relooked(sv, r))
 
     t0 = time.perf_counter()
     first = encoder.clone()

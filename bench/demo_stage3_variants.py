@@ -4,8 +4,9 @@ from a copy of the same Stage II model, each scored on the demo's held-out drops
 unseen), the paired bootstrap 95% interval, the part of the difference that lost frames make, the difference where
 both rows find the object (`*`: interval below 0, `+`: above 0), and Stage III / Stage I. A variant changes only the
 head's Flow-DPO settings (`HEAD_FIELDS`); the rest, and the Stage II candidates, are the run's (`--set`), so every
-variant learns from the same draws, but for a variant that changes `stage_three_recoloured`, which draws Stage III's
-candidates anew with that share of recoloured start images (once per share).
+variant learns from the same draws, but for a variant that changes `stage_three_recoloured` or
+`stage_three_relooked`, which draws Stage III's candidates anew with those shares of recoloured and relooked start
+images (once per pair of shares).
 
     python bench/demo_stage3_variants.py --seed 0 --variant default: --variant beta2k:head_beta=2000 \\
         --variant steps100:head_dpo_steps=100
@@ -25,11 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # what a --variant may change: the head's Flow-DPO settings (the Stage II candidates they learn from are the run's;
-# a variant's `stage_three_recoloured` draws Stage III's candidates anew with that share recoloured)
+# a variant's `stage_three_recoloured` / `stage_three_relooked` draws Stage III's candidates anew with those shares)
 HEAD_FIELDS = ("head_dpo_steps", "lr_head", "head_beta", "head_anchor", "head_t_min", "head_soup", "head_bag",
                "head_pairs_whole", "head_pairs_per_image", "head_pairs_all", "head_margin_use", "min_margin",
                "label_coherence", "dpo_motion_weight", "dpo_batch", "head_dpo_positive", "head_rounds",
-               "head_modules", "stage_three_recoloured")
+               "head_modules", "stage_three_recoloured", "stage_three_relooked")
 
 
 def main() -> int:
@@ -44,13 +45,13 @@ def main() -> int:
     w = stage_three_start(args, st, log)
     vm, backbone, evaluate, n, seed, encoder, r1, r2, rows = (w.vm, w.backbone, w.evaluate, w.n, w.seed, w.encoder,
                                                               w.r1, w.r2, w.rows)
-    draws = {st.stage_three_recoloured: w.cands}
+    draws = {(st.stage_three_recoloured, st.stage_three_relooked): w.cands}
     for name, items, sv in runs:
         anchor = P.anchor_videos(vm, backbone, sv) if sv.head_anchor > 0 else None
-        share = sv.stage_three_recoloured
+        share = (sv.stage_three_recoloured, sv.stage_three_relooked)
         if share not in draws:
             draws[share] = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
-                                               recoloured=share)
+                                               recoloured=share[0], relooked=share[1])
         pairs = P.head_pairs(draws[share], sv, lambda m: None, "Stage II")
         enc = encoder.clone()
         t0 = time.perf_counter()

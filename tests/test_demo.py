@@ -275,6 +275,67 @@ def test_recoloured_changes_the_look_only():
     assert f[0, 0, 0].mean() > 0.5 and min(recoloured(f, s)[0, 0, 0].mean() for s in range(12)) < 0.35
 
 
+def test_relooked_reaches_looks_recolouring_does_not_and_keeps_the_object_visible():
+    """The later online rounds' look change (`world.relooked`): recoloured, then hues turned by any angle, saturation
+    and gamma drawn; one draw per clip, by seed. Colours outside the permutations' reach, the same pixels changed
+    alike in every frame (the masks stay the drop's), the object's contrast with the background kept."""
+    from physmaster.demo.world import recoloured, relooked
+    from physmaster.physics.pattern import surface_pattern
+
+    reached = read = 0
+    for seed in range(12):
+        s = drop_scene(100 + seed)
+        f, mask = s.frames, s.object_masks()[0]
+        r = relooked(f, seed, mask)
+        assert r.shape == f.shape and r.dtype == np.float32 and 0.0 <= r.min() and r.max() <= 1.0
+        assert np.array_equal(r, relooked(f, seed, mask))
+        base = recoloured(f, seed)
+        reached += not np.allclose(r, base, atol=1e-3)
+        # the object still stands out of its background by at least half its recoloured contrast, and its
+        # material's pattern still reads (the judge's prior: 296 of 300 drops, 299 recoloured)
+        def contrast(x):
+            return np.linalg.norm(x[0][mask].mean(0) - x[0][~mask].mean(0))
+        assert contrast(r) >= max(0.1, 0.5 * contrast(base)) - 1e-6 or np.array_equal(r, base)
+        read += surface_pattern(r[0], mask) == s.meta["texture"]
+    assert read >= 11
+    assert reached >= 10  # nearly every draw leaves the permutations' looks
+    # an object the same colour as its background cannot keep half its contrast: the recoloured clip comes back
+    flat = np.full((2, 8, 8, 3), 0.5, np.float32)
+    box = np.zeros((8, 8), bool)
+    box[2:5, 2:5] = True
+    assert np.array_equal(relooked(flat, 3, box), recoloured(flat, 3))
+
+
+def test_relooked_shares_reach_their_draws_only(tmp_path, capsys):
+    """`--set online_later_relooked=S`: that share of each online round's start images after the first is relooked
+    (and counted apart in the log); round 1 draws none. `stage_three_relooked`: Stage III's and round 1's. A share
+    outside 0-1 is refused and names the range."""
+    from physmaster.demo.pipeline import Settings, dpo_scene, online_relooked
+
+    assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "online_later_relooked=1", "--online", "2"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
+    assert "relooked" not in lines[-2] and "online round 1 (judge) model" in lines[-1]
+    assert "from 3 start images (3 relooked) x 2 candidates" in lines[-1], lines[-1]
+    assert [online_relooked(Settings(online_later_relooked=0.5), r) for r in (1, 2, 3)] == [0.0, 0.5, 0.5]
+    # `stage_three_relooked`: Stage III's draw, which online round 1 draws as well
+    assert main(["demo", "--fast", "--out", str(tmp_path / "3"), "--set", "stage_three_relooked=1", "--online",
+                 "2"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
+    assert "(3 relooked) x 2 candidates of the Stage II model" in lines[2], lines[2]
+    assert "(3 relooked)" in lines[3] and "relooked" not in lines[4] and "round 1 (judge) model" in lines[4]
+    assert [online_relooked(Settings(stage_three_relooked=0.25, online_later_relooked=0.5), r)
+            for r in (1, 2)] == [0.25, 0.5]
+    # every second one relooked, the others recoloured where the recoloured share alone would (1, 2, 3, 5, 6, 7 of
+    # 8 at three quarters); the masks stay the drop's
+    scenes = [dpo_scene(50 + i, i, 0.75, 0.5) for i in range(8)]
+    assert [s.meta.get("relooked", 0) for s in scenes] == [0, 1] * 4
+    assert [s.meta.get("recoloured", 0) for s in scenes] == [0, 1, 1, 1, 0, 1, 1, 1]
+    assert all(np.array_equal(s.masks, drop_scene(50 + i).masks) for i, s in enumerate(scenes))
+    with pytest.raises(SystemExit, match="online_later_relooked must be between 0 \\(none\\) and 1 \\(all\\)"):
+        main(["demo", "--fast", "--out", str(tmp_path / "x"), "--set", "online_later_relooked=1.5"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_stage_one_set_gains_its_recoloured_copies():
     from physmaster.demo.pipeline import Settings, sft_videos
 

@@ -33,6 +33,8 @@ LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED
           "head_scenes": (1, 4096, "1 and 4096"), "head_dpo_steps": (1, 100_000, "1 and 100000"),
           "head_bag": (1, 16, "1 (one run) and 16"), "head_recoloured": (0.0, 1.0, "0 (none) and 1 (all)"),
           "stage_three_recoloured": (0.0, 1.0, "0 (none) and 1 (all)"),
+          "online_later_relooked": (0.0, 1.0, "0 (none) and 1 (all)"),
+          "stage_three_relooked": (0.0, 1.0, "0 (none) and 1 (all)"),
           "head_beta": (1.0, 100_000.0, "1 and 100000"), "head_dpo_positive": (0.0, 1000.0, "0 (off) and 1000"),
           "head_rounds": (1, 16, "1 (offline) and 16"),
           "influence_videos": (1, 64, "1 and 64 (at most --eval-videos are used)")}
@@ -140,8 +142,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
     from .pipeline import (anchor_videos, dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs,
-                           online_dpo_settings, online_scenes, sample_candidates, stage_one, stage_three_rounds,
-                           stage_two_rounds)
+                           online_dpo_settings, online_relooked, online_scenes, sample_candidates, stage_one,
+                           stage_three_rounds, stage_two_rounds)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
 
@@ -228,7 +230,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
     freeze_dit(vm, seed)
     cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
-                                recoloured=st.stage_three_recoloured)
+                                recoloured=st.stage_three_recoloured, relooked=st.stage_three_relooked)
     pairs_2 = head_pairs(cands_2, st, log, "Stage II")
     stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
     stage_three_rounds(vm, encoder, pairs_2, st, seed, log, backbone, anchor=head_anchor)
@@ -265,7 +267,8 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         log(f"[{step}/{total}] {name}: fresh candidates from the current model, judged, Flow-DPO on the head "
             "(reference: the current head)")
         cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r,
-                                    scenes=online_scenes(st, r), recoloured=st.stage_three_recoloured)
+                                    scenes=online_scenes(st, r), recoloured=st.stage_three_recoloured,
+                                    relooked=online_relooked(st, r))
         agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
         judged_dpo(name, online, cands_r, seed + 3 + r, "Stage II" if r == 1 else online_row(r - 1),
                    sv=online_dpo_settings(st))

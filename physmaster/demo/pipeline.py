@@ -27,7 +27,7 @@ from ..training.data import MARGIN_USES
 from ..training.stages import record_stage
 from .evaluation import score_video
 from .judging import JUDGE_MARGINS
-from .world import drop_scene, recoloured
+from .world import drop_scene, recoloured, relooked
 
 SFT_SEED, DPO_SEED = 0, 500_000
 LORA_ROUND_SEED = 700_000  # Stage II round r's start images: LORA_ROUND_SEED + 1000 r + i (`Settings.lora_rounds`)
@@ -143,6 +143,9 @@ class Settings:
     # saturated start images loses the object in fewer of the unseen drops' frames (seed 0: lost frames +0.0015 ->
     # -0.0007; bench/FINDINGS.md, "Stage III on three quarters recoloured")
     stage_three_recoloured: float = 0.75
+    # the share of Stage III's start images (the judge-labelled row's and online round 1's too) shown relooked
+    # (`world.relooked`) instead of plain or recoloured; 0 = off (bench/FINDINGS.md, "Relooked start images")
+    stage_three_relooked: float = 0.0
     dpo_motion_weight: float = 0.0  # Flow-DPO stages: errors up-weighted where the pair moves (0 = uniform)
     # 100 drops per split x 4 videos: a paired interval about 2.5x narrower than 30 x 2 gave, for about 3 more
     # minutes of the default run's 8 (bench/FINDINGS.md, "A held-out set large enough to see Stage III")
@@ -260,6 +263,12 @@ class Settings:
     # 2's eval seeds 0 / 1 / 3 (+2.2% / -0.6% / +1.1%); one variant of round 2 in sixteen beat round 1 with its
     # interval below 0, in one case of four (bench/FINDINGS.md, "Online round 2 from one round 1")
     online_later_scenes: int = 0
+    # the share of each later online round's start images shown relooked (`world.relooked`: hues turned by any angle,
+    # saturation and gamma drawn, looks further from the seen split's than `recoloured` reaches) instead of plain or
+    # recoloured: a model that keeps the object on the seen and recoloured looks may still lose it on these, so a
+    # later round still sees pairs that differ in a lost frame. 0 = off (bench/FINDINGS.md, "Online round 2 from one
+    # round 1")
+    online_later_relooked: float = 0.0
 
     def __post_init__(self):
         if self.head_soup > 1 and self.head_bag > 1:
@@ -409,9 +418,11 @@ class Candidates:
     coherence: np.ndarray | None = None  # [n, k] each candidate's coherence (`evaluation.coherence`); None: all 1
 
     def images(self) -> str:
-        """'N start images' (and how many of them are recoloured), for the logs."""
-        n = sum(int(s.meta.get("recoloured", 0)) for s in self.scenes)
-        return f"{len(self.scenes)} start images" + (f" ({n} recoloured)" if n else "")
+        """'N start images' (and how many of them are recoloured, and relooked), for the logs."""
+        looks = [s.meta.get("relooked", 0) for s in self.scenes if s.meta.get("recoloured", 0)]
+        n, m = len(looks) - sum(looks), sum(looks)
+        parts = [f"{n} recoloured"] * bool(n) + [f"{m} relooked"] * bool(m)
+        return f"{len(self.scenes)} start images" + (f" ({', '.join(parts)})" if parts else "")
 
     def start_images(self) -> np.ndarray:
         return np.stack([s.frames[0] for s in self.scenes])
@@ -434,11 +445,15 @@ class Candidates:
         return self if n >= len(self.scenes) else self.subset(range(n))
 
 
-def dpo_scene(seed: int, i: int, recoloured_share: float):
-    """The DPO stages' i-th start scene: a seen drop, every 1/share-th of them recoloured (`world.recoloured`:
-    the masks and the material's pattern are the drop's own, so the truth still labels its candidates)."""
+def dpo_scene(seed: int, i: int, recoloured_share: float, relooked_share: float = 0.0):
+    """The DPO stages' i-th start scene: a seen drop, every 1/share-th of them relooked (`world.relooked`), every
+    1/share-th of them recoloured (`world.recoloured`) where not relooked; either way the masks and the material's
+    pattern are the drop's own, so the truth still labels its candidates."""
     s = drop_scene(seed, "seen")
-    if int((i + 1) * recoloured_share) > int(i * recoloured_share):
+    if int((i + 1) * relooked_share) > int(i * relooked_share):
+        frames = relooked(s.frames, seed * 1000 + 1, s.object_masks()[0])
+        s = dataclasses.replace(s, frames=frames, meta={**s.meta, "recoloured": 1, "relooked": 1})
+    elif int((i + 1) * recoloured_share) > int(i * recoloured_share):
         s = dataclasses.replace(s, frames=recoloured(s.frames, seed * 1000 + 1), meta={**s.meta, "recoloured": 1})
     return s
 
@@ -449,6 +464,12 @@ def online_scenes(st: Settings, r: int) -> int:
     return st.online_later_scenes if r > 1 and st.online_later_scenes else st.head_scenes
 
 
+def online_relooked(st: Settings, r: int) -> float:
+    """The share of online round `r`'s start images shown relooked: Stage III's (`stage_three_relooked`) in round 1,
+    `online_later_relooked` in every later one."""
+    return st.online_later_relooked if r > 1 else st.stage_three_relooked
+
+
 def online_dpo_settings(st: Settings) -> Settings:
     """The settings of an online round's Flow-DPO on the head: `st` with `head_dpo_steps` = `online_steps` when
     that is set (0: `st` itself)."""
@@ -457,9 +478,10 @@ def online_dpo_settings(st: Settings) -> Settings:
 
 def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED,
                       scenes: int | None = None, recoloured: float = 0.0,
-                      reuse: Candidates | None = None) -> Candidates:
+                      reuse: Candidates | None = None, relooked: float = 0.0) -> Candidates:
     """`st.candidates` videos per start image from the current model (vm + head), scored against the truth, for
-    `scenes` start images (default `st.dpo_scenes`), that share of them `recoloured` (`dpo_scene`). Candidate i's
+    `scenes` start images (default `st.dpo_scenes`), that share of them `relooked` and of the rest that share
+    `recoloured` (`dpo_scene`). Candidate i's
     noise depends on i alone, so the first n start images' candidates are the same whatever `scenes` is
     (`Candidates.first`). `reuse`: a draw of the same model, seed, tag and scene_base without recolouring; the
     start images both draws show plain take their candidates from it rather than being sampled again (the same
@@ -467,7 +489,8 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
     import torch
 
     t0 = time.perf_counter()
-    scenes = [dpo_scene(scene_base + i, i, recoloured) for i in range(st.dpo_scenes if scenes is None else scenes)]
+    scenes = [dpo_scene(scene_base + i, i, recoloured, relooked)
+              for i in range(st.dpo_scenes if scenes is None else scenes)]
     k = st.candidates
     cond = vm.conditioning(np.stack([s.frames[0] for s in scenes]), backbone)
     old = 0 if reuse is None else min(len(reuse.scenes), len(scenes))

@@ -90,6 +90,42 @@ def recoloured(frames: np.ndarray, seed: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _hue_rotation(angle: float) -> np.ndarray:
+    """The 3x3 rotation of RGB space by `angle` about the grey axis (1, 1, 1): a hue shift that keeps each colour's
+    brightness (its mean) and greys grey."""
+    k = np.ones(3) / np.sqrt(3.0)
+    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return np.cos(angle) * np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * np.outer(k, k)
+
+
+def relooked(frames: np.ndarray, seed: int, mask: np.ndarray | None = None, tries: int = 8) -> np.ndarray:
+    """The same video [T, H, W, 3] in a look further from the seen split's than `recoloured` reaches: recoloured,
+    then its hues turned by any angle (not only the channel permutations' thirds of a turn), its saturation scaled
+    by 0.4-1.6 and a gamma of 0.5-2 (darker or lighter), one draw of `seed` for the whole clip. Motion, shapes and
+    masks are unchanged, so the truth still labels the video. `mask` [H, W]: the object in the first frame; a draw
+    that leaves the object less than half its recoloured contrast with the background (the mean colour distance), or
+    under 0.1, is drawn again (up to `tries` times, then the recoloured video itself), so the object stays visible.
+    Used by the online rounds after the first (`Settings.online_later_relooked`)."""
+    base = recoloured(frames, seed)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 6161])
+
+    def contrast(x):
+        if mask is None or not mask.any() or mask.all():
+            return 1.0
+        return float(np.linalg.norm(x[0][mask].mean(0) - x[0][~mask].mean(0)))
+
+    need = max(0.1, 0.5 * contrast(base))
+    for _ in range(tries):
+        angle, sat = rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 1.6)
+        gamma = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
+        x = base @ _hue_rotation(angle).T
+        grey = x.mean(-1, keepdims=True)
+        x = np.clip(grey + sat * (x - grey), 0.0, 1.0) ** gamma
+        if contrast(x) >= need:
+            return np.ascontiguousarray(x.astype(np.float32))
+    return base
+
+
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
     """[..., H, W, 3] in [0, 1] (numpy) -> [..., 3, H, W] float tensor in [0, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).float()
