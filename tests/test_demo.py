@@ -316,10 +316,14 @@ def test_relooked_shares_reach_their_draws_only(tmp_path, capsys):
     lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
     assert "relooked" not in lines[-2] and "online round 1 (judge) model" in lines[-1]
     assert "from 3 start images (3 relooked) x 2 candidates" in lines[-1], lines[-1]
+    agreement = json.loads((tmp_path / "results.json").read_text())["judge_agreement"]  # judged apart from the others
+    assert {k for k in agreement if "online round 2" in k} == {
+        "online round 2 (judge) candidates (relooked start images)",
+        "online round 2 (judge) candidates (relooked start images), the motion"}
     assert [online_relooked(Settings(online_later_relooked=0.5), r) for r in (1, 2, 3)] == [0.0, 0.5, 0.5]
     # `stage_three_relooked`: Stage III's draw, which online round 1 draws as well
-    assert main(["demo", "--fast", "--out", str(tmp_path / "3"), "--set", "stage_three_relooked=1", "--online",
-                 "2"]) == 0
+    assert main(["demo", "--fast", "--out", str(tmp_path / "3"), "--set", "stage_three_relooked=1", "--set",
+                 "online_later_relooked=0", "--online", "2"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
     assert "(3 relooked) x 2 candidates of the Stage II model" in lines[2], lines[2]
     assert "(3 relooked)" in lines[3] and "relooked" not in lines[4] and "round 1 (judge) model" in lines[4]

@@ -144,7 +144,8 @@ class Settings:
     # -0.0007; bench/FINDINGS.md, "Stage III on three quarters recoloured")
     stage_three_recoloured: float = 0.75
     # the share of Stage III's start images (the judge-labelled row's and online round 1's too) shown relooked
-    # (`world.relooked`) instead of plain or recoloured; 0 = off (bench/FINDINGS.md, "Relooked start images")
+    # (`world.relooked`) instead of plain or recoloured. Off: on seed 1 a quarter gave Stage III / Stage I 0.870, a
+    # half 0.889, none 0.885 (bench/FINDINGS.md, "Relooked start images for the later online rounds")
     stage_three_relooked: float = 0.0
     dpo_motion_weight: float = 0.0  # Flow-DPO stages: errors up-weighted where the pair moves (0 = uniform)
     # 100 drops per split x 4 videos: a paired interval about 2.5x narrower than 30 x 2 gave, for about 3 more
@@ -259,16 +260,20 @@ class Settings:
     # start images of each online round after the first (0 = `head_scenes`, as round 1; a round's draw on more
     # start images keeps the first `head_scenes` of them): the model a round starts from loses the object in fewer of
     # its own candidates than the Stage II model did, so a later round on as many sees fewer pairs that differ in a
-    # lost frame. Off: at 192, round 2 - round 1 -2.6% on seed 0 (+7.6%+ at 96) but +1.7% / -1.7% / +2.1% on seed
-    # 2's eval seeds 0 / 1 / 3 (+2.2% / -0.6% / +1.1%); one variant of round 2 in sixteen beat round 1 with its
-    # interval below 0, in one case of four (bench/FINDINGS.md, "Online round 2 from one round 1")
-    online_later_scenes: int = 0
+    # lost frame. Alone it did not help: at 192 with round 1's looks, round 2 - round 1 -2.6% on seed 0 (+7.6%+ at
+    # 96) but +1.7% / -1.7% / +2.1% on seed 2's eval seeds 0 / 1 / 3 (bench/FINDINGS.md, "Online round 2 from one
+    # round 1"). 288, half of them relooked (below), is the default since this version
+    online_later_scenes: int = 288
     # the share of each later online round's start images shown relooked (`world.relooked`: hues turned by any angle,
     # saturation and gamma drawn, looks further from the seen split's than `recoloured` reaches) instead of plain or
-    # recoloured: a model that keeps the object on the seen and recoloured looks may still lose it on these, so a
-    # later round still sees pairs that differ in a lost frame. 0 = off (bench/FINDINGS.md, "Online round 2 from one
-    # round 1")
-    online_later_relooked: float = 0.0
+    # recoloured. The model round 1 leaves keeps the object on its own seen and recoloured looks, so a later round on
+    # those learned almost only from pairs that differ in the motion, and lost the object in more of the unseen
+    # drops' frames; on relooked start images it still loses the object, and learns to keep it, while the other half
+    # still teach the motion. Round 2 - round 1 on seeds 0 / 2 (0 = off: +7.6%+ / +2.2%): all of 96 relooked -8.5%* /
+    # -2.8%, all of 192 -3.8% / -2.7%* (the object farther where found on seed 0), half of 192 -5.8%* / -2.0%*,
+    # half of 288 (the default since this version) on seed 2 -3.9%* (bench/FINDINGS.md, "Relooked start images for
+    # the later online rounds")
+    online_later_relooked: float = 0.5
 
     def __post_init__(self):
         if self.head_soup > 1 and self.head_bag > 1:
@@ -319,7 +324,7 @@ class Settings:
     def fast(cls) -> "Settings":
         return cls(sft_scenes=4, sft_steps=2, dpo_scenes=3, candidates=2, pairs_per_image=1, min_margin=0.0,
                    dpo_steps=2, head_scenes=3, head_dpo_steps=2, eval_scenes=2, eval_videos=1, sample_steps=2, batch=2,
-                   dpo_batch=2, gif_scenes=2)
+                   dpo_batch=2, gif_scenes=2, online_later_scenes=0)
 
 
 def _parse_bool(value: str) -> bool:
@@ -480,12 +485,11 @@ def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, sce
                       scenes: int | None = None, recoloured: float = 0.0,
                       reuse: Candidates | None = None, relooked: float = 0.0) -> Candidates:
     """`st.candidates` videos per start image from the current model (vm + head), scored against the truth, for
-    `scenes` start images (default `st.dpo_scenes`), that share of them `relooked` and of the rest that share
-    `recoloured` (`dpo_scene`). Candidate i's
-    noise depends on i alone, so the first n start images' candidates are the same whatever `scenes` is
-    (`Candidates.first`). `reuse`: a draw of the same model, seed, tag and scene_base without recolouring; the
-    start images both draws show plain take their candidates from it rather than being sampled again (the same
-    scenes and noises)."""
+    `scenes` start images (default `st.dpo_scenes`), the shares `relooked` and `recoloured` of them shown so
+    (`dpo_scene`). Candidate i's noise depends on i alone, so the first n start images' candidates are the same
+    whatever `scenes` is (`Candidates.first`). `reuse`: a draw of the same model, seed, tag and scene_base without
+    recolouring; the start images both draws show plain take their candidates from it rather than being sampled
+    again (the same scenes and noises)."""
     import torch
 
     t0 = time.perf_counter()
@@ -776,14 +780,17 @@ MOTION_ONLY = ", the motion"  # judge_agreements' name suffix of `judge_views`' 
 
 
 def judge_agreements(c: Candidates, name: str) -> dict:
-    """`judge_views` on the candidates of the plain start images, as {name: ..., name + MOTION_ONLY: ...}, and on
+    """`judge_views` on the candidates of the plain start images, as {name: ..., name + MOTION_ONLY: ...}, on
     those of the recoloured ones (`head_recoloured`, `stage_three_recoloured`: a training device, darker and more
-    saturated than the seen
-    drops' looks), as {name + " (recoloured start images)": ..., ... + MOTION_ONLY: ...} when there are any."""
-    plain = [j for j, s in enumerate(c.scenes) if not s.meta.get("recoloured")]
-    other = [j for j, s in enumerate(c.scenes) if s.meta.get("recoloured")]
+    saturated than the seen drops' looks), as {name + " (recoloured start images)": ..., ... + MOTION_ONLY: ...},
+    and on those of the relooked ones (`online_later_relooked`, `stage_three_relooked`), as {name + " (relooked
+    start images)": ...}, each when there are any."""
+    looks = ["relooked" if s.meta.get("relooked") else "recoloured" if s.meta.get("recoloured") else ""
+             for s in c.scenes]
     out = {}
-    for idx, label in ((plain, name), (other, name + " (recoloured start images)")):
+    for look in ("", "recoloured", "relooked"):
+        idx = [j for j, x in enumerate(looks) if x == look]
+        label = f"{name} ({look} start images)" if look else name
         if idx:
             out[label], out[label + MOTION_ONLY] = judge_views(c.subset(idx))
     return out

@@ -105,7 +105,8 @@ def relooked(frames: np.ndarray, seed: int, mask: np.ndarray | None = None, trie
     masks are unchanged, so the truth still labels the video. `mask` [H, W]: the object in the first frame; a draw
     that leaves the object less than half its recoloured contrast with the background (the mean colour distance), or
     under 0.1, is drawn again (up to `tries` times, then the recoloured video itself), so the object stays visible.
-    Used by the online rounds after the first (`Settings.online_later_relooked`)."""
+    The start images of the online rounds after the first (`Settings.online_later_relooked`; Stage III's:
+    `stage_three_relooked`, off)."""
     base = recoloured(frames, seed)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 6161])
 
