@@ -38,7 +38,6 @@ def main() -> int:
     import torch
 
     from physmaster.demo import pipeline as P
-    from physmaster.demo.cli import ONLINE_SEED
     from physmaster.demo.report import online_row
 
     ap = variants_parser(__doc__, ONLINE_FIELDS, "online round 2's draw, pairs and Flow-DPO", "online_steps=100")
@@ -75,9 +74,7 @@ def main() -> int:
         return 0 if pairs is None else len(pairs)
 
     def draw(r, head, sv):
-        return P.sample_candidates(vm, head, backbone, sv, seed, online_row(r), scene_base=ONLINE_SEED + 1000 * r,
-                                   scenes=P.online_scenes(sv, r), recoloured=sv.stage_three_recoloured,
-                                   relooked=P.online_relooked(sv, r))
+        return P.online_candidates(vm, head, backbone, sv, seed, r, online_row(r))
 
     t0 = time.perf_counter()
     first = encoder.clone()

@@ -23,7 +23,6 @@ import torch
 HELP = "PhysMaster's Table 1 (Stage I SFT, Stage II/III Flow-DPO) on the drop proxy world, on CPU"
 EVAL_SEED = 900_000
 SCENES_PER_EVAL_SEED = 1_000  # held-out scene seeds each eval seed owns (`held_out_base`); --scenes' limit
-ONLINE_SEED = 600_000
 # the settings with a range, and how their errors say it (the flags and `--set` check them through `_out_of_range`)
 LIMITS = {"eval_scenes": (1, SCENES_PER_EVAL_SEED, f"1 and {SCENES_PER_EVAL_SEED}"),
           "eval_videos": (1, 64, "1 and 64"), "guidance": (1.0, 10.0, "1 (off) and 10"),
@@ -142,7 +141,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .evaluation import material_read, score_scenes
     from .world import material_renderings
     from .pipeline import (anchor_videos, dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs,
-                           online_dpo_settings, online_relooked, online_scenes, sample_candidates, stage_one,
+                           online_candidates, online_dpo_settings, sample_candidates, stage_one,
                            stage_three_rounds, stage_two_rounds)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
@@ -266,9 +265,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         step += 1
         log(f"[{step}/{total}] {name}: fresh candidates from the current model, judged, Flow-DPO on the head "
             "(reference: the current head)")
-        cands_r = sample_candidates(vm, online.head, backbone, st, seed, name, scene_base=ONLINE_SEED + 1000 * r,
-                                    scenes=online_scenes(st, r), recoloured=st.stage_three_recoloured,
-                                    relooked=online_relooked(st, r))
+        cands_r = online_candidates(vm, online.head, backbone, st, seed, r, name)
         agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
         judged_dpo(name, online, cands_r, seed + 3 + r, "Stage II" if r == 1 else online_row(r - 1),
                    sv=online_dpo_settings(st))

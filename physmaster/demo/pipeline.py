@@ -32,6 +32,7 @@ from .world import drop_scene, recoloured, relooked
 SFT_SEED, DPO_SEED = 0, 500_000
 LORA_ROUND_SEED = 700_000  # Stage II round r's start images: LORA_ROUND_SEED + 1000 r + i (`Settings.lora_rounds`)
 HEAD_ROUND_SEED = 800_000  # Stage III round r's start images: HEAD_ROUND_SEED + 1000 r + i (`Settings.head_rounds`)
+ONLINE_SEED = 600_000  # online round r's start images (`--online`): ONLINE_SEED + 1000 r + i (`online_candidates`)
 BASE_MODEL = "physmaster demo tiny Wan (proxy world)"
 
 
@@ -473,6 +474,15 @@ def online_relooked(st: Settings, r: int) -> float:
     """The share of online round `r`'s start images shown relooked: Stage III's (`stage_three_relooked`) in round 1,
     `online_later_relooked` in every later one."""
     return st.online_later_relooked if r > 1 else st.stage_three_relooked
+
+
+def online_candidates(vm, head, backbone, st: Settings, seed: int, r: int, tag: str) -> Candidates:
+    """Online round `r`'s draw (`--online`; the online bench's too): candidates from the current model (vm + head) of
+    `online_scenes` start images of the round's own, `stage_three_recoloured` of them recoloured and
+    `online_relooked` relooked; `tag` names the round (its noises and its log lines)."""
+    return sample_candidates(vm, head, backbone, st, seed, tag, scene_base=ONLINE_SEED + 1000 * r,
+                             scenes=online_scenes(st, r), recoloured=st.stage_three_recoloured,
+                             relooked=online_relooked(st, r))
 
 
 def online_dpo_settings(st: Settings) -> Settings:
