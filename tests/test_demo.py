@@ -308,8 +308,8 @@ def test_relooked_reaches_looks_recolouring_does_not_and_keeps_the_object_visibl
 
 def test_relooked_shares_reach_their_draws_only(tmp_path, capsys):
     """`--set online_later_relooked=S`: that share of each online round's start images after the first is relooked
-    (and counted apart in the log); round 1 draws none. `stage_three_relooked`: Stage III's and round 1's. A share
-    outside 0-1 is refused and names the range."""
+    (and counted apart in the log); round 1 draws none at --fast (3 start images; a quarter relooked is the 4th).
+    `stage_three_relooked`: Stage III's and round 1's. A share outside 0-1 is refused and names the range."""
     from physmaster.demo.pipeline import Settings, dpo_scene, online_relooked
 
     assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "online_later_relooked=1", "--online", "2"]) == 0
@@ -320,7 +320,8 @@ def test_relooked_shares_reach_their_draws_only(tmp_path, capsys):
     assert {k for k in agreement if "online round 2" in k} == {
         "online round 2 (judge) candidates (relooked start images)",
         "online round 2 (judge) candidates (relooked start images), the motion"}
-    assert [online_relooked(Settings(online_later_relooked=0.5), r) for r in (1, 2, 3)] == [0.0, 0.5, 0.5]
+    assert [online_relooked(Settings(stage_three_relooked=0.0, online_later_relooked=0.5), r)
+            for r in (1, 2, 3)] == [0.0, 0.5, 0.5]
     # `stage_three_relooked`: Stage III's draw, which online round 1 draws as well
     assert main(["demo", "--fast", "--out", str(tmp_path / "3"), "--set", "stage_three_relooked=1", "--set",
                  "online_later_relooked=0", "--online", "2"]) == 0

@@ -106,7 +106,7 @@ def relooked(frames: np.ndarray, seed: int, mask: np.ndarray | None = None, trie
     that leaves the object less than half its recoloured contrast with the background (the mean colour distance), or
     under 0.1, is drawn again (up to `tries` times, then the recoloured video itself), so the object stays visible.
     The start images of the online rounds after the first (`Settings.online_later_relooked`; Stage III's:
-    `stage_three_relooked`, off)."""
+    `stage_three_relooked`, a quarter)."""
     base = recoloured(frames, seed)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 6161])
 
