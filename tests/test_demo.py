@@ -336,6 +336,13 @@ def test_relooked_shares_reach_their_draws_only(tmp_path, capsys):
     assert [s.meta.get("relooked", 0) for s in scenes] == [0, 1] * 4
     assert [s.meta.get("recoloured", 0) for s in scenes] == [0, 1, 1, 1, 0, 1, 1, 1]
     assert all(np.array_equal(s.masks, drop_scene(50 + i).masks) for i, s in enumerate(scenes))
+    # Stage III's default draw: of every 4 start images one relooked, two recoloured, one plain (24 / 48 / 24 of 96)
+    st = Settings()
+    scenes = [dpo_scene(50 + i, i, st.stage_three_recoloured, st.stage_three_relooked) for i in range(96)]
+    looks = ["relooked" if s.meta.get("relooked") else "recoloured" if s.meta.get("recoloured") else "plain"
+             for s in scenes]
+    assert looks[:8] == ["plain", "recoloured", "recoloured", "relooked"] * 2
+    assert [looks.count(k) for k in ("relooked", "recoloured", "plain")] == [24, 48, 24]
     with pytest.raises(SystemExit, match="online_later_relooked must be between 0 \\(none\\) and 1 \\(all\\)"):
         main(["demo", "--fast", "--out", str(tmp_path / "x"), "--set", "online_later_relooked=1.5"])
     assert not (tmp_path / "x").exists()
