@@ -310,7 +310,7 @@ def test_relooked_shares_reach_their_draws_only(tmp_path, capsys):
     """`--set online_later_relooked=S`: that share of each online round's start images after the first is relooked
     (and counted apart in the log); round 1 draws none at --fast (3 start images; a quarter relooked is the 4th).
     `stage_three_relooked`: Stage III's and round 1's. A share outside 0-1 is refused and names the range."""
-    from physmaster.demo.pipeline import Settings, dpo_scene, online_relooked
+    from physmaster.demo.pipeline import Settings, dpo_scene, online_relooked, scene_look
 
     assert main(["demo", "--fast", "--out", str(tmp_path), "--set", "online_later_relooked=1", "--online", "2"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if "pairs from" in x]
@@ -339,8 +339,7 @@ def test_relooked_shares_reach_their_draws_only(tmp_path, capsys):
     # Stage III's default draw: of every 4 start images one relooked, two recoloured, one plain (24 / 48 / 24 of 96)
     st = Settings()
     scenes = [dpo_scene(50 + i, i, st.stage_three_recoloured, st.stage_three_relooked) for i in range(96)]
-    looks = ["relooked" if s.meta.get("relooked") else "recoloured" if s.meta.get("recoloured") else "plain"
-             for s in scenes]
+    looks = [scene_look(s) for s in scenes]
     assert looks[:8] == ["plain", "recoloured", "recoloured", "relooked"] * 2
     assert [looks.count(k) for k in ("relooked", "recoloured", "plain")] == [24, 48, 24]
     with pytest.raises(SystemExit, match="online_later_relooked must be between 0 \\(none\\) and 1 \\(all\\)"):

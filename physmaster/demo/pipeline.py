@@ -429,8 +429,8 @@ class Candidates:
 
     def images(self) -> str:
         """'N start images' (and how many of them are recoloured, and relooked), for the logs."""
-        looks = [s.meta.get("relooked", 0) for s in self.scenes if s.meta.get("recoloured", 0)]
-        n, m = len(looks) - sum(looks), sum(looks)
+        looks = [scene_look(s) for s in self.scenes]
+        n, m = looks.count("recoloured"), looks.count("relooked")
         parts = [f"{n} recoloured"] * bool(n) + [f"{m} relooked"] * bool(m)
         return f"{len(self.scenes)} start images" + (f" ({', '.join(parts)})" if parts else "")
 
@@ -466,6 +466,11 @@ def dpo_scene(seed: int, i: int, recoloured_share: float, relooked_share: float 
     elif int((i + 1) * recoloured_share) > int(i * recoloured_share):
         s = dataclasses.replace(s, frames=recoloured(s.frames, seed * 1000 + 1), meta={**s.meta, "recoloured": 1})
     return s
+
+
+def scene_look(scene) -> str:
+    """How a DPO start scene is shown (`dpo_scene`): "relooked", "recoloured" or "plain"."""
+    return "relooked" if scene.meta.get("relooked") else "recoloured" if scene.meta.get("recoloured") else "plain"
 
 
 def online_scenes(st: Settings, r: int) -> int:
@@ -799,12 +804,11 @@ def judge_agreements(c: Candidates, name: str) -> dict:
     saturated than the seen drops' looks), as {name + " (recoloured start images)": ..., ... + MOTION_ONLY: ...},
     and on those of the relooked ones (`online_later_relooked`, `stage_three_relooked`), as {name + " (relooked
     start images)": ...}, each when there are any."""
-    looks = ["relooked" if s.meta.get("relooked") else "recoloured" if s.meta.get("recoloured") else ""
-             for s in c.scenes]
+    looks = [scene_look(s) for s in c.scenes]
     out = {}
-    for look in ("", "recoloured", "relooked"):
+    for look in ("plain", "recoloured", "relooked"):
         idx = [j for j, x in enumerate(looks) if x == look]
-        label = f"{name} ({look} start images)" if look else name
+        label = f"{name} ({look} start images)" if look != "plain" else name
         if idx:
             out[label], out[label + MOTION_ONLY] = judge_views(c.subset(idx))
     return out
