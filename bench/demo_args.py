@@ -212,8 +212,7 @@ def stage_three_start(args: argparse.Namespace, st, log):
     seed = int(args.seed)
     vm, backbone, _, evaluate = variants_world(args, st)
     encoder, r1, r2 = demo_to_stage_two(vm, backbone, st, seed, log, evaluate)
-    cands = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
-                                recoloured=st.stage_three_recoloured, relooked=st.stage_three_relooked)
+    cands = P.stage_three_candidates(vm, encoder.head, backbone, st, seed)
     rows = {"Stage I": {"l2": float(r1["l2"].mean())},
             "Stage II": {"l2": float(r2["l2"].mean()), "coherence": float(r2["coherence"].mean())}}
     return SimpleNamespace(vm=vm, backbone=backbone, evaluate=evaluate, n=st.eval_scenes, seed=seed,

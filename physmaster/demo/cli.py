@@ -142,7 +142,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     from .world import material_renderings
     from .pipeline import (anchor_videos, dpo, freeze_dit, head_pairs, judge_agreements, judge_pairs, lora_pairs,
                            online_candidates, online_dpo_settings, sample_candidates, stage_one,
-                           stage_three_rounds, stage_two_rounds)
+                           stage_three_candidates, stage_three_rounds, stage_two_rounds)
     from .backbone import head_input
     from .report import JUDGE_ROW, online_row
 
@@ -228,8 +228,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
     evaluate("Stage II", encoder.head)
     log(f"[6/{total}] Stage III: candidates from the Stage II model, Flow-DPO on the head only")
     freeze_dit(vm, seed)
-    cands_2 = sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
-                                recoloured=st.stage_three_recoloured, relooked=st.stage_three_relooked)
+    cands_2 = stage_three_candidates(vm, encoder.head, backbone, st, seed)
     pairs_2 = head_pairs(cands_2, st, log, "Stage II")
     stage_two_encoder = encoder.clone()  # what the judge-labelled row and the online rounds start from
     stage_three_rounds(vm, encoder, pairs_2, st, seed, log, backbone, anchor=head_anchor)

@@ -494,6 +494,14 @@ def online_candidates(vm, head, backbone, st: Settings, seed: int, r: int, tag: 
                              relooked=online_relooked(st, r))
 
 
+def stage_three_candidates(vm, head, backbone, st: Settings, seed: int) -> Candidates:
+    """Stage III's draw (the demo's; the Stage III and judge benches' too): candidates from the Stage II model (vm +
+    head) of `head_scenes` start images, `stage_three_recoloured` of them recoloured and `stage_three_relooked`
+    relooked; the judge-labelled row learns from it as well."""
+    return sample_candidates(vm, head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
+                             recoloured=st.stage_three_recoloured, relooked=st.stage_three_relooked)
+
+
 def online_dpo_settings(st: Settings) -> Settings:
     """The settings of an online round's Flow-DPO on the head: `st` with `head_dpo_steps` = `online_steps` when
     that is set (0: `st` itself)."""
