@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # what a --variant may change: round 2's draw of candidates (DRAW_FIELDS: drawn once per choice of them), its judge's
 # pairs and its Flow-DPO on the head (round 1 keeps the run's settings)
 DRAW_FIELDS = ("candidates", "head_scenes", "stage_three_recoloured", "online_later_relooked")
-ONLINE_FIELDS = DRAW_FIELDS + ("online_steps", "online_later_scenes", "judge_margin", "judge_min_confidence",
-                               "min_margin", "judge_pairs_all", "head_margin_use", "head_beta", "lr_head",
-                               "head_anchor", "head_soup", "head_dpo_positive")
+ONLINE_FIELDS = DRAW_FIELDS + ("online_steps", "online_batch", "online_later_scenes", "judge_margin",
+                               "judge_min_confidence", "min_margin", "judge_pairs_all", "head_margin_use", "head_beta",
+                               "lr_head", "head_anchor", "head_soup", "head_dpo_positive")
 
 
 def main() -> int:

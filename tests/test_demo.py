@@ -80,6 +80,21 @@ def test_online_steps_reach_the_online_rounds_only(tmp_path, capsys):
         Settings(online_steps=-1)
 
 
+def test_online_batch_reaches_the_online_rounds_only():
+    """`--set online_batch=N`: each online round's Flow-DPO learns from N pairs a step; every other stage keeps
+    `dpo_batch`, and `online_steps` still applies beside it. A negative batch is refused and names the fix."""
+    from physmaster.demo.pipeline import Settings, online_dpo_settings
+
+    st = Settings(online_batch=24)
+    sv = online_dpo_settings(st)
+    assert (st.dpo_batch, sv.dpo_batch, sv.head_dpo_steps) == (8, 24, st.head_dpo_steps)
+    sv = online_dpo_settings(Settings(online_batch=16, online_steps=100))
+    assert (sv.dpo_batch, sv.head_dpo_steps) == (16, 100)
+    assert Settings().online_batch == 0
+    with pytest.raises(ValueError, match="online_batch=-2: use a number of pairs >= 1, or 0 for dpo_batch"):
+        Settings(online_batch=-2)
+
+
 def test_online_later_scenes_reach_the_later_online_rounds_only(tmp_path, capsys):
     """`--set online_later_scenes=N`: every online round after the first draws its candidates of N start images;
     round 1, Stage III and the judge-labelled row keep `head_scenes`. A negative count is refused and names the fix."""

@@ -262,6 +262,9 @@ class Settings:
     # / `--seed 2 --online 2`: round 2 - round 1 -2.4%* / +2.1% against +0.7% / +2.2% at 200 (the lost frames rise
     # in round 2 either way): off (bench/FINDINGS.md, "The judge's pairs weigh by its score gap")
     online_steps: int = 0
+    # each online round's Flow-DPO batch (0 = `dpo_batch`): how many of the round's judge-labelled pairs one step
+    # learns from
+    online_batch: int = 0
     # start images of each online round after the first (0 = `head_scenes`, as round 1; a round's draw on more
     # start images keeps the first `head_scenes` of them): the model a round starts from loses the object in fewer of
     # its own candidates than the Stage II model did, so a later round on as many sees fewer pairs that differ in a
@@ -295,6 +298,8 @@ class Settings:
                              "0 for head_scenes")
         if self.online_steps < 0:
             raise ValueError(f"online_steps={self.online_steps}: use a number of steps >= 1, or 0 for head_dpo_steps")
+        if self.online_batch < 0:
+            raise ValueError(f"online_batch={self.online_batch}: use a number of pairs >= 1, or 0 for dpo_batch")
         if self.head_rounds < 1:
             raise ValueError(f"head_rounds={self.head_rounds}: Stage III needs at least one round (1 = offline)")
         if self.judge_margin not in JUDGE_MARGINS:
@@ -503,9 +508,10 @@ def stage_three_candidates(vm, head, backbone, st: Settings, seed: int) -> Candi
 
 
 def online_dpo_settings(st: Settings) -> Settings:
-    """The settings of an online round's Flow-DPO on the head: `st` with `head_dpo_steps` = `online_steps` when
-    that is set (0: `st` itself)."""
-    return dataclasses.replace(st, head_dpo_steps=int(st.online_steps)) if st.online_steps else st
+    """The settings of an online round's Flow-DPO on the head: `st` with `head_dpo_steps` = `online_steps` and
+    `dpo_batch` = `online_batch` where those are set (both 0: `st` itself)."""
+    changes = {k: int(v) for k, v in (("head_dpo_steps", st.online_steps), ("dpo_batch", st.online_batch)) if v}
+    return dataclasses.replace(st, **changes) if changes else st
 
 
 def sample_candidates(vm, head, backbone, st: Settings, seed: int, tag: str, scene_base: int = DPO_SEED,
