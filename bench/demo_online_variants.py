@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # what a --variant may change: round 2's draw of candidates (DRAW_FIELDS: drawn once per choice of them), its judge's
 # pairs and its Flow-DPO on the head (round 1 keeps the run's settings)
 DRAW_FIELDS = ("candidates", "head_scenes", "stage_three_recoloured", "online_later_relooked")
-ONLINE_FIELDS = DRAW_FIELDS + ("online_steps", "online_batch", "online_later_scenes", "judge_margin",
+ONLINE_FIELDS = DRAW_FIELDS + ("online_steps", "online_later_batch", "online_later_scenes", "judge_margin",
                                "judge_min_confidence", "min_margin", "judge_pairs_all", "head_margin_use", "head_beta",
                                "lr_head", "head_anchor", "head_soup", "head_dpo_positive")
 
@@ -69,7 +69,7 @@ def main() -> int:
         pairs = P.judge_pairs(cands, sv, log, "Stage II" if r == 1 else online_row(r - 1))
         if pairs is not None:
             anchor = P.anchor_videos(vm, backbone, sv) if sv.head_anchor > 0 else None
-            P.dpo("dpo-head", vm, enc, pairs, P.online_dpo_settings(sv), seed + 3 + r, lambda m: None, online_row(r),
+            P.dpo("dpo-head", vm, enc, pairs, P.online_dpo_settings(sv, r), seed + 3 + r, lambda m: None, online_row(r),
                   anchor=anchor)
         return 0 if pairs is None else len(pairs)
 

@@ -75,24 +75,26 @@ def test_online_steps_reach_the_online_rounds_only(tmp_path, capsys):
     assert "[Stage III (judge labels)] 2/2 loss" in out and "[Stage III] 2/2 loss" in out
     assert Settings().online_steps == 0
     st = Settings()
-    assert online_dpo_settings(st) is st and online_dpo_settings(Settings(online_steps=7)).head_dpo_steps == 7
+    assert online_dpo_settings(st, 1) is st and online_dpo_settings(Settings(online_steps=7), 2).head_dpo_steps == 7
     with pytest.raises(ValueError, match="online_steps=-1: use a number of steps >= 1, or 0 for head_dpo_steps"):
         Settings(online_steps=-1)
 
 
-def test_online_batch_reaches_the_online_rounds_only():
-    """`--set online_batch=N`: each online round's Flow-DPO learns from N pairs a step; every other stage keeps
-    `dpo_batch`, and `online_steps` still applies beside it. A negative batch is refused and names the fix."""
+def test_online_later_batch_reaches_the_later_online_rounds_only():
+    """`--set online_later_batch=N`: every online round after the first learns from N pairs a Flow-DPO step; round 1
+    and every other stage keep `dpo_batch`, and `online_steps` still applies to every round. A negative batch is
+    refused and names the fix."""
     from physmaster.demo.pipeline import Settings, online_dpo_settings
 
-    st = Settings(online_batch=24)
-    sv = online_dpo_settings(st)
-    assert (st.dpo_batch, sv.dpo_batch, sv.head_dpo_steps) == (8, 24, st.head_dpo_steps)
-    sv = online_dpo_settings(Settings(online_batch=16, online_steps=100))
-    assert (sv.dpo_batch, sv.head_dpo_steps) == (16, 100)
-    assert Settings().online_batch == 0
-    with pytest.raises(ValueError, match="online_batch=-2: use a number of pairs >= 1, or 0 for dpo_batch"):
-        Settings(online_batch=-2)
+    st = Settings(online_later_batch=24)
+    assert online_dpo_settings(st, 1) is st and st.dpo_batch == 8
+    assert [(online_dpo_settings(st, r).dpo_batch, online_dpo_settings(st, r).head_dpo_steps) for r in (2, 3)] == \
+        [(24, st.head_dpo_steps)] * 2
+    st = Settings(online_later_batch=16, online_steps=100)
+    assert [(online_dpo_settings(st, r).dpo_batch, online_dpo_settings(st, r).head_dpo_steps) for r in (1, 2)] == \
+        [(8, 100), (16, 100)]
+    with pytest.raises(ValueError, match="online_later_batch=-2: use a number of pairs >= 1, or 0 for dpo_batch"):
+        Settings(online_later_batch=-2)
 
 
 def test_online_later_scenes_reach_the_later_online_rounds_only(tmp_path, capsys):

@@ -267,7 +267,7 @@ def run_once(assets, st, seed: int, eval_seed: int, log) -> dict:
         cands_r = online_candidates(vm, online.head, backbone, st, seed, r, name)
         agreement.update(judge_agreements(cands_r.first(st.dpo_scenes), name + " candidates"))
         judged_dpo(name, online, cands_r, seed + 3 + r, "Stage II" if r == 1 else online_row(r - 1),
-                   sv=online_dpo_settings(st))
+                   sv=online_dpo_settings(st, r))
     ordered = {name: results[name] for name in names}
     return {"results": ordered, "influence": influence, "videos": shown, "scenes": scenes, "encoder": encoder,
             "pairs": n_pairs, "judge_agreement": agreement}

@@ -262,9 +262,10 @@ class Settings:
     # / `--seed 2 --online 2`: round 2 - round 1 -2.4%* / +2.1% against +0.7% / +2.2% at 200 (the lost frames rise
     # in round 2 either way): off (bench/FINDINGS.md, "The judge's pairs weigh by its score gap")
     online_steps: int = 0
-    # each online round's Flow-DPO batch (0 = `dpo_batch`): how many of the round's judge-labelled pairs one step
-    # learns from
-    online_batch: int = 0
+    # the Flow-DPO batch of each online round after the first (0 = `dpo_batch`, as round 1): how many of the round's
+    # judge-labelled pairs one step learns from. A later round draws its candidates from `online_later_scenes` start
+    # images, three times round 1's 96 at the defaults, and so ranks about three times the pairs
+    online_later_batch: int = 0
     # start images of each online round after the first (0 = `head_scenes`, as round 1; a round's draw on more
     # start images keeps the first `head_scenes` of them): the model a round starts from loses the object in fewer of
     # its own candidates than the Stage II model did, so a later round on as many sees fewer pairs that differ in a
@@ -298,8 +299,9 @@ class Settings:
                              "0 for head_scenes")
         if self.online_steps < 0:
             raise ValueError(f"online_steps={self.online_steps}: use a number of steps >= 1, or 0 for head_dpo_steps")
-        if self.online_batch < 0:
-            raise ValueError(f"online_batch={self.online_batch}: use a number of pairs >= 1, or 0 for dpo_batch")
+        if self.online_later_batch < 0:
+            raise ValueError(f"online_later_batch={self.online_later_batch}: use a number of pairs >= 1, or 0 for "
+                             "dpo_batch")
         if self.head_rounds < 1:
             raise ValueError(f"head_rounds={self.head_rounds}: Stage III needs at least one round (1 = offline)")
         if self.judge_margin not in JUDGE_MARGINS:
@@ -507,10 +509,12 @@ def stage_three_candidates(vm, head, backbone, st: Settings, seed: int) -> Candi
                              recoloured=st.stage_three_recoloured, relooked=st.stage_three_relooked)
 
 
-def online_dpo_settings(st: Settings) -> Settings:
-    """The settings of an online round's Flow-DPO on the head: `st` with `head_dpo_steps` = `online_steps` and
-    `dpo_batch` = `online_batch` where those are set (both 0: `st` itself)."""
-    changes = {k: int(v) for k, v in (("head_dpo_steps", st.online_steps), ("dpo_batch", st.online_batch)) if v}
+def online_dpo_settings(st: Settings, r: int) -> Settings:
+    """The settings of online round `r`'s Flow-DPO on the head (r = 1, 2, ...): `st` with `head_dpo_steps` =
+    `online_steps` where that is set, and in every round after the first `dpo_batch` = `online_later_batch` where
+    that is (neither: `st` itself)."""
+    batch = st.online_later_batch if r > 1 else 0
+    changes = {k: int(v) for k, v in (("head_dpo_steps", st.online_steps), ("dpo_batch", batch)) if v}
     return dataclasses.replace(st, **changes) if changes else st
 
 
