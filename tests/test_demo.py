@@ -75,6 +75,7 @@ def test_online_steps_reach_the_online_rounds_only(tmp_path, capsys):
     assert "[Stage III (judge labels)] 2/2 loss" in out and "[Stage III] 2/2 loss" in out
     assert Settings().online_steps == 0
     st = Settings()
+    assert online_dpo_settings(Settings(online_later_batch=0), 2) == Settings(online_later_batch=0)
     assert online_dpo_settings(st, 1) is st and online_dpo_settings(Settings(online_steps=7), 2).head_dpo_steps == 7
     with pytest.raises(ValueError, match="online_steps=-1: use a number of steps >= 1, or 0 for head_dpo_steps"):
         Settings(online_steps=-1)
@@ -86,6 +87,7 @@ def test_online_later_batch_reaches_the_later_online_rounds_only():
     refused and names the fix."""
     from physmaster.demo.pipeline import Settings, online_dpo_settings
 
+    assert Settings().online_later_batch == 48
     st = Settings(online_later_batch=24)
     assert online_dpo_settings(st, 1) is st and st.dpo_batch == 8
     assert [(online_dpo_settings(st, r).dpo_batch, online_dpo_settings(st, r).head_dpo_steps) for r in (2, 3)] == \

@@ -264,8 +264,12 @@ class Settings:
     online_steps: int = 0
     # the Flow-DPO batch of each online round after the first (0 = `dpo_batch`, as round 1): how many of the round's
     # judge-labelled pairs one step learns from. A later round draws its candidates from `online_later_scenes` start
-    # images, three times round 1's 96 at the defaults, and so ranks about three times the pairs
-    online_later_batch: int = 0
+    # images, three times round 1's 96, and the judge ranks 2500-2750 pairs of them (round 1: 700-850): at
+    # `dpo_batch` 8 its 200 steps saw each pair about 0.6 times, a noisy step from one draw of a few hundred. From one
+    # round 1 each (bench/demo_online_variants.py, eval seed 0), round 2 - round 1 on seeds 0 / 1 / 2: batch 8 (before)
+    # -2.8% / -0.0% / -3.9%*, 24 -6.1%* / -1.7%* / -5.8%*, 32 -6.2%* / -1.8% / -5.0%*, 48 -6.5%* / -2.0%* / -5.6%*
+    # (`*`: interval below 0; bench/FINDINGS.md, "The later online rounds' batch")
+    online_later_batch: int = 48
     # start images of each online round after the first (0 = `head_scenes`, as round 1; a round's draw on more
     # start images keeps the first `head_scenes` of them): the model a round starts from loses the object in fewer of
     # its own candidates than the Stage II model did, so a later round on as many sees fewer pairs that differ in a
@@ -336,7 +340,7 @@ class Settings:
     def fast(cls) -> "Settings":
         return cls(sft_scenes=4, sft_steps=2, dpo_scenes=3, candidates=2, pairs_per_image=1, min_margin=0.0,
                    dpo_steps=2, head_scenes=3, head_dpo_steps=2, eval_scenes=2, eval_videos=1, sample_steps=2, batch=2,
-                   dpo_batch=2, gif_scenes=2, online_later_scenes=0)
+                   dpo_batch=2, gif_scenes=2, online_later_scenes=0, online_later_batch=0)
 
 
 def _parse_bool(value: str) -> bool:
