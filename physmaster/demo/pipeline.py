@@ -265,9 +265,9 @@ class Settings:
     # the Flow-DPO batch of each online round after the first (0 = `dpo_batch`, as round 1): how many of the round's
     # judge-labelled pairs one step learns from. A later round draws its candidates from `online_later_scenes` start
     # images, three times round 1's 96, and the judge ranks 2500-2750 pairs of them (round 1: 700-850): at
-    # `dpo_batch` 8 its 200 steps saw each pair about 0.6 times, a noisy step from one draw of a few hundred. From one
-    # round 1 each (bench/demo_online_variants.py, eval seed 0), round 2 - round 1 on seeds 0 / 1 / 2: batch 8 (before)
-    # -2.8% / -0.0% / -3.9%*, 24 -6.1%* / -1.7%* / -5.8%*, 32 -6.2%* / -1.8% / -5.0%*, 48 -6.5%* / -2.0%* / -5.6%*
+    # `dpo_batch` 8 its 200 steps saw each pair about 0.6 times, each step 8 pairs of thousands. From the demo's
+    # round 1 (bench/demo_online_variants.py, eval seed 0), round 2 - round 1 on seeds 0 / 1 / 2: batch 8 (before)
+    # -2.8% / +0.3% / -3.9%*, 24 -6.1%* / -1.7%* / -5.8%*, 32 -6.2%* / -1.8% / -5.0%*, 48 -6.5%* / -2.0%* / -5.6%*
     # (`*`: interval below 0; bench/FINDINGS.md, "The later online rounds' batch")
     online_later_batch: int = 48
     # start images of each online round after the first (0 = `head_scenes`, as round 1; a round's draw on more
