@@ -19,6 +19,7 @@ for Stage I, Stage II and their candidates, then about a minute a variant. `--fa
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -50,8 +51,8 @@ def main() -> int:
         anchor = P.anchor_videos(vm, backbone, sv) if sv.head_anchor > 0 else None
         share = (sv.stage_three_recoloured, sv.stage_three_relooked)
         if share not in draws:
-            draws[share] = P.sample_candidates(vm, encoder.head, backbone, st, seed, "Stage II", scenes=st.head_scenes,
-                                               recoloured=share[0], relooked=share[1])
+            draws[share] = P.stage_three_candidates(vm, encoder.head, backbone, dataclasses.replace(
+                st, stage_three_recoloured=share[0], stage_three_relooked=share[1]), seed)
         pairs = P.head_pairs(draws[share], sv, lambda m: None, "Stage II")
         enc = encoder.clone()
         t0 = time.perf_counter()
